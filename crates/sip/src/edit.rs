@@ -1,0 +1,237 @@
+//! Edits a proxy makes to a message it forwards (RFC 3261 §16.6, §16.7;
+//! RFC 3581), written out as splices: untouched bytes are copied as they came,
+//! never re-serialised.
+
+use bytes::BufMut;
+use smallvec::SmallVec;
+
+use crate::header::HeaderName;
+use crate::message::Message;
+
+/// What to do with Max-Forwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MaxForwards {
+    /// Leave it as it is.
+    #[default]
+    Keep,
+    /// Decrement it, or add `Max-Forwards: 70` when absent (RFC 3261 §16.6 step 3).
+    Decrement,
+    /// Set it (added when absent).
+    Set(u8),
+}
+
+/// RFC 3581 parameters to write into the top Via of a request we received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received<'e> {
+    /// Source IP, written as `received=` (IPv6 without brackets, RFC 5118).
+    pub received: &'e [u8],
+    /// Source port, written as `rport=` when the client asked with `;rport`.
+    pub rport: u16,
+}
+
+/// The edits to apply to one message as it is written out; the default is none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Edits<'e> {
+    /// A Via value to put on top (e.g. `SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK...`).
+    pub prepend_via: Option<&'e [u8]>,
+    /// Remove the top Via value (a response on its way back).
+    pub remove_top_via: bool,
+    /// A Record-Route value to put on top (e.g. `<sip:192.0.2.1;lr>`).
+    pub record_route: Option<&'e [u8]>,
+    /// Remove the top Route value (it named us).
+    pub remove_top_route: bool,
+    /// Max-Forwards handling.
+    pub max_forwards: MaxForwards,
+    /// `received`/`rport` for the top Via. Not to be combined with
+    /// `remove_top_via`, which removes that same value.
+    pub received: Option<Received<'e>>,
+    /// Add `Content-Length` when the message has none (a datagram going
+    /// out on a stream).
+    pub add_content_length: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ins<'e> {
+    Nothing,
+    Line(&'static str, &'e [u8]),
+    Number(u32),
+    LineNumber(&'static str, u32),
+    Param(&'static str, &'e [u8]),
+    ParamNumber(&'static str, u32),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Splice<'e> {
+    start: u32,
+    end: u32,
+    ins: Ins<'e>,
+}
+
+impl<'a> Message<'a> {
+    /// Writes the message with `edits` applied into `out`. Bytes outside the
+    /// edits are copied unchanged; octets after the body (a datagram's
+    /// trailing garbage) are not written.
+    pub fn write_edited(&self, edits: &Edits<'_>, out: &mut impl BufMut) {
+        let mut splices: SmallVec<[Splice<'_>; 8]> = SmallVec::new();
+        let heads = self.header_positions();
+        let first_line_of = |name| heads.iter().find(|h| h.name == name).map(|h| h.line_at.0);
+        let first_via_line = first_line_of(HeaderName::Via).unwrap_or(self.headers_end());
+
+        if let Some(v) = edits.prepend_via {
+            splices.push(Splice {
+                start: first_via_line,
+                end: first_via_line,
+                ins: Ins::Line("Via", v),
+            });
+        }
+        if let Some(rr) = edits.record_route {
+            let at = first_line_of(HeaderName::RecordRoute).unwrap_or(first_via_line);
+            splices.push(Splice {
+                start: at,
+                end: at,
+                ins: Ins::Line("Record-Route", rr),
+            });
+        }
+        if edits.remove_top_via {
+            if let Some(r) = self.top_value_range(HeaderName::Via) {
+                splices.push(Splice {
+                    start: r.0,
+                    end: r.1,
+                    ins: Ins::Nothing,
+                });
+            }
+        }
+        if edits.remove_top_route {
+            if let Some(r) = self.top_value_range(HeaderName::Route) {
+                splices.push(Splice {
+                    start: r.0,
+                    end: r.1,
+                    ins: Ins::Nothing,
+                });
+            }
+        }
+        let mf = match edits.max_forwards {
+            MaxForwards::Keep => None,
+            MaxForwards::Decrement => Some(self.max_forwards().map_or(70, |n| n.saturating_sub(1))),
+            MaxForwards::Set(n) => Some(n),
+        };
+        if let Some(n) = mf {
+            match heads.iter().find(|h| h.name == HeaderName::MaxForwards) {
+                Some(h) => splices.push(Splice {
+                    start: h.value_at.0,
+                    end: h.value_at.1,
+                    ins: Ins::Number(n.into()),
+                }),
+                None => {
+                    let at = self.headers_end();
+                    splices.push(Splice {
+                        start: at,
+                        end: at,
+                        ins: Ins::LineNumber("Max-Forwards", n.into()),
+                    });
+                }
+            }
+        }
+        if let Some(rcv) = edits.received {
+            let base = self.top_via_at();
+            let via = self.top_via();
+            let via_end = base + via.raw.len() as u32;
+            if let Some((a, b)) = via.rport_at {
+                splices.push(Splice {
+                    start: base + a as u32,
+                    end: base + b as u32,
+                    ins: Ins::ParamNumber("rport", rcv.rport.into()),
+                });
+            }
+            let (start, end) = via.received_at.map_or((via_end, via_end), |(a, b)| {
+                (base + a as u32, base + b as u32)
+            });
+            splices.push(Splice {
+                start,
+                end,
+                ins: Ins::Param("received", rcv.received),
+            });
+        }
+        if edits.add_content_length && self.content_length().is_none() {
+            let at = self.headers_end();
+            splices.push(Splice {
+                start: at,
+                end: at,
+                ins: Ins::LineNumber("Content-Length", self.body().len() as u32),
+            });
+        }
+        // Stable: inserts pushed before a removal at the same place stay first.
+        splices.sort_by_key(|s| (s.start, s.end));
+
+        let buf = self.as_bytes();
+        let mut cursor = self.start_at() as usize;
+        for s in &splices {
+            let (start, end) = (s.start as usize, s.end as usize);
+            if start < cursor {
+                debug_assert!(false, "overlapping edits");
+                continue;
+            }
+            out.put_slice(&buf[cursor..start]);
+            match s.ins {
+                Ins::Nothing => {}
+                Ins::Line(name, value) => {
+                    out.put_slice(name.as_bytes());
+                    out.put_slice(b": ");
+                    out.put_slice(value);
+                    out.put_slice(b"\r\n");
+                }
+                Ins::Number(n) => put_u32(out, n),
+                Ins::LineNumber(name, n) => {
+                    out.put_slice(name.as_bytes());
+                    out.put_slice(b": ");
+                    put_u32(out, n);
+                    out.put_slice(b"\r\n");
+                }
+                Ins::Param(name, value) => {
+                    out.put_u8(b';');
+                    out.put_slice(name.as_bytes());
+                    out.put_u8(b'=');
+                    out.put_slice(value);
+                }
+                Ins::ParamNumber(name, n) => {
+                    out.put_u8(b';');
+                    out.put_slice(name.as_bytes());
+                    out.put_u8(b'=');
+                    put_u32(out, n);
+                }
+            }
+            cursor = end;
+        }
+        out.put_slice(&buf[cursor..]);
+    }
+
+    /// The bytes to cut to remove the topmost value of a list header: the
+    /// whole line when it is the line's only value, else the value, its comma
+    /// and the LWS up to the next value.
+    fn top_value_range(&self, name: HeaderName) -> Option<(u32, u32)> {
+        let mut it = self.value_positions(name);
+        let first = it.next()?;
+        if first.only {
+            return Some(self.header_pos(first.header).line_at);
+        }
+        // Not alone on its line, so the next value is on the same line.
+        match it.next() {
+            Some(next) if next.header == first.header => Some((first.start, next.start)),
+            _ => Some(self.header_pos(first.header).line_at),
+        }
+    }
+}
+
+fn put_u32(out: &mut impl BufMut, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
+}

@@ -1,0 +1,389 @@
+//! URIs as SIP uses them (RFC 3261 §19.1, §25.1; RFC 3966 `tel`): a borrowed
+//! view of the bytes with the parts a proxy needs split out. Nothing is
+//! unescaped or copied unless asked for ([`unescape`]).
+
+use std::borrow::Cow;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::scan::{Param, parse_params};
+
+/// URI scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `sip:`
+    Sip,
+    /// `sips:`
+    Sips,
+    /// `tel:` (RFC 3966)
+    Tel,
+    /// Any other scheme: well formed, opaque to us.
+    Other,
+}
+
+/// The host part of a SIP URI or a Via sent-by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host<'a> {
+    /// A domain name, as written.
+    Name(&'a [u8]),
+    /// An IPv4 address.
+    V4(Ipv4Addr),
+    /// An IPv6 reference (written in brackets).
+    V6(Ipv6Addr),
+}
+
+impl Host<'_> {
+    /// The IP address, when the host is one.
+    #[must_use]
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match *self {
+            Host::V4(a) => Some(a.into()),
+            Host::V6(a) => Some(a.into()),
+            Host::Name(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Host<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(&String::from_utf8_lossy(n)),
+            Host::V4(a) => write!(f, "{a}"),
+            Host::V6(a) => write!(f, "[{a}]"),
+        }
+    }
+}
+
+/// A parsed URI borrowing the message bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uri<'a> {
+    /// The whole URI as written.
+    pub raw: &'a [u8],
+    /// The scheme.
+    pub scheme: Scheme,
+    /// User part (still escaped); for `tel:` the number.
+    pub user: Option<&'a [u8]>,
+    /// Password (still escaped).
+    pub password: Option<&'a [u8]>,
+    /// Host, for `sip:`/`sips:`.
+    pub host: Option<Host<'a>>,
+    /// Port, when written.
+    pub port: Option<u16>,
+    /// The parameters, from the first `;` (empty when there are none).
+    pub params: &'a [u8],
+    /// The headers after `?` (empty when there are none).
+    pub headers: &'a [u8],
+}
+
+/// Parses a host (`name`, IPv4 or `[IPv6]`) at the start of `s`; returns it and
+/// its length in bytes.
+pub(crate) fn parse_host(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
+    if s.first() == Some(&b'[') {
+        let end = memchr::memchr(b']', s).ok_or("unterminated IPv6 reference")?;
+        let text = std::str::from_utf8(&s[1..end]).map_err(|_| "invalid IPv6 reference")?;
+        let addr: Ipv6Addr = text.parse().map_err(|_| "invalid IPv6 reference")?;
+        return Ok((Host::V6(addr), end + 1));
+    }
+    let n = s
+        .iter()
+        .take_while(|&&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        .count();
+    if n == 0 {
+        return Err("missing host");
+    }
+    let name = &s[..n];
+    if name.iter().all(|&b| b.is_ascii_digit() || b == b'.') {
+        let text = std::str::from_utf8(name).map_err(|_| "invalid IPv4 address")?;
+        let addr: Ipv4Addr = text.parse().map_err(|_| "invalid IPv4 address")?;
+        return Ok((Host::V4(addr), n));
+    }
+    if name.starts_with(b".") || name.starts_with(b"-") || name.windows(2).any(|w| w == b"..") {
+        return Err("invalid host name");
+    }
+    Ok((Host::Name(name), n))
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')'
+        )
+}
+
+/// Checks that every byte of `s` is unreserved, an escape `%HH`, or in `extra`.
+fn check_chars(s: &[u8], extra: &[u8], what: &'static str) -> Result<(), &'static str> {
+    let mut i = 0;
+    while i < s.len() {
+        let b = s[i];
+        if b == b'%' {
+            if !(s.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+            {
+                return Err("invalid escape");
+            }
+            i += 3;
+            continue;
+        }
+        if !(is_unreserved(b) || extra.contains(&b)) {
+            return Err(what);
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+const USER_EXTRA: &[u8] = b"&=+$,;?/";
+const PASSWORD_EXTRA: &[u8] = b"&=+$,";
+const PARAM_EXTRA: &[u8] = b"[]/:&+$";
+const HEADER_EXTRA: &[u8] = b"[]/?:+$";
+
+impl<'a> Uri<'a> {
+    /// Parses a whole URI; `s` must hold nothing else (no brackets, no LWS).
+    ///
+    /// # Errors
+    /// A reason naming the part that breaks the grammar.
+    pub fn parse(s: &'a [u8]) -> Result<Uri<'a>, &'static str> {
+        let colon = memchr::memchr(b':', s).ok_or("missing scheme")?;
+        let scheme_raw = &s[..colon];
+        if scheme_raw.is_empty()
+            || !scheme_raw[0].is_ascii_alphabetic()
+            || !scheme_raw
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        {
+            return Err("invalid scheme");
+        }
+        let rest = &s[colon + 1..];
+        let mut uri = Uri {
+            raw: s,
+            scheme: Scheme::Other,
+            user: None,
+            password: None,
+            host: None,
+            port: None,
+            params: &[],
+            headers: &[],
+        };
+        if scheme_raw.eq_ignore_ascii_case(b"sip") {
+            uri.scheme = Scheme::Sip;
+        } else if scheme_raw.eq_ignore_ascii_case(b"sips") {
+            uri.scheme = Scheme::Sips;
+        } else if scheme_raw.eq_ignore_ascii_case(b"tel") {
+            uri.scheme = Scheme::Tel;
+        }
+        match uri.scheme {
+            Scheme::Sip | Scheme::Sips => uri.parse_sip(rest)?,
+            Scheme::Tel => {
+                let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+                let number = &rest[..end];
+                if number.is_empty()
+                    || !number.iter().all(|&b| {
+                        b.is_ascii_hexdigit()
+                            || matches!(b, b'+' | b'-' | b'.' | b'(' | b')' | b'*' | b'#')
+                    })
+                {
+                    return Err("invalid telephone number");
+                }
+                uri.user = Some(number);
+                uri.params = &rest[end..];
+                check_params(uri.params)?;
+            }
+            Scheme::Other => {
+                if rest.is_empty()
+                    || !rest
+                        .iter()
+                        .all(|&b| b.is_ascii_graphic() && !matches!(b, b'<' | b'>' | b'"'))
+                {
+                    return Err("invalid URI");
+                }
+            }
+        }
+        Ok(uri)
+    }
+
+    fn parse_sip(&mut self, rest: &'a [u8]) -> Result<(), &'static str> {
+        let mut hostpart = rest;
+        if let Some(at) = memchr::memchr(b'@', rest) {
+            let userinfo = &rest[..at];
+            let (user, password) = match memchr::memchr(b':', userinfo) {
+                Some(c) => (&userinfo[..c], Some(&userinfo[c + 1..])),
+                None => (userinfo, None),
+            };
+            if user.is_empty() {
+                return Err("empty user part");
+            }
+            check_chars(user, USER_EXTRA, "invalid character in user part")?;
+            if let Some(p) = password {
+                check_chars(p, PASSWORD_EXTRA, "invalid character in password")?;
+            }
+            self.user = Some(user);
+            self.password = password;
+            hostpart = &rest[at + 1..];
+        }
+        let (host, mut i) = parse_host(hostpart)?;
+        self.host = Some(host);
+        if hostpart.get(i) == Some(&b':') {
+            let n = hostpart[i + 1..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
+            let port =
+                crate::scan::parse_u32(&hostpart[i + 1..i + 1 + n], 65535).ok_or("invalid port")?;
+            self.port = Some(port as u16);
+            i += 1 + n;
+        }
+        let tail = &hostpart[i..];
+        let q = memchr::memchr(b'?', tail).unwrap_or(tail.len());
+        self.params = &tail[..q];
+        if !self.params.is_empty() && self.params[0] != b';' {
+            return Err("unexpected character after host");
+        }
+        for p in self.params.split(|&b| b == b';').skip(1) {
+            let (name, value) = match memchr::memchr(b'=', p) {
+                Some(e) => (&p[..e], Some(&p[e + 1..])),
+                None => (p, None),
+            };
+            if name.is_empty() {
+                return Err("empty URI parameter");
+            }
+            check_chars(name, PARAM_EXTRA, "invalid character in URI parameter")?;
+            if let Some(v) = value {
+                if v.is_empty() {
+                    return Err("empty URI parameter value");
+                }
+                check_chars(v, PARAM_EXTRA, "invalid character in URI parameter")?;
+            }
+        }
+        if q < tail.len() {
+            self.headers = &tail[q + 1..];
+            for h in self.headers.split(|&b| b == b'&') {
+                let e = memchr::memchr(b'=', h).ok_or("URI header without '='")?;
+                if e == 0 {
+                    return Err("empty URI header name");
+                }
+                check_chars(&h[..e], HEADER_EXTRA, "invalid character in URI header")?;
+                check_chars(&h[e + 1..], HEADER_EXTRA, "invalid character in URI header")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up a URI parameter by name (case-insensitive). `Some(None)` is a
+    /// parameter without a value (`;lr`).
+    #[must_use]
+    pub fn param(&self, name: &[u8]) -> Option<Option<&'a [u8]>> {
+        uri_param(self.params, name)
+    }
+
+    /// Whether this is a SIP or SIPS URI.
+    #[must_use]
+    pub fn is_sip(&self) -> bool {
+        matches!(self.scheme, Scheme::Sip | Scheme::Sips)
+    }
+}
+
+/// Looks up `name` in a raw `;a=b;c` parameter list.
+pub(crate) fn uri_param<'a>(params: &'a [u8], name: &[u8]) -> Option<Option<&'a [u8]>> {
+    params.split(|&b| b == b';').skip(1).find_map(|p| {
+        let (n, v) = match memchr::memchr(b'=', p) {
+            Some(e) => (&p[..e], Some(&p[e + 1..])),
+            None => (p, None),
+        };
+        n.eq_ignore_ascii_case(name).then_some(v)
+    })
+}
+
+fn check_params(params: &[u8]) -> Result<(), &'static str> {
+    let end = parse_params(params, 0, |_: Param| {})?;
+    if end != params.len() {
+        return Err("invalid parameter");
+    }
+    Ok(())
+}
+
+/// Replaces `%HH` escapes by their octets; borrows when there are none.
+#[must_use]
+pub fn unescape(s: &[u8]) -> Cow<'_, [u8]> {
+    if memchr::memchr(b'%', s).is_none() {
+        return Cow::Borrowed(s);
+    }
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sip_uri_parts() {
+        let u = Uri::parse(b"sip:alice:pw@[2001:db8::1]:5070;transport=tcp;lr?subject=x").unwrap();
+        assert_eq!(u.scheme, Scheme::Sip);
+        assert_eq!(u.user, Some(&b"alice"[..]));
+        assert_eq!(u.password, Some(&b"pw"[..]));
+        assert_eq!(u.host, Some(Host::V6("2001:db8::1".parse().unwrap())));
+        assert_eq!(u.port, Some(5070));
+        assert_eq!(u.param(b"transport"), Some(Some(&b"tcp"[..])));
+        assert_eq!(u.param(b"LR"), Some(None));
+        assert_eq!(u.param(b"maddr"), None);
+        assert_eq!(u.headers, b"subject=x");
+    }
+
+    #[test]
+    fn rfc4475_uris() {
+        let odd = b"sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:&it+has=1,weird!*pas$wo~d_too.(doesn't-it)@example.com";
+        let u = Uri::parse(odd).unwrap();
+        assert_eq!(
+            u.user,
+            Some(&b"1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*"[..])
+        );
+        assert_eq!(u.host, Some(Host::Name(b"example.com")));
+        let u = Uri::parse(b"sip:user;par=u%40example.net@example.com").unwrap();
+        assert_eq!(u.user, Some(&b"user;par=u%40example.net"[..]));
+        assert_eq!(&*unescape(u.user.unwrap()), b"user;par=u@example.net");
+        assert!(Uri::parse(b"sip:null-%00-null@example.com").is_ok());
+        assert!(Uri::parse(b"nobodyKnowsThisScheme:totallyopaquecontent").is_ok());
+        assert!(Uri::parse(b"soap.beep://192.0.2.103:3002").is_ok());
+        assert_eq!(
+            Uri::parse(b"tel:+1-201-555-0123;phone-context=x")
+                .unwrap()
+                .scheme,
+            Scheme::Tel
+        );
+    }
+
+    #[test]
+    fn bad_uris() {
+        for bad in [
+            &b"<sip:user@example.com>"[..],
+            b"sip:user@example.com; lr",
+            b"sip:@example.com",
+            b"sip:user@",
+            b"sip:user@host:99999",
+            b"sip:user@[::1",
+            b"sip:user@[zz::1]",
+            b"sip:user@300.1.1.1",
+            b"sip:us%zzer@host",
+            b"sip:host;;lr",
+            b"sip:host?noequals",
+            b"example.com",
+            b"1sip:host",
+            b"tel:",
+        ] {
+            assert!(Uri::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Via header values (RFC 3261 §20.42, RFC 3581 `rport`).
+
+use crate::scan::{is_token, parse_params, skip_ws, token_len};
+use crate::uri::{Host, parse_host};
+
+/// One Via value, borrowing the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Via<'a> {
+    /// The whole value as written (may include folding).
+    pub raw: &'a [u8],
+    /// Transport token (`UDP`, `TCP`, `TLS`, `SCTP`, `WS`... as written).
+    pub transport: &'a [u8],
+    /// sent-by host.
+    pub host: Host<'a>,
+    /// sent-by port, when written.
+    pub port: Option<u16>,
+    /// `branch`, when present.
+    pub branch: Option<&'a [u8]>,
+    /// `received`, when present.
+    pub received: Option<&'a [u8]>,
+    /// `rport`: `Some(None)` when present without a value (a request for it).
+    pub rport: Option<Option<u16>>,
+    /// `maddr`, when present.
+    pub maddr: Option<&'a [u8]>,
+    /// Byte range (within `raw`) of the `;rport[=n]` parameter.
+    pub(crate) rport_at: Option<(usize, usize)>,
+    /// Byte range (within `raw`) of the `;received=x` parameter.
+    pub(crate) received_at: Option<(usize, usize)>,
+}
+
+/// Why a Via value is refused; `Version` maps to 505.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ViaError {
+    Version,
+    Syntax(&'static str),
+}
+
+impl From<&'static str> for ViaError {
+    fn from(s: &'static str) -> Self {
+        ViaError::Syntax(s)
+    }
+}
+
+impl<'a> Via<'a> {
+    /// Parses one Via value (one element of a comma list, trimmed).
+    pub(crate) fn parse(s: &'a [u8]) -> Result<Via<'a>, ViaError> {
+        // sent-protocol = protocol-name SLASH protocol-version SLASH transport,
+        // with LWS allowed around each slash (RFC 4475 wsinv).
+        let mut i = skip_ws(s, 0);
+        let name_len = token_len(s, i);
+        if name_len == 0 {
+            return Err(ViaError::Syntax("missing protocol"));
+        }
+        let name = &s[i..i + name_len];
+        i = expect_slash(s, i + name_len)?;
+        let ver_len = token_len(s, i);
+        let version = &s[i..i + ver_len];
+        i = expect_slash(s, i + ver_len)?;
+        if !name.eq_ignore_ascii_case(b"SIP") {
+            return Err(ViaError::Syntax("protocol is not SIP"));
+        }
+        if version != b"2.0" {
+            return Err(if version.is_empty() {
+                ViaError::Syntax("missing protocol version")
+            } else {
+                ViaError::Version
+            });
+        }
+        let t_len = token_len(s, i);
+        if t_len == 0 {
+            return Err(ViaError::Syntax("missing transport"));
+        }
+        let transport = &s[i..i + t_len];
+        i += t_len;
+        let j = skip_ws(s, i);
+        if j == i || j >= s.len() {
+            return Err(ViaError::Syntax("missing sent-by"));
+        }
+        let (host, n) =
+            parse_host(&s[j..]).map_err(|_| ViaError::Syntax("invalid sent-by host"))?;
+        i = j + n;
+        let mut port = None;
+        let k = skip_ws(s, i);
+        if s.get(k) == Some(&b':') {
+            let p = skip_ws(s, k + 1);
+            let len = s[p..].iter().take_while(|b| b.is_ascii_digit()).count();
+            let v = crate::scan::parse_u32(&s[p..p + len], 65535).ok_or("invalid sent-by port")?;
+            port = Some(v as u16);
+            i = p + len;
+        }
+        let mut via = Via {
+            raw: s,
+            transport,
+            host,
+            port,
+            branch: None,
+            received: None,
+            rport: None,
+            maddr: None,
+            rport_at: None,
+            received_at: None,
+        };
+        let mut bad = None;
+        let end = parse_params(s, i, |p| {
+            let name = &s[p.name.0..p.name.1];
+            let value = p.value.map(|(a, b)| &s[a..b]);
+            if name.eq_ignore_ascii_case(b"branch") {
+                match value {
+                    Some(v) if v.iter().all(|&b| is_token(b)) => via.branch = Some(v),
+                    _ => bad = Some("invalid branch"),
+                }
+            } else if name.eq_ignore_ascii_case(b"received") {
+                via.received = value;
+                via.received_at = Some(p.whole);
+                if value.is_none() {
+                    bad = Some("received without a value");
+                }
+            } else if name.eq_ignore_ascii_case(b"rport") {
+                via.rport_at = Some(p.whole);
+                via.rport = Some(match value {
+                    None => None,
+                    Some(v) => match crate::scan::parse_u32(v, 65535) {
+                        Some(n) => Some(n as u16),
+                        None => {
+                            bad = Some("invalid rport");
+                            None
+                        }
+                    },
+                });
+            } else if name.eq_ignore_ascii_case(b"maddr") {
+                via.maddr = value;
+            }
+        })?;
+        if let Some(reason) = bad {
+            return Err(ViaError::Syntax(reason));
+        }
+        if end != s.len() {
+            return Err(ViaError::Syntax("unexpected character after parameters"));
+        }
+        Ok(via)
+    }
+
+    /// Whether the branch carries the RFC 3261 magic cookie.
+    #[must_use]
+    pub fn is_rfc3261(&self) -> bool {
+        self.branch
+            .is_some_and(|b| b.len() > 7 && b[..7].eq_ignore_ascii_case(b"z9hG4bK"))
+    }
+}
+
+fn expect_slash(s: &[u8], i: usize) -> Result<usize, ViaError> {
+    let j = skip_ws(s, i);
+    if s.get(j) != Some(&b'/') {
+        return Err(ViaError::Syntax("malformed sent-protocol"));
+    }
+    Ok(skip_ws(s, j + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folded_and_spaced() {
+        let v = Via::parse(b"SIP  /   2.0\r\n /UDP\r\n    192.0.2.2;branch=390skdjuw").unwrap();
+        assert_eq!(v.transport, b"UDP");
+        assert_eq!(v.host, Host::V4("192.0.2.2".parse().unwrap()));
+        assert_eq!(v.branch, Some(&b"390skdjuw"[..]));
+        assert!(!v.is_rfc3261());
+        let v = Via::parse(b"SIP  /    2.0   / UDP  192.168.255.111   ; branch=\r\n z9hG4bK30239")
+            .unwrap();
+        assert_eq!(v.branch, Some(&b"z9hG4bK30239"[..]));
+        assert!(v.is_rfc3261());
+    }
+
+    #[test]
+    fn ipv6_rport_received() {
+        let v = Via::parse(
+            b"SIP/2.0/TCP [2001:db8::9:1]:5070;rport;branch=z9hG4bKx;received=2001:db8::9:255",
+        )
+        .unwrap();
+        assert_eq!(v.port, Some(5070));
+        assert_eq!(v.rport, Some(None));
+        assert_eq!(v.received, Some(&b"2001:db8::9:255"[..]));
+        assert_eq!(v.maddr, None);
+        let (a, b) = v.rport_at.unwrap();
+        assert_eq!(&v.raw[a..b], b";rport");
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(Via::parse(b"SIP/7.0/UDP host"), Err(ViaError::Version));
+        for bad in [
+            &b"SIP/2.0/UDP"[..],
+            b"SIP/2.0/UDP ",
+            b"SIP/2.0 host",
+            b"SIP/2.0/UDP host;;",
+            b"SIP/2.0/UDP host:70000",
+            b"SIP/2.0/UDP host;rport=x",
+            b"SIP/2.0/UDP host junk",
+            b"HTTP/2.0/UDP host",
+        ] {
+            assert!(Via::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
