@@ -92,23 +92,27 @@ impl<'a> Message<'a> {
                 ins: Ins::Line("Record-Route", rr),
             });
         }
-        if edits.remove_top_via {
-            if let Some(r) = self.top_value_range(HeaderName::Via) {
-                splices.push(Splice {
-                    start: r.0,
-                    end: r.1,
-                    ins: Ins::Nothing,
-                });
-            }
+        if let Some((start, end)) = edits
+            .remove_top_via
+            .then(|| self.top_value_range(HeaderName::Via))
+            .flatten()
+        {
+            splices.push(Splice {
+                start,
+                end,
+                ins: Ins::Nothing,
+            });
         }
-        if edits.remove_top_route {
-            if let Some(r) = self.top_value_range(HeaderName::Route) {
-                splices.push(Splice {
-                    start: r.0,
-                    end: r.1,
-                    ins: Ins::Nothing,
-                });
-            }
+        if let Some((start, end)) = edits
+            .remove_top_route
+            .then(|| self.top_value_range(HeaderName::Route))
+            .flatten()
+        {
+            splices.push(Splice {
+                start,
+                end,
+                ins: Ins::Nothing,
+            });
         }
         let mf = match edits.max_forwards {
             MaxForwards::Keep => None,
@@ -234,4 +238,126 @@ fn put_u32(out: &mut impl BufMut, mut n: u32) {
         }
     }
     out.put_slice(&digits[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQ: &[u8] = b"INVITE sip:bob@example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP 192.0.2.1:5060;rport;branch=z9hG4bKa, SIP/2.0/UDP 192.0.2.7;branch=z9hG4bKb\r\n\
+Route: <sip:lb.example.com;lr>,\r\n <sip:p2.example.com;lr>\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@example.com>;tag=1\r\n\
+To: <sip:bob@example.com>\r\n\
+Call-ID: e1\r\n\
+CSeq: 1 INVITE\r\n\
+\r\n";
+
+    fn edited(msg: &[u8], e: &Edits<'_>) -> Vec<u8> {
+        let m = Message::parse(msg).unwrap();
+        let mut out = Vec::new();
+        m.write_edited(e, &mut out);
+        out
+    }
+
+    #[test]
+    fn no_edits_copies_bytes() {
+        assert_eq!(edited(REQ, &Edits::default()), REQ);
+    }
+
+    #[test]
+    fn forward_request_edits() {
+        let out = edited(
+            REQ,
+            &Edits {
+                prepend_via: Some(b"SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKlb"),
+                record_route: Some(b"<sip:192.0.2.9;lr;sb=s1.x>"),
+                remove_top_route: true,
+                max_forwards: MaxForwards::Decrement,
+                received: Some(Received {
+                    received: b"192.0.2.100",
+                    rport: 40000,
+                }),
+                add_content_length: true,
+                ..Edits::default()
+            },
+        );
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(
+            text,
+            "INVITE sip:bob@example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKlb\r\n\
+Record-Route: <sip:192.0.2.9;lr;sb=s1.x>\r\n\
+Via: SIP/2.0/UDP 192.0.2.1:5060;rport=40000;branch=z9hG4bKa;received=192.0.2.100, SIP/2.0/UDP 192.0.2.7;branch=z9hG4bKb\r\n\
+Route: <sip:p2.example.com;lr>\r\n\
+Max-Forwards: 69\r\n\
+From: <sip:alice@example.com>;tag=1\r\n\
+To: <sip:bob@example.com>\r\n\
+Call-ID: e1\r\n\
+CSeq: 1 INVITE\r\n\
+Content-Length: 0\r\n\
+\r\n"
+        );
+        let m = Message::parse(&out).unwrap();
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn remove_top_via_of_a_list_and_of_a_line() {
+        let out = edited(
+            REQ,
+            &Edits {
+                remove_top_via: true,
+                ..Edits::default()
+            },
+        );
+        let m = Message::parse(&out).unwrap();
+        assert_eq!(m.top_via().branch, Some(&b"z9hG4bKb"[..]));
+        assert_eq!(m.vias().count(), 1);
+        let out2 = edited(
+            &out,
+            &Edits {
+                remove_top_via: true,
+                ..Edits::default()
+            },
+        );
+        assert_eq!(
+            Message::parse(&out2).unwrap_err(),
+            crate::Error::Missing("Via")
+        );
+    }
+
+    #[test]
+    fn max_forwards_added_when_absent_and_received_replaced() {
+        let msg = b"OPTIONS sip:b@h SIP/2.0\r\nv: SIP/2.0/UDP h;received=1.1.1.1;branch=z9hG4bK1\r\nf: <sip:a@h>;tag=1\r\nt: <sip:b@h>\r\ni: x\r\nCSeq: 1 OPTIONS\r\n\r\n";
+        let out = edited(
+            msg,
+            &Edits {
+                max_forwards: MaxForwards::Decrement,
+                received: Some(Received {
+                    received: b"2001:db8::1",
+                    rport: 9,
+                }),
+                ..Edits::default()
+            },
+        );
+        let m = Message::parse(&out).unwrap();
+        assert_eq!(m.max_forwards(), Some(70));
+        assert_eq!(m.top_via().received, Some(&b"2001:db8::1"[..]));
+        assert_eq!(
+            m.top_via().rport,
+            None,
+            "rport only when the client asked for it"
+        );
+    }
+
+    #[test]
+    fn trailing_datagram_octets_are_not_forwarded() {
+        let mut msg = REQ.to_vec();
+        msg.splice(msg.len() - 2..msg.len() - 2, b"l: 0\r\n".iter().copied());
+        msg.extend_from_slice(b"INVITE junk");
+        let out = edited(&msg, &Edits::default());
+        assert!(out.ends_with(b"\r\n\r\n"));
+    }
 }

@@ -65,46 +65,14 @@ pub enum HeaderName {
     Other,
 }
 
-/// Long names, the most frequent first.
-const LONG: &[HeaderName] = {
-    use HeaderName::*;
-    &[
-        Via,
-        CallId,
-        From,
-        To,
-        CSeq,
-        ContentLength,
-        MaxForwards,
-        Contact,
-        Route,
-        RecordRoute,
-        ContentType,
-        Require,
-        ProxyRequire,
-        Supported,
-        Subject,
-        ContentEncoding,
-        Event,
-        ReferTo,
-        AllowEvents,
-        AcceptContact,
-        ReferredBy,
-        RequestDisposition,
-        RejectContact,
-        IdentityInfo,
-        SessionExpires,
-        Identity,
-        Expires,
-        RetryAfter,
-    ]
-};
-
 impl HeaderName {
     /// Classifies a header name as written (any case, long or compact form).
     #[must_use]
     pub fn classify(name: &[u8]) -> HeaderName {
         use HeaderName::*;
+        if name.is_empty() {
+            return Other;
+        }
         if name.len() == 1 {
             return match name[0].to_ascii_lowercase() {
                 b'v' => Via,
@@ -130,13 +98,43 @@ impl HeaderName {
                 _ => Other,
             };
         }
-        // Dispatch on length and first letter: usually one comparison.
-        LONG.iter()
+        // Dispatch on length and first letter: one comparison, two at most.
+        let candidates: &[HeaderName] = match (name.len(), name[0].to_ascii_lowercase()) {
+            (2, b't') => &[To],
+            (3, b'v') => &[Via],
+            (4, b'c') => &[CSeq],
+            (4, b'f') => &[From],
+            (5, b'e') => &[Event],
+            (5, b'r') => &[Route],
+            (7, b'c') => &[CallId, Contact],
+            (7, b'e') => &[Expires],
+            (7, b'r') => &[Require],
+            (7, b's') => &[Subject],
+            (8, b'i') => &[Identity],
+            (8, b'r') => &[ReferTo],
+            (9, b's') => &[Supported],
+            (11, b'r') => &[ReferredBy, RetryAfter],
+            (12, b'a') => &[AllowEvents],
+            (12, b'c') => &[ContentType],
+            (12, b'm') => &[MaxForwards],
+            (12, b'r') => &[RecordRoute],
+            (13, b'i') => &[IdentityInfo],
+            (13, b'p') => &[ProxyRequire],
+            (14, b'a') => &[AcceptContact],
+            (14, b'c') => &[ContentLength],
+            (14, b'r') => &[RejectContact],
+            (15, b's') => &[SessionExpires],
+            (16, b'c') => &[ContentEncoding],
+            (19, b'r') => &[RequestDisposition],
+            _ => &[],
+        };
+        candidates
+            .iter()
             .find(|k| {
+                // Known names are letters and '-', so OR-ing 0x20 into both
+                // sides is an exact case-insensitive comparison for tokens.
                 let c = k.as_str().as_bytes();
-                c.len() == name.len()
-                    && c[0].eq_ignore_ascii_case(&name[0])
-                    && c.eq_ignore_ascii_case(name)
+                c.len() == name.len() && c.iter().zip(name).all(|(a, b)| a | 0x20 == b | 0x20)
             })
             .copied()
             .unwrap_or(Other)

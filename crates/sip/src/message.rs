@@ -11,7 +11,7 @@ use smallvec::SmallVec;
 use crate::addr::NameAddr;
 use crate::error::{Error, Result};
 use crate::header::HeaderName;
-use crate::scan::{CommaSplit, is_token, is_word, parse_u32, skip_ws, token_len, trim};
+use crate::scan::{CommaSplit, is_token, is_word, parse_u32, skip_ws, token_len};
 use crate::uri::Uri;
 use crate::via::{Via, ViaError};
 
@@ -226,6 +226,9 @@ impl<'a> Message<'a> {
 
         let mut headers: SmallVec<[HeaderPos; 24]> = SmallVec::new();
         let mut line_no = 1u32;
+        // The single-valued headers, each at most once.
+        let mut once: [Option<usize>; 6] = [None; 6];
+        let mut first_via = None;
         let (headers_end, body_start) = loop {
             line_no += 1;
             let nl = memchr::memchr(b'\n', &buf[pos..]).ok_or(Error::Unterminated)? + pos;
@@ -242,66 +245,66 @@ impl<'a> Message<'a> {
                     line: line_no,
                     reason: "continuation line before any header",
                 })?;
-                last.value_at.1 = end as u32;
+                let (start, stop) = trimmed(buf, pos, end);
+                if start < stop {
+                    if last.value_at.0 == last.value_at.1 {
+                        last.value_at.0 = start as u32;
+                    }
+                    last.value_at.1 = stop as u32;
+                }
                 last.line_at.1 = (nl + 1) as u32;
             } else {
-                let colon = memchr::memchr(b':', &buf[pos..end]).ok_or(Error::HeaderLine {
-                    line: line_no,
-                    reason: "missing ':'",
-                })? + pos;
-                let mut name_end = colon;
-                while name_end > pos && matches!(buf[name_end - 1], b' ' | b'\t') {
-                    name_end -= 1;
+                // One pass: token characters, optional SP/HT, then ':'.
+                let line = &buf[pos..end];
+                let name_len = token_len(line, 0);
+                let mut colon = name_len;
+                while colon < line.len() && matches!(line[colon], b' ' | b'\t') {
+                    colon += 1;
                 }
-                let name = &buf[pos..name_end];
-                if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
+                if name_len == 0 || line.get(colon) != Some(&b':') {
                     return Err(Error::HeaderLine {
                         line: line_no,
-                        reason: "invalid header name",
+                        reason: if memchr::memchr(b':', line).is_some() {
+                            "invalid header name"
+                        } else {
+                            "missing ':'"
+                        },
                     });
                 }
+                let name_end = pos + name_len;
+                let name = HeaderName::classify(&buf[pos..name_end]);
+                let idx = headers.len();
+                let slot = match name {
+                    HeaderName::CallId => 0,
+                    HeaderName::CSeq => 1,
+                    HeaderName::MaxForwards => 2,
+                    HeaderName::ContentLength => 3,
+                    HeaderName::From => 4,
+                    HeaderName::To => 5,
+                    HeaderName::Via => {
+                        first_via.get_or_insert(idx);
+                        6
+                    }
+                    _ => 6,
+                };
+                if slot < 6 && once[slot].replace(idx).is_some() {
+                    return Err(Error::Duplicate {
+                        header: name.as_str(),
+                        line: line_no,
+                    });
+                }
+                let (start, stop) = trimmed(buf, pos + colon + 1, end);
                 headers.push(HeaderPos {
-                    name: HeaderName::classify(name),
+                    name,
                     line_no,
                     name_at: (pos as u32, name_end as u32),
-                    value_at: ((colon + 1) as u32, end as u32),
+                    value_at: (start as u32, stop as u32),
                     line_at: (pos as u32, (nl + 1) as u32),
                 });
             }
             pos = nl + 1;
         };
 
-        // Trim every value, and find the single-valued headers (once each).
-        let mut once: [Option<usize>; 6] = [None; 6];
-        let mut first_via = None;
-        for (idx, h) in headers.iter_mut().enumerate() {
-            let v = trim(&buf[h.value_at.0 as usize..h.value_at.1 as usize]);
-            if v.is_empty() {
-                h.value_at.1 = h.value_at.0;
-            } else {
-                let a = v.as_ptr() as usize - buf.as_ptr() as usize;
-                h.value_at = (a as u32, (a + v.len()) as u32);
-            }
-            let slot = match h.name {
-                HeaderName::CallId => 0,
-                HeaderName::CSeq => 1,
-                HeaderName::MaxForwards => 2,
-                HeaderName::ContentLength => 3,
-                HeaderName::From => 4,
-                HeaderName::To => 5,
-                HeaderName::Via => {
-                    first_via.get_or_insert(idx);
-                    continue;
-                }
-                _ => continue,
-            };
-            if once[slot].replace(idx).is_some() {
-                return Err(Error::Duplicate {
-                    header: h.name.as_str(),
-                    line: h.line_no,
-                });
-            }
-        }
         let value = |i: usize| value_of(buf, &headers[i]);
         let call_id = once[0].ok_or(Error::Missing("Call-ID"))?;
         if !valid_call_id(value(call_id)) {
@@ -361,12 +364,8 @@ impl<'a> Message<'a> {
         let call_id_bytes = value(call_id);
         let vh = headers[first_via];
         let vv = &buf[vh.value_at.0 as usize..vh.value_at.1 as usize];
-        let (a, b) = match CommaSplit::new(vv).next() {
-            Some(Ok(r)) => r,
-            _ => return Err(header_err(&vh, "unbalanced quote or '<'")),
-        };
-        let top_via = Via::parse(&vv[a..b]).map_err(|e| via_err(&vh, e))?;
-        let top_via_at = vh.value_at.0 + a as u32;
+        let (top_via, _) = Via::parse_prefix(vv).map_err(|e| via_err(&vh, e))?;
+        let top_via_at = vh.value_at.0;
 
         Ok(Message {
             buf: &buf[..msg_end],
@@ -649,6 +648,18 @@ pub(crate) struct ValuePos {
     pub(crate) only: bool,
 }
 
+/// `[start, end)` of `buf` without leading and trailing SP/HT; empty at
+/// `end` when it is all whitespace.
+fn trimmed(buf: &[u8], mut start: usize, mut end: usize) -> (usize, usize) {
+    while start < end && matches!(buf[start], b' ' | b'\t') {
+        start += 1;
+    }
+    while end > start && matches!(buf[end - 1], b' ' | b'\t') {
+        end -= 1;
+    }
+    (start, end)
+}
+
 fn value_of<'a>(buf: &'a [u8], h: &HeaderPos) -> &'a [u8] {
     &buf[h.value_at.0 as usize..h.value_at.1 as usize]
 }
@@ -661,13 +672,18 @@ fn via_err(h: &HeaderPos, e: ViaError) -> Error {
 }
 
 fn valid_call_id(v: &[u8]) -> bool {
-    let mut parts = v.split(|&b| b == b'@');
-    let first = parts.next().unwrap_or_default();
-    let second = parts.next();
-    parts.next().is_none()
-        && !first.is_empty()
-        && first.iter().all(|&b| is_word(b))
-        && second.is_none_or(|s| !s.is_empty() && s.iter().all(|&b| is_word(b)))
+    // word [ "@" word ]
+    let mut at = None;
+    for (i, &b) in v.iter().enumerate() {
+        if b == b'@' {
+            if at.replace(i).is_some() {
+                return false;
+            }
+        } else if !is_word(b) {
+            return false;
+        }
+    }
+    !v.is_empty() && at.is_none_or(|i| i > 0 && i + 1 < v.len())
 }
 
 fn parse_cseq(v: &[u8]) -> Option<CSeq<'_>> {

@@ -92,14 +92,26 @@ pub(crate) fn parse_host(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
     }
     let name = &s[..n];
     if name.iter().all(|&b| b.is_ascii_digit() || b == b'.') {
-        let text = std::str::from_utf8(name).map_err(|_| "invalid IPv4 address")?;
-        let addr: Ipv4Addr = text.parse().map_err(|_| "invalid IPv4 address")?;
-        return Ok((Host::V4(addr), n));
+        return Ok((Host::V4(parse_ipv4(name).ok_or("invalid IPv4 address")?), n));
     }
     if name.starts_with(b".") || name.starts_with(b"-") || name.windows(2).any(|w| w == b"..") {
         return Err("invalid host name");
     }
     Ok((Host::Name(name), n))
+}
+
+/// Dotted-quad IPv4, each part 0-255 in at most three digits.
+fn parse_ipv4(s: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split(|&b| b == b'.');
+    for o in &mut octets {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 {
+            return None;
+        }
+        *o = u8::try_from(crate::scan::parse_u32(p, 255)?).ok()?;
+    }
+    parts.next().is_none().then(|| Ipv4Addr::from(octets))
 }
 
 fn is_unreserved(b: u8) -> bool {

@@ -44,6 +44,17 @@ impl From<&'static str> for ViaError {
 impl<'a> Via<'a> {
     /// Parses one Via value (one element of a comma list, trimmed).
     pub(crate) fn parse(s: &'a [u8]) -> Result<Via<'a>, ViaError> {
+        let (via, end) = Self::parse_prefix(s)?;
+        if end != s.len() {
+            return Err(ViaError::Syntax("unexpected character after parameters"));
+        }
+        Ok(via)
+    }
+
+    /// Parses the first Via value of a list; returns it and where it ends
+    /// (at the `,` before the next value, or the end). Errors when something
+    /// other than a comma follows the value.
+    pub(crate) fn parse_prefix(s: &'a [u8]) -> Result<(Via<'a>, usize), ViaError> {
         // sent-protocol = protocol-name SLASH protocol-version SLASH transport,
         // with LWS allowed around each slash (RFC 4475 wsinv).
         let mut i = skip_ws(s, 0);
@@ -134,10 +145,15 @@ impl<'a> Via<'a> {
         if let Some(reason) = bad {
             return Err(ViaError::Syntax(reason));
         }
-        if end != s.len() {
+        if end != s.len() && s[end] != b',' {
             return Err(ViaError::Syntax("unexpected character after parameters"));
         }
-        Ok(via)
+        let mut raw_end = end;
+        while raw_end > 0 && crate::scan::is_ws(s[raw_end - 1]) {
+            raw_end -= 1;
+        }
+        via.raw = &s[..raw_end];
+        Ok((via, end))
     }
 
     /// Whether the branch carries the RFC 3261 magic cookie.
