@@ -98,46 +98,48 @@ impl HeaderName {
                 _ => Other,
             };
         }
-        // Dispatch on length and first letter: one comparison, two at most.
-        let candidates: &[HeaderName] = match (name.len(), name[0].to_ascii_lowercase()) {
-            (2, b't') => &[To],
-            (3, b'v') => &[Via],
-            (4, b'c') => &[CSeq],
-            (4, b'f') => &[From],
-            (5, b'e') => &[Event],
-            (5, b'r') => &[Route],
-            (7, b'c') => &[CallId, Contact],
-            (7, b'e') => &[Expires],
-            (7, b'r') => &[Require],
-            (7, b's') => &[Subject],
-            (8, b'i') => &[Identity],
-            (8, b'r') => &[ReferTo],
-            (9, b's') => &[Supported],
-            (11, b'r') => &[ReferredBy, RetryAfter],
-            (12, b'a') => &[AllowEvents],
-            (12, b'c') => &[ContentType],
-            (12, b'm') => &[MaxForwards],
-            (12, b'r') => &[RecordRoute],
-            (13, b'i') => &[IdentityInfo],
-            (13, b'p') => &[ProxyRequire],
-            (14, b'a') => &[AcceptContact],
-            (14, b'c') => &[ContentLength],
-            (14, b'r') => &[RejectContact],
-            (15, b's') => &[SessionExpires],
-            (16, b'c') => &[ContentEncoding],
-            (19, b'r') => &[RequestDisposition],
-            _ => &[],
+        // Dispatch on the length, then compare with lower-case literals.
+        let candidates: &[(&[u8], HeaderName)] = match name.len() {
+            2 => &[(b"to", To)],
+            3 => &[(b"via", Via)],
+            4 => &[(b"from", From), (b"cseq", CSeq)],
+            5 => &[(b"route", Route), (b"event", Event)],
+            7 => &[
+                (b"call-id", CallId),
+                (b"contact", Contact),
+                (b"require", Require),
+                (b"subject", Subject),
+                (b"expires", Expires),
+            ],
+            8 => &[(b"refer-to", ReferTo), (b"identity", Identity)],
+            9 => &[(b"supported", Supported)],
+            11 => &[(b"referred-by", ReferredBy), (b"retry-after", RetryAfter)],
+            12 => &[
+                (b"max-forwards", MaxForwards),
+                (b"content-type", ContentType),
+                (b"record-route", RecordRoute),
+                (b"allow-events", AllowEvents),
+            ],
+            13 => &[
+                (b"proxy-require", ProxyRequire),
+                (b"identity-info", IdentityInfo),
+            ],
+            14 => &[
+                (b"content-length", ContentLength),
+                (b"accept-contact", AcceptContact),
+                (b"reject-contact", RejectContact),
+            ],
+            15 => &[(b"session-expires", SessionExpires)],
+            16 => &[(b"content-encoding", ContentEncoding)],
+            19 => &[(b"request-disposition", RequestDisposition)],
+            _ => return Other,
         };
+        // The literals are letters and '-', so OR-ing 0x20 into the name
+        // compares token characters exactly, without case.
         candidates
             .iter()
-            .find(|k| {
-                // Known names are letters and '-', so OR-ing 0x20 into both
-                // sides is an exact case-insensitive comparison for tokens.
-                let c = k.as_str().as_bytes();
-                c.len() == name.len() && c.iter().zip(name).all(|(a, b)| a | 0x20 == b | 0x20)
-            })
-            .copied()
-            .unwrap_or(Other)
+            .find(|(lit, _)| lit.iter().zip(name).all(|(l, b)| b | 0x20 == *l))
+            .map_or(Other, |&(_, k)| k)
     }
 
     /// The canonical (long) name.

@@ -30,6 +30,16 @@ const WORD: [bool; 256] = {
     t
 };
 
+/// Unquoted parameter value characters: token, plus `:`, `[`, `]` for IPv6
+/// (`received=2001:db8::1`, `maddr=[::1]`).
+const PARAM_VALUE: [bool; 256] = {
+    let mut t = TOKEN;
+    t[b':' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
 #[inline]
 pub(crate) fn is_token(b: u8) -> bool {
     TOKEN[b as usize]
@@ -221,7 +231,7 @@ pub(crate) fn parse_params(
             } else {
                 let m = s[k.min(s.len())..]
                     .iter()
-                    .take_while(|&&b| is_token(b) || matches!(b, b':' | b'[' | b']'))
+                    .take_while(|&&b| PARAM_VALUE[b as usize])
                     .count();
                 if m == 0 {
                     return Err("empty parameter value");

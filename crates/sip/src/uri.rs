@@ -83,18 +83,33 @@ pub(crate) fn parse_host(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
         let addr: Ipv6Addr = text.parse().map_err(|_| "invalid IPv6 reference")?;
         return Ok((Host::V6(addr), end + 1));
     }
-    let n = s
-        .iter()
-        .take_while(|&&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-        .count();
+    // One pass: the extent of the name, and whether it is digits and dots.
+    let mut n = 0;
+    let mut numeric = true;
+    let mut prev = b'.';
+    while n < s.len() {
+        let b = s[n];
+        if b == b'.' {
+            if prev == b'.' {
+                return Err("invalid host name");
+            }
+        } else if b.is_ascii_digit() {
+        } else if b.is_ascii_alphabetic() || b == b'-' || b == b'_' {
+            numeric = false;
+        } else {
+            break;
+        }
+        prev = b;
+        n += 1;
+    }
     if n == 0 {
         return Err("missing host");
     }
     let name = &s[..n];
-    if name.iter().all(|&b| b.is_ascii_digit() || b == b'.') {
+    if numeric {
         return Ok((Host::V4(parse_ipv4(name).ok_or("invalid IPv4 address")?), n));
     }
-    if name.starts_with(b".") || name.starts_with(b"-") || name.windows(2).any(|w| w == b"..") {
+    if name[0] == b'-' {
         return Err("invalid host name");
     }
     Ok((Host::Name(name), n))
@@ -103,15 +118,27 @@ pub(crate) fn parse_host(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
 /// Dotted-quad IPv4, each part 0-255 in at most three digits.
 fn parse_ipv4(s: &[u8]) -> Option<Ipv4Addr> {
     let mut octets = [0u8; 4];
-    let mut parts = s.split(|&b| b == b'.');
-    for o in &mut octets {
-        let p = parts.next()?;
-        if p.is_empty() || p.len() > 3 {
-            return None;
+    let (mut k, mut digits, mut value) = (0usize, 0u32, 0u32);
+    for &b in s {
+        if b == b'.' {
+            if digits == 0 || k == 3 {
+                return None;
+            }
+            octets[k] = value as u8;
+            (k, digits, value) = (k + 1, 0, 0);
+        } else {
+            value = value * 10 + u32::from(b - b'0');
+            digits += 1;
+            if digits > 3 || value > 255 {
+                return None;
+            }
         }
-        *o = u8::try_from(crate::scan::parse_u32(p, 255)?).ok()?;
     }
-    parts.next().is_none().then(|| Ipv4Addr::from(octets))
+    if digits == 0 || k != 3 {
+        return None;
+    }
+    octets[3] = value as u8;
+    Some(Ipv4Addr::from(octets))
 }
 
 fn is_unreserved(b: u8) -> bool {

@@ -1,6 +1,6 @@
 //! Via header values (RFC 3261 §20.42, RFC 3581 `rport`).
 
-use crate::scan::{is_token, parse_params, skip_ws, token_len};
+use crate::scan::{parse_params, skip_ws, token_len};
 use crate::uri::{Host, parse_host};
 
 /// One Via value, borrowing the message.
@@ -115,31 +115,39 @@ impl<'a> Via<'a> {
         let end = parse_params(s, i, |p| {
             let name = &s[p.name.0..p.name.1];
             let value = p.value.map(|(a, b)| &s[a..b]);
-            if name.eq_ignore_ascii_case(b"branch") {
-                match value {
-                    Some(v) if v.iter().all(|&b| is_token(b)) => via.branch = Some(v),
+            let is = |n: &[u8]| name.len() == n.len() && name.eq_ignore_ascii_case(n);
+            match name.len() {
+                6 if is(b"branch") => match value {
+                    // Unquoted values are token characters plus ':' '[' ']'.
+                    Some(v)
+                        if v[0] != b'"' && !v.iter().any(|b| matches!(b, b':' | b'[' | b']')) =>
+                    {
+                        via.branch = Some(v);
+                    }
                     _ => bad = Some("invalid branch"),
+                },
+                8 if is(b"received") => {
+                    via.received = value;
+                    via.received_at = Some(p.whole);
+                    if value.is_none() {
+                        bad = Some("received without a value");
+                    }
                 }
-            } else if name.eq_ignore_ascii_case(b"received") {
-                via.received = value;
-                via.received_at = Some(p.whole);
-                if value.is_none() {
-                    bad = Some("received without a value");
+                5 if is(b"rport") => {
+                    via.rport_at = Some(p.whole);
+                    via.rport = Some(match value {
+                        None => None,
+                        Some(v) => match crate::scan::parse_u32(v, 65535) {
+                            Some(n) => Some(n as u16),
+                            None => {
+                                bad = Some("invalid rport");
+                                None
+                            }
+                        },
+                    });
                 }
-            } else if name.eq_ignore_ascii_case(b"rport") {
-                via.rport_at = Some(p.whole);
-                via.rport = Some(match value {
-                    None => None,
-                    Some(v) => match crate::scan::parse_u32(v, 65535) {
-                        Some(n) => Some(n as u16),
-                        None => {
-                            bad = Some("invalid rport");
-                            None
-                        }
-                    },
-                });
-            } else if name.eq_ignore_ascii_case(b"maddr") {
-                via.maddr = value;
+                5 if is(b"maddr") => via.maddr = value,
+                _ => {}
             }
         })?;
         if let Some(reason) = bad {
