@@ -1,11 +1,14 @@
 //! `siplb`: the one binary. Subcommands are thin shells over the library crates.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 mod check;
+mod perf_cmds;
 
 /// siplb: a SIP load balancer that sends each new call to the server doing
 /// best right now (US patent 7,805,517).
@@ -30,11 +33,108 @@ enum Command {
         #[arg(long, default_value_t = sip::DEFAULT_MAX_SIZE)]
         max_size: usize,
     },
+    /// Run the performance agent on a SIP server: sample CPU and memory, answer
+    /// performance servers, push a notice when a threshold is crossed.
+    Agent(AgentArgs),
+    /// Run a standalone performance server: poll every agent over one persistent
+    /// connection each, and serve the table to the balancers that subscribe.
+    PerfServer(PerfServerArgs),
+}
+
+/// `siplb agent` options.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Address to listen on for performance servers, e.g. 127.0.0.1:7071.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// File holding the pre-shared key (at least 16 bytes; whitespace around it is ignored).
+    #[arg(long)]
+    pub key_file: PathBuf,
+    /// Sampling interval.
+    #[arg(long, default_value = "500ms", value_parser = duration)]
+    pub interval: Duration,
+    /// Synthetic readings instead of /proc, for test beds and tests: one reading
+    /// (`cpu=12%,mem=60456KB`) or a script held from each time on
+    /// (`0s:cpu=10%,mem=2GB;5s:cpu=90%,mem=2GB`). Memory units are binary (1 KB = 1024 B).
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// cgroup v2 directory whose limits bound the server (e.g.
+    /// /sys/fs/cgroup/system.slice/kamailio.service); default: the agent's own.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// CPU percentage above which a notice is pushed.
+    #[arg(long, default_value_t = 85.0)]
+    pub cpu_high: f64,
+    /// Available memory below which a notice is pushed (e.g. 10MB).
+    #[arg(long, default_value = "10MB", value_parser = bytes)]
+    pub mem_low: u64,
+    /// A performance-server connection silent this long is closed.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub idle_timeout: Duration,
+}
+
+/// `siplb perf-server` options.
+#[derive(Debug, Args)]
+pub struct PerfServerArgs {
+    /// Address balancers subscribe on, e.g. 127.0.0.1:7070.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// File holding the pre-shared key shared with agents and balancers.
+    #[arg(long)]
+    pub key_file: PathBuf,
+    /// An agent to poll, as ID=HOST:PORT (repeat for each SIP server).
+    #[arg(long = "agent", required = true, value_parser = agent_spec)]
+    pub agents: Vec<perf::server::AgentSpec>,
+    /// Time between two polls of one agent.
+    #[arg(long, default_value = "500ms", value_parser = duration)]
+    pub poll_interval: Duration,
+    /// No reply within this marks an agent down.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    perf::collect::parse_duration(s)
+        .ok_or_else(|| format!("'{s}' is not a duration like 500ms, 2s or 1m"))
+}
+
+fn bytes(s: &str) -> Result<u64, String> {
+    perf::collect::parse_bytes(s).ok_or_else(|| format!("'{s}' is not a size like 10MB"))
+}
+
+fn agent_spec(s: &str) -> Result<perf::server::AgentSpec, String> {
+    let (id, agent) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not ID=HOST:PORT"))?;
+    if id.is_empty() || agent.is_empty() {
+        return Err(format!("'{s}' is not ID=HOST:PORT"));
+    }
+    Ok(perf::server::AgentSpec {
+        id: id.to_owned(),
+        agent: agent.to_owned(),
+    })
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIPLB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files, max_size } => check::run(&files, max_size),
+        Command::Agent(args) => {
+            init_tracing();
+            perf_cmds::agent(args)
+        }
+        Command::PerfServer(args) => {
+            init_tracing();
+            perf_cmds::perf_server(args)
+        }
     }
 }
