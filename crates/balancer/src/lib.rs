@@ -3,13 +3,16 @@
 //! - [`load`] — load computation (box 406): performance scores from
 //!   performance data, exactly as FIG 8 says by default;
 //! - [`select`] — the FIG 6 draw and the pluggable routing policies;
+//! - [`query`] — performance query (box 408): the performance table as
+//!   load-computation inputs, and the scoring parameters live-changeable.
 //!
-//! Both are pure: no sockets, no clock, no global RNG. The forwarding and
-//! routing boxes (402, 404) and the performance query (408) join them with
-//! the balancer issue.
+//! `load` and `select` are pure: no sockets, no clock, no global RNG. The
+//! forwarding and routing boxes (402, 404) join them with the balancer issue.
 
 pub mod load;
+pub mod query;
 pub mod select;
 
 pub use load::{Input, Load, MemMin, Scoring, ScoringError};
+pub use query::{LiveScoring, ScoringPatch, input_for};
 pub use select::{Facts, Patent, Policy, PoolView, draw};
