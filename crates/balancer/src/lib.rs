@@ -9,9 +9,17 @@
 //! `load` and `select` are pure: no sockets, no clock, no global RNG. The
 //! forwarding and routing boxes (402, 404) join them with the balancer issue.
 
+pub mod admin;
+pub mod affinity;
+pub mod config;
 pub mod load;
+pub mod merge;
+pub mod proxy;
 pub mod query;
 pub mod select;
+pub mod service;
+pub mod sessions;
+pub mod stats;
 
 pub use load::{Input, Load, MemMin, Scoring, ScoringError};
 pub use query::{LiveScoring, ScoringPatch, input_for};

@@ -283,7 +283,7 @@ impl Collector for Synthetic {
     }
 }
 
-/// `500ms`, `2s`, `1.5s`, `3m`.
+/// `500ms`, `2s`, `1.5s`, `3m`, `1h`.
 #[must_use]
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -293,6 +293,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         (n, 1.0)
     } else if let Some(n) = s.strip_suffix('m') {
         (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
     } else {
         return None;
     };
@@ -416,6 +418,7 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_bytes("10MB"), Some(10 << 20));
         assert_eq!(parse_bytes("10MiB"), Some(10 << 20));

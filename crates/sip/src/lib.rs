@@ -40,6 +40,7 @@ pub mod error;
 pub mod framing;
 pub mod header;
 pub mod message;
+pub mod reply;
 mod scan;
 pub mod uri;
 pub mod via;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod balancer_cmds;
 mod check;
 mod perf_cmds;
 
@@ -32,6 +33,19 @@ enum Command {
         /// Largest message accepted, in bytes.
         #[arg(long, default_value_t = sip::DEFAULT_MAX_SIZE)]
         max_size: usize,
+    },
+    /// Run the load balancer: the SIP outbound proxy for a pool of SIP servers,
+    /// routing each new session by performance score (config: docs/configuration.md).
+    Balancer {
+        /// The TOML configuration file, e.g. examples/local.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show the balancer's servers as a table (from its admin API).
+    Status {
+        /// Admin API address.
+        #[arg(long, default_value = "127.0.0.1:8060")]
+        admin: SocketAddr,
     },
     /// Run the performance agent on a SIP server: sample CPU and memory, answer
     /// performance servers, push a notice when a threshold is crossed.
@@ -128,6 +142,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files, max_size } => check::run(&files, max_size),
+        Command::Balancer { config } => {
+            init_tracing();
+            balancer_cmds::balancer(config)
+        }
+        Command::Status { admin } => balancer_cmds::status(admin),
         Command::Agent(args) => {
             init_tracing();
             perf_cmds::agent(args)

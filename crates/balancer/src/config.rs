@@ -1,0 +1,587 @@
+//! The balancer's configuration: a TOML file (docs/configuration.md), parsed
+//! from a `&str` and checked into a [`Config`] so tests need no files. Every
+//! error names the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::load::Scoring;
+
+/// A configuration that cannot be used, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// Dotted path of the field, e.g. `servers[1].address`.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    })
+}
+
+/// SIP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+impl Transport {
+    /// `UDP` or `TCP`, as in a Via.
+    #[must_use]
+    pub fn via_name(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        }
+    }
+}
+
+/// Where REGISTER goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegisterMode {
+    /// To every server that is up; responses merged (RFC 3261 §16.7).
+    Fork,
+    /// To the one server named by `routing.registrar`.
+    Registrar,
+}
+
+/// What to do with a new session when no server has a score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNoServer {
+    /// Answer `503 Service Unavailable` with `Retry-After`.
+    Reject,
+    /// Drop the request silently (FIG 5 step 518).
+    Drop,
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([127, 0, 0, 1], 5060))]
+}
+
+fn default_transports() -> Vec<Transport> {
+    vec![Transport::Udp, Transport::Tcp]
+}
+
+/// `[sip]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct SipSection {
+    listen: Vec<SocketAddr>,
+    transports: Vec<Transport>,
+    advertise: Option<String>,
+    max_message_size: usize,
+    udp_sockets: usize,
+}
+
+impl Default for SipSection {
+    fn default() -> Self {
+        SipSection {
+            listen: default_listen(),
+            transports: default_transports(),
+            advertise: None,
+            max_message_size: sip::DEFAULT_MAX_SIZE,
+            udp_sockets: 2,
+        }
+    }
+}
+
+/// `[routing]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RoutingSection {
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    policy: String,
+    register: RegisterMode,
+    registrar: Option<String>,
+    register_timeout: String,
+    on_no_server: OnNoServer,
+    retry_after: u32,
+    max_sessions: usize,
+    session_idle_timeout: String,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        RoutingSection {
+            secret: None,
+            secret_file: None,
+            policy: "patent".into(),
+            register: RegisterMode::Fork,
+            registrar: None,
+            register_timeout: "4s".into(),
+            on_no_server: OnNoServer::Reject,
+            retry_after: 5,
+            max_sessions: 100_000,
+            session_idle_timeout: "1h".into(),
+        }
+    }
+}
+
+/// `[perf]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PerfSection {
+    key_file: Option<PathBuf>,
+    poll_interval: String,
+    timeout: String,
+    stale_after: Option<String>,
+    perf_server: Option<String>,
+}
+
+impl Default for PerfSection {
+    fn default() -> Self {
+        PerfSection {
+            key_file: None,
+            poll_interval: "500ms".into(),
+            timeout: "1s".into(),
+            stale_after: None,
+            perf_server: None,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AdminSection {
+    listen: Option<SocketAddr>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8060))),
+        }
+    }
+}
+
+/// `[[servers]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    id: String,
+    address: SocketAddr,
+    #[serde(default = "udp")]
+    transport: Transport,
+    agent: Option<String>,
+}
+
+fn udp() -> Transport {
+    Transport::Udp
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    sip: SipSection,
+    #[serde(default)]
+    routing: RoutingSection,
+    #[serde(default)]
+    perf: PerfSection,
+    #[serde(default)]
+    scoring: Scoring,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
+    servers: Vec<ServerSection>,
+}
+
+/// One SIP server of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Stable id (what sessions, Record-Route and counters are keyed by).
+    pub id: String,
+    /// Where its SIP goes.
+    pub address: SocketAddr,
+    /// How.
+    pub transport: Transport,
+    /// Its agent, `host:port`.
+    pub agent: String,
+}
+
+/// The checked runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// SIP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Transports served on each.
+    pub transports: Vec<Transport>,
+    /// `host[:port]` written into our Via and Record-Route.
+    pub advertise_host: String,
+    /// Port written with it.
+    pub advertise_port: u16,
+    /// Largest message accepted.
+    pub max_message_size: usize,
+    /// UDP sockets per address (SO_REUSEPORT), for more than one core.
+    pub udp_sockets: usize,
+    /// Record-Route MAC secret.
+    pub secret: Vec<u8>,
+    /// Routing policy name.
+    pub policy: String,
+    /// REGISTER handling.
+    pub register: RegisterMode,
+    /// The registrar's server id, in registrar mode.
+    pub registrar: Option<String>,
+    /// How long a REGISTER fork waits for every server.
+    pub register_timeout: Duration,
+    /// No server for a new session.
+    pub on_no_server: OnNoServer,
+    /// Seconds in `Retry-After` of a 503.
+    pub retry_after: u32,
+    /// Session table bound.
+    pub max_sessions: usize,
+    /// A session with no message this long leaves the table.
+    pub session_idle_timeout: Duration,
+    /// Agent key.
+    pub key: perf::Key,
+    /// Agent polling.
+    pub poll: perf::client::PollConfig,
+    /// Data older than this counts as none.
+    pub stale_after: Duration,
+    /// A standalone performance server to subscribe to instead of polling agents.
+    pub perf_server: Option<String>,
+    /// Scoring weights and thresholds.
+    pub scoring: Scoring,
+    /// Admin API address (None: off).
+    pub admin: Option<SocketAddr>,
+    /// The pool.
+    pub servers: Vec<ServerConfig>,
+}
+
+fn duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
+    match perf::collect::parse_duration(s) {
+        Some(d) => Ok(d),
+        None => err(
+            field,
+            format!("'{s}' is not a duration like 500ms, 4s or 1m"),
+        ),
+    }
+}
+
+/// Reads a file named in the config; relative paths are relative to the config's folder.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+impl Config {
+    /// Parses and checks a config; `base` is the folder relative paths start from.
+    ///
+    /// # Errors
+    /// The first problem, naming its field.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_owned();
+            let at = e
+                .span()
+                .map(|s| {
+                    format!(
+                        " (line {})",
+                        text[..s.start.min(text.len())].lines().count().max(1)
+                    )
+                })
+                .unwrap_or_default();
+            ConfigError {
+                field: "config".into(),
+                reason: format!("{msg}{at}"),
+            }
+        })?;
+        let s = f.sip;
+        if s.listen.is_empty() {
+            return err("sip.listen", "at least one address");
+        }
+        if s.transports.is_empty() {
+            return err("sip.transports", "at least one of \"udp\", \"tcp\"");
+        }
+        if !(1024..=(1 << 20)).contains(&s.max_message_size) {
+            return err("sip.max_message_size", "between 1024 and 1048576");
+        }
+        if !(1..=64).contains(&s.udp_sockets) {
+            return err("sip.udp_sockets", "between 1 and 64");
+        }
+        let (advertise_host, advertise_port) = match &s.advertise {
+            None => {
+                let a = s.listen[0];
+                if a.ip().is_unspecified() {
+                    return err(
+                        "sip.advertise",
+                        "required when sip.listen[0] is a wildcard address",
+                    );
+                }
+                let host = match a.ip() {
+                    std::net::IpAddr::V4(ip) => ip.to_string(),
+                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                };
+                (host, a.port())
+            }
+            Some(adv) => match sip::uri::Uri::parse(format!("sip:{adv}").as_bytes()) {
+                Ok(u) if u.user.is_none() && u.params.is_empty() && u.headers.is_empty() => {
+                    let host = u.host.map(|h| h.to_string()).unwrap_or_default();
+                    (host, u.port.unwrap_or(s.listen[0].port()))
+                }
+                _ => return err("sip.advertise", format!("'{adv}' is not host[:port]")),
+            },
+        };
+
+        let r = f.routing;
+        let secret = match (&r.secret, &r.secret_file) {
+            (Some(_), Some(_)) => {
+                return err("routing.secret", "give secret or secret_file, not both");
+            }
+            (Some(s), None) => s.as_bytes().to_vec(),
+            (None, Some(p)) => {
+                let p = resolve(base, p);
+                match std::fs::read(&p) {
+                    Ok(b) => b.trim_ascii().to_vec(),
+                    Err(e) => return err("routing.secret_file", format!("{}: {e}", p.display())),
+                }
+            }
+            (None, None) => {
+                return err(
+                    "routing.secret",
+                    "required (or routing.secret_file): it signs our Record-Route",
+                );
+            }
+        };
+        if secret.len() < 16 {
+            return err("routing.secret", "at least 16 bytes");
+        }
+        if !["patent"].contains(&r.policy.as_str()) {
+            return err(
+                "routing.policy",
+                format!("'{}' is not one of: patent", r.policy),
+            );
+        }
+        if r.max_sessions == 0 {
+            return err("routing.max_sessions", "must be at least 1");
+        }
+
+        let p = f.perf;
+        let key_path = match &p.key_file {
+            Some(k) => resolve(base, k),
+            None => return err("perf.key_file", "required: the agents' pre-shared key"),
+        };
+        let key = perf::Key::from_file(&key_path).map_err(|e| ConfigError {
+            field: "perf.key_file".into(),
+            reason: e.to_string(),
+        })?;
+        let poll = perf::client::PollConfig {
+            interval: duration("perf.poll_interval", &p.poll_interval)?,
+            timeout: duration("perf.timeout", &p.timeout)?,
+            ..perf::client::PollConfig::default()
+        };
+        if poll.interval.is_zero() {
+            return err("perf.poll_interval", "must be more than 0");
+        }
+        if poll.timeout.is_zero() {
+            return err("perf.timeout", "must be more than 0");
+        }
+        let stale_after = match &p.stale_after {
+            Some(s) => duration("perf.stale_after", s)?,
+            None => poll.interval * 3,
+        };
+
+        f.scoring.validate().map_err(|e| ConfigError {
+            field: format!("scoring.{}", e.field),
+            reason: e.reason.into(),
+        })?;
+
+        let mut servers = Vec::with_capacity(f.servers.len());
+        for (i, sv) in f.servers.iter().enumerate() {
+            let field = |name: &str| format!("servers[{i}].{name}");
+            if sv.id.is_empty()
+                || !sv
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return err(field("id"), "letters, digits, '-' and '_' only, not empty");
+            }
+            if servers.iter().any(|s: &ServerConfig| s.id == sv.id) {
+                return err(field("id"), format!("'{}' is used twice", sv.id));
+            }
+            let Some(agent) = sv.agent.clone() else {
+                return err(
+                    field("agent"),
+                    "required: the patent's policy scores a server by its agent's data",
+                );
+            };
+            servers.push(ServerConfig {
+                id: sv.id.clone(),
+                address: sv.address,
+                transport: sv.transport,
+                agent,
+            });
+        }
+        if servers.is_empty() {
+            return err("servers", "at least one [[servers]] entry");
+        }
+        if r.register == RegisterMode::Registrar {
+            match &r.registrar {
+                Some(id) if servers.iter().any(|s| &s.id == id) => {}
+                Some(id) => return err("routing.registrar", format!("'{id}' is not a server id")),
+                None => {
+                    return err(
+                        "routing.registrar",
+                        "required when routing.register = \"registrar\"",
+                    );
+                }
+            }
+        }
+        Ok(Config {
+            listen: s.listen,
+            transports: s.transports,
+            advertise_host,
+            advertise_port,
+            max_message_size: s.max_message_size,
+            udp_sockets: s.udp_sockets,
+            secret,
+            policy: r.policy,
+            register: r.register,
+            registrar: r.registrar,
+            register_timeout: duration("routing.register_timeout", &r.register_timeout)?,
+            on_no_server: r.on_no_server,
+            retry_after: r.retry_after,
+            max_sessions: r.max_sessions,
+            session_idle_timeout: duration(
+                "routing.session_idle_timeout",
+                &r.session_idle_timeout,
+            )?,
+            key,
+            poll,
+            stale_after,
+            perf_server: p.perf_server,
+            scoring: f.scoring,
+            admin: f.admin.listen,
+            servers,
+        })
+    }
+
+    /// Reads and checks a config file.
+    ///
+    /// # Errors
+    /// The file cannot be read, or a field is wrong.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: "config".into(),
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+    }
+
+    const GOOD: &str = r#"
+[routing]
+secret = "0123456789abcdef0123"
+[perf]
+key_file = "agent.key"
+[[servers]]
+id = "s1"
+address = "127.0.0.1:5081"
+agent = "127.0.0.1:7071"
+[[servers]]
+id = "s2"
+address = "127.0.0.1:5082"
+transport = "tcp"
+agent = "127.0.0.1:7072"
+"#;
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(GOOD, &base()).unwrap();
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.advertise_host, "127.0.0.1");
+        assert_eq!(c.advertise_port, 5060);
+        assert_eq!(c.stale_after, Duration::from_millis(1500));
+        assert_eq!(c.servers[1].transport, Transport::Tcp);
+        assert_eq!(c.admin, Some("127.0.0.1:8060".parse().unwrap()));
+        assert_eq!(c.register, RegisterMode::Fork);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let p = base().join("local.toml");
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.servers.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                GOOD.replace("address = \"127.0.0.1:5082\"", "address = \"nowhere\""),
+                "config",
+            ),
+            (
+                GOOD.replace("secret = \"0123456789abcdef0123\"", "secret = \"short\""),
+                "routing.secret",
+            ),
+            (GOOD.replace("id = \"s2\"", "id = \"s1\""), "servers[1].id"),
+            (
+                GOOD.replace("agent = \"127.0.0.1:7072\"", ""),
+                "servers[1].agent",
+            ),
+            (
+                GOOD.replace("key_file = \"agent.key\"", "key_file = \"missing.key\""),
+                "perf.key_file",
+            ),
+            (
+                format!("{GOOD}\n[scoring]\ncpu_max = 2.0\n"),
+                "scoring.cpu_max",
+            ),
+            (
+                GOOD.replace("[perf]", "[perf]\npoll_interval = \"soon\""),
+                "perf.poll_interval",
+            ),
+            (
+                GOOD.replace(
+                    "[routing]",
+                    "[routing]\nregister = \"registrar\"\nregistrar = \"s9\"",
+                ),
+                "routing.registrar",
+            ),
+            (
+                GOOD.replace("[routing]", "[routing]\npolicy = \"fastest\""),
+                "routing.policy",
+            ),
+            (GOOD.replace("[routing]", "[routing]\nbogus = 1"), "config"),
+        ];
+        for (text, field) in cases {
+            let e = Config::parse(&text, &base()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        let e =
+            Config::parse(&GOOD.replace("[routing]", "[routing]\nbogus = 1"), &base()).unwrap_err();
+        assert!(
+            e.reason.contains("bogus") && e.reason.contains("line"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,1340 @@
+//! The balancer's forwarding (FIG 4 box 402) and routing (box 404): what
+//! happens to each SIP message, and the sockets it comes and goes on.
+//!
+//! Each UDP socket (several on one port with SO_REUSEPORT) and each TCP
+//! connection has one task that handles its messages one after the other,
+//! so the messages of one flow leave in the order they came. The decision
+//! path reads the performance table, the scoring parameters and the pool
+//! from `arc-swap` snapshots and the session table from a lock-free map: no
+//! lock is taken per message.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use perf::server::SharedTable;
+use sip::{Edits, HeaderName, MaxForwards, Message, Method, Received, Transport as SipTransport};
+use smallvec::SmallVec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::affinity::Signer;
+use crate::config::{Config, OnNoServer, RegisterMode, ServerConfig, Transport};
+use crate::load::Input;
+use crate::merge;
+use crate::query::{LiveScoring, input_for};
+use crate::select::{Facts, Patent, Policy, PoolView};
+use crate::sessions::{Kind, Sessions};
+use crate::stats::{Drop, ServerStats, Stats};
+
+/// One server of the pool, as the running balancer holds it.
+#[derive(Debug)]
+pub struct Server {
+    /// Its configuration.
+    pub cfg: ServerConfig,
+    /// Its id, shared with the session table.
+    pub id: Arc<str>,
+    /// `sb` value of our Record-Route for it.
+    pub sb: String,
+    /// Counters and drain state (kept across reloads).
+    pub stats: Arc<ServerStats>,
+    tcp: Arc<TcpOut>,
+}
+
+/// The pool: servers in configured order.
+#[derive(Debug, Default)]
+pub struct Pool {
+    /// The servers.
+    pub servers: Vec<Arc<Server>>,
+}
+
+impl Pool {
+    fn by_id(&self, id: &str) -> Option<&Arc<Server>> {
+        self.servers.iter().find(|s| &*s.id == id)
+    }
+
+    fn by_addr(&self, a: SocketAddr) -> Option<&Arc<Server>> {
+        self.servers.iter().find(|s| s.cfg.address == a)
+    }
+}
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// A datagram on UDP socket `sock`.
+    Udp {
+        /// Sender.
+        peer: SocketAddr,
+        /// Index of our socket.
+        sock: usize,
+    },
+    /// A TCP connection a UA opened to us.
+    TcpIn {
+        /// Peer.
+        peer: SocketAddr,
+        /// Connection id.
+        conn: u64,
+    },
+    /// A TCP connection we opened to a server.
+    TcpServer {
+        /// The server's address.
+        peer: SocketAddr,
+    },
+}
+
+impl Source {
+    fn peer(&self) -> SocketAddr {
+        match *self {
+            Source::Udp { peer, .. } | Source::TcpIn { peer, .. } | Source::TcpServer { peer } => {
+                peer
+            }
+        }
+    }
+}
+
+/// A persistent TCP connection to a server, opened on first need and reused.
+#[derive(Debug, Default)]
+struct TcpOut {
+    tx: Mutex<Option<mpsc::Sender<Bytes>>>,
+}
+
+/// A REGISTER forked to several servers (RFC 3261 §16.7).
+#[derive(Debug)]
+struct Fork {
+    request: Vec<u8>,
+    reply_to: Source,
+    pending: usize,
+    finals: Vec<(u16, Vec<u8>)>,
+    done: bool,
+}
+
+/// The running balancer.
+pub struct Proxy {
+    cfg: ArcSwap<Config>,
+    pool: ArcSwap<Pool>,
+    /// Session table.
+    pub sessions: Sessions,
+    /// Scoring parameters, live.
+    pub scoring: LiveScoring,
+    policy: Box<dyn Policy>,
+    /// The performance table.
+    pub table: SharedTable,
+    /// Counters.
+    pub stats: Stats,
+    signer: Signer,
+    udp: Vec<Arc<UdpSocket>>,
+    tcp_in: papaya::HashMap<u64, mpsc::Sender<Bytes>>,
+    next_conn: AtomicU64,
+    forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
+    clock: Instant,
+    /// Set by SIGTERM: new sessions are refused.
+    pub stopping: AtomicBool,
+    via_udp: String,
+    via_tcp: String,
+    rr: String,
+    me: std::sync::Weak<Proxy>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest datagram we read.
+const MAX_DATAGRAM: usize = 65_535;
+
+impl Proxy {
+    /// Builds the balancer around bound UDP sockets and a performance table.
+    ///
+    /// # Errors
+    /// Invalid scoring in the config.
+    pub fn new(
+        cfg: Config,
+        udp: Vec<Arc<UdpSocket>>,
+        table: SharedTable,
+    ) -> Result<Arc<Proxy>, crate::load::ScoringError> {
+        let signer = Signer::new(&cfg.secret);
+        let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
+        let scoring = LiveScoring::new(cfg.scoring)?;
+        let p = Arc::new_cyclic(|me| Proxy {
+            me: me.clone(),
+            sessions: Sessions::new(cfg.max_sessions),
+            scoring,
+            policy: Box::new(Patent),
+            table,
+            stats: Stats::default(),
+            pool: ArcSwap::from_pointee(Pool::default()),
+            udp,
+            tcp_in: papaya::HashMap::new(),
+            next_conn: AtomicU64::new(1),
+            forks: papaya::HashMap::new(),
+            clock: Instant::now(),
+            stopping: AtomicBool::new(false),
+            via_udp: format!("SIP/2.0/UDP {hostport};branch=z9hG4bK"),
+            via_tcp: format!("SIP/2.0/TCP {hostport};branch=z9hG4bK"),
+            rr: format!("<sip:{hostport};lr;sb="),
+            signer,
+            cfg: ArcSwap::from_pointee(cfg),
+        });
+        p.apply_servers(&p.cfg.load().servers.clone());
+        Ok(p)
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> Arc<Config> {
+        self.cfg.load_full()
+    }
+
+    /// The pool in force.
+    #[must_use]
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool.load_full()
+    }
+
+    /// Replaces the pool: servers are kept by id with their counters and drain
+    /// state; new ids start fresh; removed ids go (their sessions idle out).
+    pub fn apply_servers(&self, servers: &[ServerConfig]) {
+        let old = self.pool.load_full();
+        let servers = servers
+            .iter()
+            .map(|c| {
+                let prev = old.by_id(&c.id);
+                let same = prev.filter(|p| p.cfg == *c);
+                Arc::new(Server {
+                    id: c.id.as_str().into(),
+                    sb: self.signer.sb(&c.id),
+                    stats: prev.map_or_else(Arc::default, |p| p.stats.clone()),
+                    tcp: same.map_or_else(Arc::default, |p| p.tcp.clone()),
+                    cfg: c.clone(),
+                })
+            })
+            .collect();
+        self.pool.store(Arc::new(Pool { servers }));
+    }
+
+    /// Takes a re-read config: the pool, scoring and routing settings change;
+    /// listen addresses, the secret and the key need a restart (logged).
+    pub fn reload(&self, new: Config) {
+        let cur = self.cfg.load();
+        if new.listen != cur.listen || new.transports != cur.transports {
+            warn!("sip.listen / sip.transports changed: takes effect at the next restart");
+        }
+        if new.secret != cur.secret {
+            warn!("routing.secret changed: takes effect at the next restart");
+        }
+        if let Err(e) = self.scoring.set(new.scoring) {
+            warn!(error = %e, "scoring not changed");
+        }
+        self.apply_servers(&new.servers);
+        info!(servers = new.servers.len(), "configuration reloaded");
+        self.cfg.store(Arc::new(new));
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Handles one message from `src`; `out` is a scratch buffer.
+    pub async fn handle(&self, data: &[u8], src: Source, out: &mut Vec<u8>) {
+        let cfg = self.cfg.load();
+        if data.len() > cfg.max_message_size {
+            self.refuse_raw(data, 513, "Message Too Large", src, out)
+                .await;
+            return;
+        }
+        let transport = match src {
+            Source::Udp { .. } => SipTransport::Datagram,
+            _ => SipTransport::Stream,
+        };
+        let msg = match Message::parse_as(data, transport) {
+            Ok(m) => m,
+            Err(sip::Error::Empty) => return,
+            Err(e) => {
+                debug!(error = %e, peer = %src.peer(), "unparseable message");
+                let reason = format!(
+                    "{} ({e})",
+                    if e.status() == 505 {
+                        "Version Not Supported"
+                    } else {
+                        "Bad Request"
+                    }
+                );
+                self.refuse_raw(data, e.status(), &reason, src, out).await;
+                return;
+            }
+        };
+        if msg.is_request() {
+            if let Err(e) = msg.validate() {
+                debug!(error = %e, call_id = %String::from_utf8_lossy(msg.call_id()), "invalid request");
+                let reason = format!(
+                    "{} ({e})",
+                    if e.status() == 505 {
+                        "Version Not Supported"
+                    } else {
+                        "Bad Request"
+                    }
+                );
+                self.reply(&msg, e.status(), &reason, &[], src, out).await;
+                return;
+            }
+            self.stats.request(msg.method());
+            self.request(&cfg, &msg, src, out).await;
+        } else {
+            self.response(&msg, src, out).await;
+        }
+    }
+
+    async fn refuse_raw(&self, data: &[u8], code: u16, reason: &str, src: Source, _out: &mut [u8]) {
+        match sip::reply::error_response(data, code, reason) {
+            Some(resp) => {
+                self.stats.refusal(code);
+                self.send_back(src, &resp).await;
+            }
+            None => self.stats.drop(Drop::Unparseable),
+        }
+    }
+
+    /// Answers a request ourselves, to where it came from (RFC 3261 §18.2.2).
+    async fn reply(
+        &self,
+        req: &Message<'_>,
+        code: u16,
+        reason: &str,
+        extra: &[&[u8]],
+        src: Source,
+        out: &mut Vec<u8>,
+    ) {
+        out.clear();
+        let tag = format!(
+            "lb{:x}",
+            self.signer.hash(&[req.call_id(), b"to-tag"]) as u32
+        );
+        sip::reply::response_for(req, code, reason, tag.as_bytes(), extra, out);
+        self.stats.refusal(code);
+        self.send_back(src, out).await;
+    }
+
+    async fn send_back(&self, src: Source, bytes: &[u8]) {
+        let ok = match src {
+            Source::Udp { peer, sock } => self.udp[sock].send_to(bytes, peer).await.is_ok(),
+            Source::TcpIn { conn, .. } => self.send_tcp_in(conn, bytes),
+            Source::TcpServer { peer } => match self.pool.load().by_addr(peer) {
+                Some(s) => self.send_tcp_server(s, bytes),
+                None => false,
+            },
+        };
+        if !ok {
+            self.stats.drop(Drop::SendFailed);
+        }
+    }
+
+    fn send_tcp_in(&self, conn: u64, bytes: &[u8]) -> bool {
+        let m = self.tcp_in.pin();
+        m.get(&conn)
+            .is_some_and(|tx| tx.try_send(Bytes::copy_from_slice(bytes)).is_ok())
+    }
+
+    fn send_tcp_server(&self, s: &Arc<Server>, bytes: &[u8]) -> bool {
+        let mut guard = s
+            .tcp
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.as_ref().is_none_or(mpsc::Sender::is_closed) {
+            *guard = Some(self.open_server_conn(s.cfg.address));
+        }
+        guard
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(Bytes::copy_from_slice(bytes)).is_ok())
+    }
+
+    fn open_server_conn(&self, addr: SocketAddr) -> mpsc::Sender<Bytes> {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
+        let me = self.self_arc();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                Duration::from_secs(2),
+                TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                _ => {
+                    warn!(%addr, "cannot connect to server over TCP");
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (r, mut w) = stream.into_split();
+            let reader =
+                me.map(|p| tokio::spawn(read_stream(p, r, Source::TcpServer { peer: addr })));
+            while let Some(b) = rx.recv().await {
+                if w.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            if let Some(r) = reader {
+                r.abort();
+            }
+        });
+        tx
+    }
+
+    fn self_arc(&self) -> Option<Arc<Proxy>> {
+        self.me.upgrade()
+    }
+
+    fn is_ours(&self, cfg: &Config, host: &sip::Host<'_>, port: Option<u16>) -> bool {
+        let port_ok = port.unwrap_or(5060) == cfg.advertise_port;
+        port_ok
+            && match host {
+                sip::Host::Name(n) => n.eq_ignore_ascii_case(cfg.advertise_host.as_bytes()),
+                h => h.to_string() == cfg.advertise_host,
+            }
+    }
+
+    async fn request(&self, cfg: &Config, msg: &Message<'_>, src: Source, out: &mut Vec<u8>) {
+        let method = msg.method();
+        if msg.max_forwards() == Some(0) {
+            return self.reply(msg, 483, "Too Many Hops", &[], src, out).await;
+        }
+        let uri = msg.request_uri().expect("a request has a Request-URI");
+        if !matches!(
+            uri.scheme,
+            sip::Scheme::Sip | sip::Scheme::Sips | sip::Scheme::Tel
+        ) {
+            return self
+                .reply(msg, 416, "Unsupported URI Scheme", &[], src, out)
+                .await;
+        }
+        if let Some(h) = msg.header(HeaderName::ProxyRequire) {
+            // We support no extension a proxy must understand.
+            let mut line = b"Unsupported: ".to_vec();
+            line.extend_from_slice(h.value);
+            return self
+                .reply(msg, 420, "Bad Extension", &[&line], src, out)
+                .await;
+        }
+        let loop_hash = self.loop_hash(msg);
+        for v in msg.vias().flatten() {
+            if self.is_ours(cfg, &v.host, v.port)
+                && v.branch.is_some_and(|b| {
+                    b.len() >= 15 && b.ends_with(format!("{loop_hash:08x}").as_bytes())
+                })
+            {
+                return self.reply(msg, 482, "Loop Detected", &[], src, out).await;
+            }
+        }
+
+        // Our own Route on top: pop it; its sb names the server.
+        let mut pop_route = false;
+        let mut target: Option<Arc<Server>> = None;
+        if let Some(Ok(top)) = msg.routes().next()
+            && top
+                .uri
+                .host
+                .is_some_and(|h| self.is_ours(cfg, &h, top.uri.port))
+        {
+            pop_route = true;
+            if let Some(sb) = top.uri.param(b"sb") {
+                let pool = self.pool.load();
+                match sb
+                    .and_then(|v| self.signer.verify(v))
+                    .and_then(|id| pool.by_id(id))
+                {
+                    Some(s) => target = Some(s.clone()),
+                    None => {
+                        return self
+                            .reply(
+                                msg,
+                                403,
+                                "Forbidden (bad Record-Route signature)",
+                                &[],
+                                src,
+                                out,
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
+
+        let pool = self.pool.load();
+        let from_server = match src {
+            Source::TcpServer { peer } => pool.by_addr(peer).cloned(),
+            Source::Udp { peer, .. } => pool.by_addr(peer).cloned(),
+            Source::TcpIn { .. } => None,
+        };
+        if let Some(server) = from_server {
+            // A request from a server goes towards the user agent: the next
+            // Route, else the Request-URI.
+            return self
+                .forward_outward(cfg, msg, &server, pop_route, src, out)
+                .await;
+        }
+
+        let now = self.now_ms();
+        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        if target.is_none() {
+            target = self
+                .sessions
+                .get(msg.call_id(), now)
+                .and_then(|id| pool.by_id(&id).cloned());
+        }
+        if target.is_none() && method == Method::Register {
+            return self.register(cfg, msg, src, out).await;
+        }
+        let mut new_session = false;
+        let target = match target {
+            Some(t) => t,
+            None if to_tag || method == Method::Cancel || method == Method::Ack => {
+                if method == Method::Ack {
+                    self.stats.drop(Drop::StrayAck);
+                    return;
+                }
+                return self
+                    .reply(msg, 481, "Call/Transaction Does Not Exist", &[], src, out)
+                    .await;
+            }
+            None => {
+                if self.stopping.load(Ordering::Relaxed) {
+                    let ra = format!("Retry-After: {}", cfg.retry_after);
+                    return self
+                        .reply(
+                            msg,
+                            503,
+                            "Service Unavailable (shutting down)",
+                            &[ra.as_bytes()],
+                            src,
+                            out,
+                        )
+                        .await;
+                }
+                match self.select(cfg, &pool) {
+                    Some(s) => {
+                        new_session = true;
+                        s
+                    }
+                    None => {
+                        debug!(call_id = %String::from_utf8_lossy(msg.call_id()), "no server available");
+                        if cfg.on_no_server == OnNoServer::Drop {
+                            self.stats.drop(Drop::NoServer);
+                            return;
+                        }
+                        let ra = format!("Retry-After: {}", cfg.retry_after);
+                        return self
+                            .reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], src, out)
+                            .await;
+                    }
+                }
+            }
+        };
+        let dialog = matches!(method, Method::Invite | Method::Subscribe | Method::Refer);
+        if new_session {
+            target.stats.selected.fetch_add(1, Ordering::Relaxed);
+            let kind = if dialog {
+                Kind::Dialog
+            } else {
+                Kind::Transaction
+            };
+            if !self
+                .sessions
+                .insert(msg.call_id(), target.id.clone(), kind, now)
+                && self.sessions.len() >= cfg.max_sessions
+            {
+                self.stats.drop(Drop::SessionTableFull);
+            }
+            debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %target.id, "selected");
+        }
+        let record_route = dialog && !to_tag;
+        self.forward_to_server(
+            msg,
+            &target,
+            pop_route,
+            record_route,
+            loop_hash,
+            None,
+            src,
+            out,
+        )
+        .await;
+    }
+
+    /// A keyed hash of what stays the same when a request loops back to us
+    /// (RFC 3261 §16.3 step 4): Request-URI, From tag, Call-ID, CSeq.
+    fn loop_hash(&self, msg: &Message<'_>) -> u32 {
+        let uri = msg.request_uri().map_or(&b""[..], |u| u.raw);
+        let from_tag = msg.from().ok().and_then(|f| f.tag()).unwrap_or_default();
+        let cseq = msg.cseq();
+        self.signer.hash(&[
+            uri,
+            from_tag,
+            msg.call_id(),
+            &cseq.seq.to_be_bytes(),
+            cseq.method.as_bytes(),
+        ]) as u32
+    }
+
+    /// The transaction part of our branch: the same for a request, its
+    /// retransmissions, its CANCEL and its non-2xx ACK.
+    fn txn_hash(&self, msg: &Message<'_>) -> u64 {
+        let v = msg.top_via();
+        let branch = v.branch.unwrap_or_default();
+        // RFC 2543 peers have no branch: fall back to Call-ID and CSeq number.
+        let fallback = if v.is_rfc3261() {
+            &[][..]
+        } else {
+            msg.call_id()
+        };
+        self.signer.hash(&[
+            branch,
+            v.raw.split(|&b| b == b';').next().unwrap_or_default(),
+            fallback,
+            &msg.cseq().seq.to_be_bytes(),
+        ])
+    }
+
+    fn select(&self, cfg: &Config, pool: &Pool) -> Option<Arc<Server>> {
+        let table = self.table.load();
+        let now = Instant::now();
+        let inputs: SmallVec<[Input; 16]> = pool
+            .servers
+            .iter()
+            .map(|s| {
+                input_for(
+                    table.get(&s.id),
+                    s.stats.drained.load(Ordering::Relaxed),
+                    now,
+                    cfg.stale_after,
+                )
+            })
+            .collect();
+        let facts: SmallVec<[Facts; 16]> = pool
+            .servers
+            .iter()
+            .map(|s| Facts {
+                outstanding: s.stats.outstanding(),
+                ..Facts::default()
+            })
+            .collect();
+        let scoring = self.scoring.get();
+        let view = PoolView {
+            inputs: &inputs,
+            facts: &facts,
+            scoring: &scoring,
+        };
+        let i = self.policy.select(&view, &mut rand::rng())?;
+        pool.servers.get(i).cloned()
+    }
+
+    /// Servers REGISTER may go to: agent up and not drained.
+    fn up_servers(&self, cfg: &Config, pool: &Pool) -> Vec<Arc<Server>> {
+        let table = self.table.load();
+        let now = Instant::now();
+        pool.servers
+            .iter()
+            .filter(|s| {
+                matches!(
+                    input_for(
+                        table.get(&s.id),
+                        s.stats.drained.load(Ordering::Relaxed),
+                        now,
+                        cfg.stale_after
+                    ),
+                    Input::Up(_)
+                )
+            })
+            .cloned()
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_to_server(
+        &self,
+        msg: &Message<'_>,
+        server: &Arc<Server>,
+        pop_route: bool,
+        record_route: bool,
+        loop_hash: u32,
+        fork: Option<usize>,
+        src: Source,
+        out: &mut Vec<u8>,
+    ) {
+        use std::fmt::Write;
+        let mut via = String::with_capacity(96);
+        via.push_str(match server.cfg.transport {
+            Transport::Udp => &self.via_udp,
+            Transport::Tcp => &self.via_tcp,
+        });
+        let _ = write!(via, "{:016x}", self.txn_hash(msg));
+        if let Some(i) = fork {
+            let _ = write!(via, "f{i}");
+        }
+        let _ = write!(via, "{loop_hash:08x}");
+        if let Source::TcpIn { conn, .. } = src {
+            let _ = write!(via, ";lbc={conn}");
+        }
+        let rr = record_route.then(|| format!("{}{}>", self.rr, server.sb));
+        let peer = src.peer();
+        let top = msg.top_via();
+        let ip = ip_text(peer.ip());
+        let needs_received = top.host.ip() != Some(peer.ip()) || top.rport.is_some();
+        out.clear();
+        msg.write_edited(
+            &Edits {
+                prepend_via: Some(via.as_bytes()),
+                record_route: rr.as_deref().map(str::as_bytes),
+                remove_top_route: pop_route,
+                max_forwards: MaxForwards::Decrement,
+                received: needs_received.then_some(Received {
+                    received: ip.as_bytes(),
+                    rport: peer.port(),
+                }),
+                add_content_length: server.cfg.transport == Transport::Tcp,
+                ..Edits::default()
+            },
+            out,
+        );
+        if msg.method() != Method::Ack {
+            server.stats.outstanding.fetch_add(1, Ordering::Relaxed);
+        }
+        server.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let ok = match server.cfg.transport {
+            Transport::Udp => self
+                .udp_for(server.cfg.address)
+                .send_to(out, server.cfg.address)
+                .await
+                .is_ok(),
+            Transport::Tcp => self.send_tcp_server(server, out),
+        };
+        if !ok {
+            self.stats.drop(Drop::SendFailed);
+        }
+    }
+
+    fn udp_for(&self, dest: SocketAddr) -> &UdpSocket {
+        // Any of our sockets will do (they share the port); keep one per
+        // destination so one flow keeps its order.
+        let i = (dest.port() as usize) % self.udp.len().max(1);
+        &self.udp[i]
+    }
+
+    /// A request from a server to the UA side: next Route, else the Request-URI.
+    async fn forward_outward(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        server: &Arc<Server>,
+        pop_route: bool,
+        src: Source,
+        out: &mut Vec<u8>,
+    ) {
+        let routes: SmallVec<[_; 4]> = msg
+            .routes()
+            .flatten()
+            .skip(usize::from(pop_route))
+            .take(1)
+            .collect();
+        let uri = routes
+            .first()
+            .map_or_else(|| *msg.request_uri().expect("request"), |r| r.uri);
+        let Some(host) = uri.host else {
+            return self
+                .reply(msg, 416, "Unsupported URI Scheme", &[], src, out)
+                .await;
+        };
+        let port = uri.port.unwrap_or(5060);
+        let dest = match host.ip() {
+            Some(ip) => SocketAddr::new(ip, port),
+            None => match tokio::net::lookup_host((
+                String::from_utf8_lossy(host_name(&host)).as_ref(),
+                port,
+            ))
+            .await
+            {
+                Ok(mut it) => match it.next() {
+                    Some(a) => a,
+                    None => return self.reply(msg, 404, "Not Found", &[], src, out).await,
+                },
+                Err(_) => return self.reply(msg, 404, "Not Found", &[], src, out).await,
+            },
+        };
+        let dialog = matches!(
+            msg.method(),
+            Method::Invite | Method::Subscribe | Method::Refer
+        );
+        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        use std::fmt::Write;
+        let mut via = self.via_udp.clone();
+        let _ = write!(
+            via,
+            "{:016x}{:08x}",
+            self.txn_hash(msg),
+            self.loop_hash(msg)
+        );
+        let rr = (dialog && !to_tag).then(|| format!("{}{}>", self.rr, server.sb));
+        out.clear();
+        msg.write_edited(
+            &Edits {
+                prepend_via: Some(via.as_bytes()),
+                record_route: rr.as_deref().map(str::as_bytes),
+                remove_top_route: pop_route,
+                max_forwards: MaxForwards::Decrement,
+                ..Edits::default()
+            },
+            out,
+        );
+        let _ = cfg;
+        if self.udp_for(dest).send_to(out, dest).await.is_err() {
+            self.stats.drop(Drop::SendFailed);
+        }
+    }
+
+    async fn register(&self, cfg: &Config, msg: &Message<'_>, src: Source, out: &mut Vec<u8>) {
+        let pool = self.pool.load();
+        let targets: Vec<Arc<Server>> = match cfg.register {
+            RegisterMode::Registrar => cfg
+                .registrar
+                .as_deref()
+                .and_then(|id| pool.by_id(id))
+                .filter(|s| !s.stats.drained.load(Ordering::Relaxed))
+                .into_iter()
+                .cloned()
+                .collect(),
+            RegisterMode::Fork => self.up_servers(cfg, &pool),
+        };
+        if targets.is_empty() {
+            let ra = format!("Retry-After: {}", cfg.retry_after);
+            return self
+                .reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], src, out)
+                .await;
+        }
+        let loop_hash = self.loop_hash(msg);
+        if targets.len() == 1 {
+            return self
+                .forward_to_server(msg, &targets[0], false, false, loop_hash, None, src, out)
+                .await;
+        }
+        let id = self.txn_hash(msg);
+        {
+            let forks = self.forks.pin();
+            if forks.get(&id).is_some() {
+                // A retransmission while the fork runs: the servers were asked.
+                return;
+            }
+            forks.insert(
+                id,
+                Arc::new(Mutex::new(Fork {
+                    request: msg.as_bytes().to_vec(),
+                    reply_to: src,
+                    pending: targets.len(),
+                    finals: Vec::new(),
+                    done: false,
+                })),
+            );
+        }
+        for (i, s) in targets.iter().enumerate() {
+            self.forward_to_server(msg, s, false, false, loop_hash, Some(i), src, out)
+                .await;
+        }
+        // Whatever has not answered by the timeout does not hold the UA up.
+        if let Some(me) = self.self_arc() {
+            let timeout = cfg.register_timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                me.finish_fork(id, true).await;
+            });
+        }
+    }
+
+    /// Sends the merged answer of a fork once every server answered (or on timeout).
+    async fn finish_fork(&self, id: u64, timed_out: bool) {
+        let reply = {
+            let forks = self.forks.pin();
+            let Some(f) = forks.get(&id) else { return };
+            let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if f.done || (!timed_out && f.pending > 0) {
+                if f.done && timed_out {
+                    drop(f);
+                    forks.remove(&id);
+                }
+                return;
+            }
+            f.done = true;
+            let codes: Vec<u16> = f.finals.iter().map(|(c, _)| *c).collect();
+            let chosen = match merge::best(&codes) {
+                Some(i) => Some(merge_challenges(&f.finals, i)),
+                None => {
+                    // Nobody answered: 408 from the stored request.
+                    Message::parse(&f.request).ok().map(|req| {
+                        let mut out = Vec::new();
+                        sip::reply::response_for(
+                            &req,
+                            408,
+                            "Request Timeout",
+                            b"lbfork",
+                            &[],
+                            &mut out,
+                        );
+                        out
+                    })
+                }
+            };
+            chosen.map(|c| (c, f.reply_to))
+        };
+        if let Some((bytes, to)) = reply {
+            self.send_back(to, &bytes).await;
+        }
+    }
+
+    async fn response(&self, msg: &Message<'_>, src: Source, out: &mut Vec<u8>) {
+        let cfg = self.cfg.load();
+        let code = msg.status().unwrap_or(0);
+        let top = msg.top_via();
+        let branch = top.branch.unwrap_or_default();
+        if !self.is_ours(&cfg, &top.host, top.port)
+            || !branch.starts_with(b"z9hG4bK")
+            || branch.len() < 7 + 24
+        {
+            self.stats.drop(Drop::ViaNotOurs);
+            return;
+        }
+        let pool = self.pool.load();
+        let from = match src {
+            Source::TcpServer { peer } | Source::Udp { peer, .. } => pool.by_addr(peer).cloned(),
+            Source::TcpIn { .. } => None,
+        };
+        if code >= 200
+            && let Some(s) = &from
+        {
+            let _ = s
+                .stats
+                .outstanding
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some((n - 1).max(0))
+                });
+        }
+        let method = msg.cseq().method;
+        let now = self.now_ms();
+        match (method, code) {
+            (Method::Invite, 200..=299) => self.sessions.confirm(msg.call_id(), now),
+            (Method::Invite, 300..) | (Method::Bye, 200..) => self.sessions.remove(msg.call_id()),
+            _ => {}
+        }
+        // A forked REGISTER: fN in the branch.
+        let hexpart = &branch[7..];
+        if hexpart.len() > 24 && hexpart[16] == b'f' {
+            let id = u64::from_str_radix(std::str::from_utf8(&hexpart[..16]).unwrap_or("x"), 16)
+                .unwrap_or(0);
+            return self.fork_response(id, msg, code, out).await;
+        }
+        self.relay_response(msg, out).await;
+        self.stats.response(code);
+    }
+
+    /// Removes our Via and sends the response to the next one.
+    async fn relay_response(&self, msg: &Message<'_>, out: &mut Vec<u8>) {
+        let conn = lbc(msg.top_via().raw);
+        out.clear();
+        msg.write_edited(
+            &Edits {
+                remove_top_via: true,
+                ..Edits::default()
+            },
+            out,
+        );
+        if let Some(conn) = conn {
+            if !self.send_tcp_in(conn, out) {
+                self.stats.drop(Drop::NoRoute);
+            }
+            return;
+        }
+        let Some(Ok(next)) = msg.vias().nth(1) else {
+            self.stats.drop(Drop::NoRoute);
+            return;
+        };
+        let ip = next
+            .received
+            .and_then(|r| {
+                std::str::from_utf8(r)
+                    .ok()?
+                    .trim_matches(['[', ']'])
+                    .parse::<IpAddr>()
+                    .ok()
+            })
+            .or_else(|| next.host.ip());
+        let port = match next.rport {
+            Some(Some(p)) => p,
+            _ => next.port.unwrap_or(5060),
+        };
+        let dest = match ip {
+            Some(ip) => SocketAddr::new(ip, port),
+            None => match tokio::net::lookup_host((
+                String::from_utf8_lossy(host_name(&next.host)).as_ref(),
+                port,
+            ))
+            .await
+            {
+                Ok(mut it) => match it.next() {
+                    Some(a) => a,
+                    None => {
+                        self.stats.drop(Drop::NoRoute);
+                        return;
+                    }
+                },
+                Err(_) => {
+                    self.stats.drop(Drop::NoRoute);
+                    return;
+                }
+            },
+        };
+        if dest.ip().is_unspecified() || matches!(dest.ip(), IpAddr::V4(v4) if v4.is_broadcast()) {
+            self.stats.drop(Drop::NoRoute);
+            return;
+        }
+        if self.udp_for(dest).send_to(out, dest).await.is_err() {
+            self.stats.drop(Drop::SendFailed);
+        }
+    }
+
+    async fn fork_response(&self, id: u64, msg: &Message<'_>, code: u16, out: &mut Vec<u8>) {
+        if code < 200 {
+            self.stats.drop(Drop::Merged);
+            return;
+        }
+        let found = self.forks.pin().get(&id).cloned();
+        let Some(f) = found else {
+            self.stats.drop(Drop::Merged);
+            return;
+        };
+        let forward_now = {
+            let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if f.done {
+                None
+            } else {
+                f.pending = f.pending.saturating_sub(1);
+                out.clear();
+                msg.write_edited(
+                    &Edits {
+                        remove_top_via: true,
+                        ..Edits::default()
+                    },
+                    out,
+                );
+                if (200..300).contains(&code) {
+                    f.done = true;
+                    Some(f.reply_to)
+                } else {
+                    f.finals.push((code, out.clone()));
+                    None
+                }
+            }
+        };
+        match forward_now {
+            Some(to) => {
+                self.stats.response(code);
+                self.send_back(to, out).await;
+            }
+            None => {
+                self.stats.drop(Drop::Merged);
+                self.finish_fork(id, false).await;
+            }
+        }
+    }
+
+    /// Registers an inbound TCP connection; returns its id and receiver.
+    fn register_conn(&self) -> (u64, mpsc::Receiver<Bytes>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        self.tcp_in.pin().insert(id, tx);
+        (id, rx)
+    }
+
+    /// Periodic housekeeping: idle sessions, finished forks.
+    pub fn sweep(&self) {
+        let cfg = self.cfg.load();
+        let gone = self
+            .sessions
+            .sweep(self.now_ms(), cfg.session_idle_timeout.as_millis() as u64);
+        if gone > 0 {
+            debug!(gone, "idle sessions removed");
+        }
+        self.forks
+            .pin()
+            .retain(|_, f| !f.lock().map(|f| f.done).unwrap_or(true));
+    }
+
+    /// Servers with per-server facts, for the admin API.
+    #[must_use]
+    pub fn servers_view(&self) -> Vec<ServerView> {
+        let cfg = self.cfg.load();
+        let pool = self.pool.load();
+        let table = self.table.load();
+        let now = Instant::now();
+        let per = self.sessions.per_server();
+        let inputs: Vec<Input> = pool
+            .servers
+            .iter()
+            .map(|s| {
+                input_for(
+                    table.get(&s.id),
+                    s.stats.drained.load(Ordering::Relaxed),
+                    now,
+                    cfg.stale_after,
+                )
+            })
+            .collect();
+        let mut scores = vec![0u32; inputs.len()];
+        crate::load::scores(&self.scoring.get(), &inputs, &mut scores);
+        pool.servers
+            .iter()
+            .zip(inputs.iter().zip(&scores))
+            .map(|(s, (input, &score))| {
+                let e = table.get(&s.id);
+                ServerView {
+                    id: s.id.to_string(),
+                    address: s.cfg.address.to_string(),
+                    transport: s.cfg.transport.via_name().to_ascii_lowercase(),
+                    agent: s.cfg.agent.clone(),
+                    state: match input {
+                        Input::Drained => "drained",
+                        Input::Up(_) => "up",
+                        Input::Down | Input::NoData => "down",
+                    }
+                    .into(),
+                    agent_state: e
+                        .map_or("connecting", |e| match e.state {
+                            perf::AgentState::Up => "up",
+                            perf::AgentState::Down => "down",
+                            perf::AgentState::Connecting => "connecting",
+                        })
+                        .into(),
+                    score,
+                    cpu: e.and_then(|e| e.sample).map(|x| x.cpu),
+                    mem_available: e.and_then(|e| e.sample).map(|x| x.mem_available),
+                    sample_age_ms: e
+                        .and_then(|e| e.received)
+                        .map(|r| now.saturating_duration_since(r).as_millis() as u64),
+                    active_calls: per.get(&s.id).copied().unwrap_or(0),
+                    outstanding: s.stats.outstanding(),
+                    selected_total: s.stats.selected.load(Ordering::Relaxed),
+                    forwarded_total: s.stats.forwarded.load(Ordering::Relaxed),
+                    error: e.and_then(|e| e.error.as_deref().map(str::to_owned)),
+                }
+            })
+            .collect()
+    }
+
+    /// Drains or undrains a server; `false` when there is no such id.
+    pub fn set_drained(&self, id: &str, drained: bool) -> bool {
+        match self.pool.load().by_id(id) {
+            Some(s) => {
+                s.stats.drained.store(drained, Ordering::Relaxed);
+                info!(server = id, drained, "drain state changed");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Requests outstanding at the servers (for a graceful stop).
+    #[must_use]
+    pub fn outstanding(&self) -> u32 {
+        self.pool
+            .load()
+            .servers
+            .iter()
+            .map(|s| s.stats.outstanding())
+            .sum()
+    }
+}
+
+/// `GET /servers` element.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerView {
+    /// Configured id.
+    pub id: String,
+    /// SIP address.
+    pub address: String,
+    /// `udp` or `tcp`.
+    pub transport: String,
+    /// Agent address.
+    pub agent: String,
+    /// `up`, `down` or `drained`.
+    pub state: String,
+    /// What the agent connection says: `up`, `down`, `connecting`.
+    pub agent_state: String,
+    /// Performance score now.
+    pub score: u32,
+    /// CPU busy fraction of the latest sample.
+    pub cpu: Option<f64>,
+    /// Available memory, bytes.
+    pub mem_available: Option<u64>,
+    /// Age of the latest sample, ms.
+    pub sample_age_ms: Option<u64>,
+    /// Dialogs in the session table.
+    pub active_calls: usize,
+    /// Requests sent and not yet answered.
+    pub outstanding: u32,
+    /// New sessions sent here by selection.
+    pub selected_total: u64,
+    /// Requests forwarded here.
+    pub forwarded_total: u64,
+    /// Why the agent is down, when it is.
+    pub error: Option<String>,
+}
+
+fn merge_challenges(finals: &[(u16, Vec<u8>)], chosen: usize) -> Vec<u8> {
+    let (code, bytes) = &finals[chosen];
+    let mut out = bytes.clone();
+    if *code == 503 {
+        out[8..11].copy_from_slice(b"500");
+    }
+    if !matches!(code, 401 | 407) {
+        return out;
+    }
+    // Every other 401/407's challenges go into the chosen one (§16.7 step 7).
+    let mut extra = Vec::new();
+    for (i, (c, b)) in finals.iter().enumerate() {
+        if i == chosen || !matches!(c, 401 | 407) {
+            continue;
+        }
+        if let Ok(m) = Message::parse(b) {
+            for h in m.headers() {
+                if h.raw_name.eq_ignore_ascii_case(b"WWW-Authenticate")
+                    || h.raw_name.eq_ignore_ascii_case(b"Proxy-Authenticate")
+                {
+                    extra.extend_from_slice(h.line);
+                }
+            }
+        }
+    }
+    if let Some(pos) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+        out.splice(pos + 2..pos + 2, extra);
+    }
+    out
+}
+
+fn ip_text(ip: IpAddr) -> String {
+    ip.to_string()
+}
+
+fn host_name<'a>(h: &sip::Host<'a>) -> &'a [u8] {
+    match h {
+        sip::Host::Name(n) => n,
+        _ => b"",
+    }
+}
+
+/// The `lbc` parameter of our Via: the inbound TCP connection of the request.
+fn lbc(via: &[u8]) -> Option<u64> {
+    via.split(|&b| b == b';').find_map(|p| {
+        let v = p.strip_prefix(b"lbc=")?;
+        std::str::from_utf8(v).ok()?.trim().parse().ok()
+    })
+}
+
+/// Reads framed messages from a stream and hands them to the proxy.
+async fn read_stream<R: tokio::io::AsyncRead + Unpin>(proxy: Arc<Proxy>, mut r: R, src: Source) {
+    let max = proxy.config().max_message_size;
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut out = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        // Hand over every whole message already buffered.
+        let mut consumed = 0;
+        loop {
+            match sip::framing::check(&buf[consumed..], max) {
+                Ok(sip::Frame::Message(n)) => {
+                    let msg = buf[consumed..consumed + n].to_vec();
+                    proxy.handle(&msg, src, &mut out).await;
+                    consumed += n;
+                }
+                Ok(sip::Frame::KeepAlive(n)) => consumed += n,
+                Ok(sip::Frame::Incomplete) => break,
+                Err(e) => {
+                    debug!(error = %e, ?src, "stream framing error; closing");
+                    if e.status() == 513 || matches!(e, sip::Error::StreamWithoutLength) {
+                        proxy
+                            .refuse_raw(
+                                &buf[consumed..],
+                                e.status(),
+                                &format!("Bad Request ({e})"),
+                                src,
+                                &mut out,
+                            )
+                            .await;
+                    }
+                    return;
+                }
+            }
+        }
+        buf.drain(..consumed);
+        let n = match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Runs the UDP receive loop of socket `sock`.
+pub async fn udp_loop(proxy: Arc<Proxy>, sock: usize) {
+    let socket = proxy.udp[sock].clone();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "udp receive error");
+                continue;
+            }
+        };
+        proxy
+            .handle(&buf[..n], Source::Udp { peer, sock }, &mut out)
+            .await;
+    }
+}
+
+/// Serves one inbound TCP connection.
+pub async fn tcp_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (id, mut rx) = proxy.register_conn();
+    let (r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let p2 = proxy.clone();
+    let reader = tokio::spawn(async move {
+        read_stream(p2.clone(), r, Source::TcpIn { peer, conn: id }).await;
+    });
+    let _ = reader.await;
+    proxy.tcp_in.pin().remove(&id);
+    writer.abort();
+}
+
+/// Per-server facts map, for tests.
+#[must_use]
+pub fn outstanding_by_id(p: &Proxy) -> HashMap<String, u32> {
+    p.pool()
+        .servers
+        .iter()
+        .map(|s| (s.id.to_string(), s.stats.outstanding()))
+        .collect()
+}

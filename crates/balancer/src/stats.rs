@@ -1,0 +1,191 @@
+//! Counters for `/metrics` and `/servers`: atomics, no lock.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use sip::Method;
+
+/// Methods counted by name; the rest as `other`.
+pub const METHODS: [&str; 15] = [
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "REGISTER",
+    "OPTIONS",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "REFER",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+    "MESSAGE",
+    "PUBLISH",
+    "other",
+];
+
+/// Index of a method in [`METHODS`].
+#[must_use]
+pub fn method_index(m: Method<'_>) -> usize {
+    match m {
+        Method::Invite => 0,
+        Method::Ack => 1,
+        Method::Bye => 2,
+        Method::Cancel => 3,
+        Method::Register => 4,
+        Method::Options => 5,
+        Method::Subscribe => 6,
+        Method::Notify => 7,
+        Method::Refer => 8,
+        Method::Info => 9,
+        Method::Update => 10,
+        Method::Prack => 11,
+        Method::Message => 12,
+        Method::Publish => 13,
+        Method::Other(_) => 14,
+    }
+}
+
+/// Why a message was dropped without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Not SIP, or a request too broken to answer.
+    Unparseable,
+    /// A response whose top Via is not ours.
+    ViaNotOurs,
+    /// A response with nowhere to go (no next Via, connection gone).
+    NoRoute,
+    /// New session, no server, `on_no_server = "drop"`.
+    NoServer,
+    /// An ACK for a session we do not know.
+    StrayAck,
+    /// A send failed.
+    SendFailed,
+    /// A response dropped by the REGISTER merge (provisional or late).
+    Merged,
+    /// Session table full (the request was still routed).
+    SessionTableFull,
+}
+
+/// All drop reasons, with their metric labels.
+pub const DROPS: [(Drop, &str); 8] = [
+    (Drop::Unparseable, "unparseable"),
+    (Drop::ViaNotOurs, "via_not_ours"),
+    (Drop::NoRoute, "no_route"),
+    (Drop::NoServer, "no_server"),
+    (Drop::StrayAck, "stray_ack"),
+    (Drop::SendFailed, "send_failed"),
+    (Drop::Merged, "merged"),
+    (Drop::SessionTableFull, "session_table_full"),
+];
+
+/// Balancer-wide counters.
+#[derive(Debug)]
+pub struct Stats {
+    requests: [AtomicU64; METHODS.len()],
+    responses: Box<[AtomicU64]>,
+    drops: [AtomicU64; DROPS.len()],
+    /// Responses we generated ourselves, by code.
+    refusals: Box<[AtomicU64]>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            responses: (0..600).map(|_| AtomicU64::new(0)).collect(),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            refusals: (0..600).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Stats {
+    /// Counts a request received.
+    pub fn request(&self, m: Method<'_>) {
+        self.requests[method_index(m)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a response relayed.
+    pub fn response(&self, code: u16) {
+        if let Some(c) = self.responses.get(usize::from(code).wrapping_sub(100)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a response we made.
+    pub fn refusal(&self, code: u16) {
+        if let Some(c) = self.refusals.get(usize::from(code).wrapping_sub(100)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a drop.
+    pub fn drop(&self, d: Drop) {
+        if let Some(i) = DROPS.iter().position(|(x, _)| *x == d) {
+            self.drops[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(method, count)` for every method counted.
+    pub fn requests(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        METHODS
+            .iter()
+            .zip(&self.requests)
+            .map(|(m, c)| (*m, c.load(Ordering::Relaxed)))
+    }
+
+    /// `(code, count)` of relayed responses, non-zero only.
+    pub fn responses(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        nonzero(&self.responses)
+    }
+
+    /// `(code, count)` of our own responses, non-zero only.
+    pub fn refusals(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        nonzero(&self.refusals)
+    }
+
+    /// `(reason, count)` of drops.
+    pub fn drops(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        DROPS
+            .iter()
+            .zip(&self.drops)
+            .map(|((_, l), c)| (*l, c.load(Ordering::Relaxed)))
+    }
+
+    /// Count of one drop reason.
+    #[must_use]
+    pub fn drops_of(&self, d: Drop) -> u64 {
+        DROPS
+            .iter()
+            .position(|(x, _)| *x == d)
+            .map_or(0, |i| self.drops[i].load(Ordering::Relaxed))
+    }
+}
+
+fn nonzero(a: &[AtomicU64]) -> impl Iterator<Item = (u16, u64)> + '_ {
+    a.iter().enumerate().filter_map(|(i, c)| {
+        let n = c.load(Ordering::Relaxed);
+        (n > 0).then_some((i as u16 + 100, n))
+    })
+}
+
+/// Per-server counters and operator state; kept across reloads (keyed by id).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// New sessions sent to the server by selection.
+    pub selected: AtomicU64,
+    /// Requests forwarded to it.
+    pub forwarded: AtomicU64,
+    /// Requests sent and not yet answered with a final response.
+    pub outstanding: AtomicI64,
+    /// Taken out by an operator.
+    pub drained: AtomicBool,
+}
+
+impl ServerStats {
+    /// Outstanding transactions, never negative.
+    #[must_use]
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::Relaxed).max(0) as u32
+    }
+}

@@ -1,0 +1,121 @@
+//! `siplb balancer` and `siplb status`.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tracing::error;
+
+/// Runs `siplb balancer --config FILE`; a bad config is one line naming the field, exit 2.
+pub fn balancer(path: PathBuf) -> ExitCode {
+    let cfg = match balancer::config::Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("siplb: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("siplb: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(balancer::service::run(path, cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "balancer failed");
+            eprintln!("siplb: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; the admin API is ours, so no client crate.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let (head, rest) = body.split_once("\r\n\r\n").unwrap_or((&body, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(
+            head.lines().next().unwrap_or("no answer").to_owned(),
+        ));
+    }
+    // Small JSON bodies come unchunked or as one chunk; strip chunk framing if present.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((len, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            r = tail[n..].trim_start_matches("\r\n");
+        }
+        return Ok(out);
+    }
+    Ok(rest.to_owned())
+}
+
+/// Runs `siplb status`.
+pub fn status(admin: SocketAddr) -> ExitCode {
+    let body = match http_get(admin, "/servers") {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("siplb: cannot reach the admin API at {admin}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let servers: Vec<serde_json::Value> = match serde_json::from_str(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("siplb: unexpected answer from {admin}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "{:<10} {:<22} {:<8} {:>5} {:>6} {:>10} {:>6} {:>10} {:<}",
+        "SERVER", "ADDRESS", "STATE", "SCORE", "CPU%", "FREE MB", "CALLS", "SELECTED", "AGENT"
+    );
+    for s in servers {
+        let cpu = s["cpu"]
+            .as_f64()
+            .map_or("-".into(), |c| format!("{:.1}", c * 100.0));
+        let mem = s["mem_available"]
+            .as_u64()
+            .map_or("-".into(), |m| format!("{}", m >> 20));
+        let agent = match s["error"].as_str() {
+            Some(e) => format!("{} ({e})", s["agent_state"].as_str().unwrap_or("?")),
+            None => s["agent_state"].as_str().unwrap_or("?").to_owned(),
+        };
+        println!(
+            "{:<10} {:<22} {:<8} {:>5} {:>6} {:>10} {:>6} {:>10} {}",
+            s["id"].as_str().unwrap_or("?"),
+            s["address"].as_str().unwrap_or("?"),
+            s["state"].as_str().unwrap_or("?"),
+            s["score"].as_u64().unwrap_or(0),
+            cpu,
+            mem,
+            s["active_calls"].as_u64().unwrap_or(0),
+            s["selected_total"].as_u64().unwrap_or(0),
+            agent
+        );
+    }
+    ExitCode::SUCCESS
+}
