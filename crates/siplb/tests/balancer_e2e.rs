@@ -1,0 +1,539 @@
+//! The balancer end to end, as the balancer issue asks: two SIP servers (real
+//! `sipp -sn uas`, or small responders written here where a test needs a
+//! server that does what SIPp's built-in UAS does not), two `siplb agent`s
+//! and `siplb balancer --config examples/local.toml`, all on 127.0.0.1.
+//! The tests share the example's fixed ports, so they run one at a time.
+//! Every process is stopped by its PID (the guard's drop); every wait and
+//! every SIPp run is bounded in count and time.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn siplb(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_siplb"))
+            .args(args)
+            .current_dir(root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("siplb"),
+    )
+}
+
+fn agent(port: u16, synthetic: &str) -> Proc {
+    siplb(&[
+        "agent",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--key-file",
+        "examples/agent.key",
+        "--interval",
+        "100ms",
+        "--synthetic",
+        synthetic,
+    ])
+}
+
+fn balancer() -> Proc {
+    let p = siplb(&["balancer", "--config", "examples/local.toml"]);
+    wait(Duration::from_secs(10), "admin API", || {
+        admin("/servers").is_some()
+    });
+    p
+}
+
+fn sipp_available() -> bool {
+    Command::new("sipp").arg("-v").output().is_ok()
+}
+
+fn uas(port: u16) -> Proc {
+    Proc(
+        Command::new("sipp")
+            .args([
+                "-sn",
+                "uas",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-nostdin",
+                "-timeout",
+                "120",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sipp (Debian package sip-tester)"),
+    )
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs SIPp's built-in UAC through the balancer; returns (successful, failed).
+fn uac(extra: &[&str], calls: u32, rate: u32) -> (u32, u32, Output) {
+    let port = free_port().to_string();
+    let out = Command::new("sipp")
+        .args([
+            "-sn",
+            "uac",
+            "127.0.0.1:5060",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-nostdin",
+        ])
+        .args([
+            "-r",
+            &rate.to_string(),
+            "-m",
+            &calls.to_string(),
+            "-timeout",
+            "90",
+        ])
+        .args(extra)
+        .output()
+        .expect("sipp");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let count = |label: &str| {
+        text.lines()
+            .rfind(|l| l.trim_start().starts_with(label))
+            .and_then(|l| l.split('|').nth(2))
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (count("Successful call"), count("Failed call"), out)
+}
+
+fn admin(path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:8060".parse().unwrap(),
+        Duration::from_secs(1),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+}
+
+fn server_field(id: &str, field: &str) -> serde_json::Value {
+    let v = admin("/servers").expect("admin API");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap()[field]
+        .clone()
+}
+
+fn wait(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn both_up() {
+    wait(Duration::from_secs(10), "both servers up", || {
+        admin("/servers").is_some_and(|v| v.as_array().unwrap().iter().all(|s| s["state"] == "up"))
+    });
+}
+
+#[test]
+fn udp_and_tcp_calls_follow_the_scores_with_no_failure() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    // Scores 70 and 50 (FIG 8 with equal memory): shares 58.3 % / 41.7 %.
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=50%,mem=1GB");
+    let _u1 = uas(5081);
+    let _u2 = uas(5082);
+    let _lb = balancer();
+    both_up();
+    assert_eq!(server_field("s1", "score"), 70);
+    assert_eq!(server_field("s2", "score"), 50);
+
+    let (ok, failed, out) = uac(&[], 1000, 100);
+    assert_eq!(
+        (ok, failed),
+        (1000, 0),
+        "UDP: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let s1 = server_field("s1", "selected_total").as_u64().unwrap();
+    let s2 = server_field("s2", "selected_total").as_u64().unwrap();
+    assert_eq!(s1 + s2, 1000);
+    let share = s1 as f64 / 1000.0;
+    assert!(
+        (share - 70.0 / 120.0).abs() < 0.06,
+        "s1 share {share:.3}, want 0.583"
+    );
+    // Every dialog ended: the session table is empty again.
+    assert_eq!(server_field("s1", "active_calls"), 0);
+
+    let (ok, failed, out) = uac(&["-t", "t1"], 1000, 100);
+    assert_eq!(
+        (ok, failed),
+        (1000, 0),
+        "TCP: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let total = server_field("s1", "selected_total").as_u64().unwrap()
+        + server_field("s2", "selected_total").as_u64().unwrap();
+    assert_eq!(total, 2000);
+}
+
+/// A SIP server written here: answers REGISTER as told, INVITE with 200
+/// (echoing Record-Route), BYE with 200, and counts what it gets.
+struct Responder {
+    got: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Responder {
+    fn start(port: u16, register_reply: &'static str) -> Responder {
+        let sock = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, s) = (got.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(m) = sip::Message::parse(&buf[..n]) else {
+                    continue;
+                };
+                if !m.is_request() {
+                    continue;
+                }
+                let method = m.method().to_string();
+                g.lock()
+                    .unwrap()
+                    .push(format!("{method} {}", String::from_utf8_lossy(m.call_id())));
+                let mut extra: Vec<Vec<u8>> = m
+                    .headers()
+                    .filter(|h| h.name == sip::HeaderName::RecordRoute)
+                    .map(|h| [b"Record-Route: ".as_slice(), h.value].concat())
+                    .collect();
+                let (code, reason) = match method.as_str() {
+                    "ACK" => continue,
+                    "REGISTER" => {
+                        let (c, r, hdr) = match register_reply {
+                            "200" => (200, "OK", None),
+                            realm => (
+                                401,
+                                "Unauthorized",
+                                Some(format!(
+                                    "WWW-Authenticate: Digest realm=\"{realm}\", nonce=\"n\""
+                                )),
+                            ),
+                        };
+                        extra.extend(hdr.map(String::into_bytes));
+                        (c, r)
+                    }
+                    _ => (200, "OK"),
+                };
+                let refs: Vec<&[u8]> = extra.iter().map(Vec::as_slice).collect();
+                let mut out = Vec::new();
+                sip::reply::response_for(&m, code, reason, b"srv", &refs, &mut out);
+                let _ = sock.send_to(&out, peer);
+            }
+        });
+        Responder {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Ua {
+    sock: UdpSocket,
+    port: u16,
+    cseq: AtomicU32,
+}
+
+impl Ua {
+    fn new() -> Ua {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let port = sock.local_addr().unwrap().port();
+        Ua {
+            sock,
+            port,
+            cseq: AtomicU32::new(1),
+        }
+    }
+
+    fn send(&self, method: &str, call_id: &str, to_tag: Option<&str>, extra: &str) {
+        let n = self.cseq.fetch_add(1, Ordering::Relaxed);
+        let to = to_tag.map_or(String::new(), |t| format!(";tag={t}"));
+        let msg = format!(
+            "{method} sip:svc@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bK{call_id}{n};rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:ua@127.0.0.1>;tag=ua1\r\nTo: <sip:svc@127.0.0.1>{to}\r\nCall-ID: {call_id}\r\nCSeq: {n} {method}\r\n\
+Contact: <sip:ua@127.0.0.1:{p}>\r\n{extra}Content-Length: 0\r\n\r\n",
+            p = self.port
+        );
+        self.sock.send_to(msg.as_bytes(), "127.0.0.1:5060").unwrap();
+    }
+
+    fn send_raw(&self, bytes: &[u8]) {
+        self.sock.send_to(bytes, "127.0.0.1:5060").unwrap();
+    }
+
+    /// Responses received within `limit`.
+    fn responses(&self, limit: Duration) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let start = Instant::now();
+        let mut buf = vec![0u8; 65536];
+        while start.elapsed() < limit {
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                out.push(buf[..n].to_vec());
+            }
+        }
+        out
+    }
+}
+
+fn status_of(r: &[u8]) -> u16 {
+    sip::Message::parse(r)
+        .ok()
+        .and_then(|m| m.status())
+        .unwrap_or(0)
+}
+
+#[test]
+fn register_is_forked_and_merged_and_record_route_survives_a_restart() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let r1 = Responder::start(5081, "200");
+    let r2 = Responder::start(5082, "realm-b");
+    let mut lb = balancer();
+    both_up();
+    let ua = Ua::new();
+
+    // One REGISTER, both servers get it, one final response: the 2xx wins.
+    ua.send("REGISTER", "reg1", None, "Expires: 60\r\n");
+    let got = ua.responses(Duration::from_millis(800));
+    assert_eq!(
+        (r1.count("REGISTER reg1"), r2.count("REGISTER reg1")),
+        (1, 1)
+    );
+    let finals: Vec<u16> = got
+        .iter()
+        .map(|r| status_of(r))
+        .filter(|&c| c >= 200)
+        .collect();
+    assert_eq!(finals, [200]);
+
+    // A Record-Routed INVITE; then the balancer restarts; the BYE that
+    // carries our Record-Route still reaches the same server.
+    ua.send("INVITE", "call1", None, "");
+    let got = ua.responses(Duration::from_millis(500));
+    let ok = got
+        .iter()
+        .find(|r| status_of(r) == 200)
+        .expect("200 for the INVITE");
+    let m = sip::Message::parse(ok).unwrap();
+    let rr = m.record_routes().next().expect("our Record-Route").unwrap();
+    let sb = String::from_utf8_lossy(rr.uri.param(b"sb").flatten().unwrap()).into_owned();
+    let route = String::from_utf8_lossy(rr.raw).into_owned();
+    let (first, other) = if r1.count("INVITE call1") == 1 {
+        (&r1, &r2)
+    } else {
+        (&r2, &r1)
+    };
+    assert_eq!(first.count("INVITE call1"), 1);
+    assert!(
+        sb.starts_with(if std::ptr::eq(first, &r1) {
+            "s1."
+        } else {
+            "s2."
+        }),
+        "{sb}"
+    );
+
+    drop(std::mem::replace(
+        &mut lb,
+        Proc(Command::new("true").spawn().unwrap()),
+    ));
+    let _lb2 = balancer();
+    both_up();
+    ua.send("BYE", "call1", Some("srv"), &format!("Route: {route}\r\n"));
+    let got = ua.responses(Duration::from_millis(500));
+    assert!(got.iter().any(|r| status_of(r) == 200), "BYE answered");
+    assert_eq!((first.count("BYE call1"), other.count("BYE call1")), (1, 0));
+
+    // A forged signature is refused, never forwarded.
+    let forged = route.replace(&sb[3..], "0000000000000000");
+    ua.send("BYE", "call1", Some("srv"), &format!("Route: {forged}\r\n"));
+    let got = ua.responses(Duration::from_millis(500));
+    assert_eq!(got.iter().map(|r| status_of(r)).collect::<Vec<_>>(), [403]);
+    assert_eq!(first.count("BYE call1") + other.count("BYE call1"), 1);
+}
+
+#[test]
+fn register_challenges_are_combined() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let _r1 = Responder::start(5081, "realm-a");
+    let _r2 = Responder::start(5082, "realm-b");
+    let _lb = balancer();
+    both_up();
+    let ua = Ua::new();
+    ua.send("REGISTER", "reg2", None, "Expires: 60\r\n");
+    let got = ua.responses(Duration::from_millis(800));
+    assert_eq!(got.len(), 1, "one final response");
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(text.starts_with("SIP/2.0 401"), "{text}");
+    assert!(
+        text.contains("realm=\"realm-a\"") && text.contains("realm=\"realm-b\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_stopped_agent_takes_its_server_out_and_bad_input_gets_answers_while_calls_flow() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    let a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let _u1 = uas(5081);
+    let _u2 = uas(5082);
+    let _lb = balancer();
+    both_up();
+    drop(a1);
+    wait(Duration::from_secs(5), "s1 down", || {
+        server_field("s1", "state") == "down"
+    });
+    let before = server_field("s1", "selected_total");
+
+    // Calls keep flowing while bad input arrives.
+    let calls = std::thread::spawn(|| uac(&[], 400, 100));
+    std::thread::sleep(Duration::from_millis(500));
+    let ua = Ua::new();
+    ua.send_raw(b"hello, not SIP at all");
+    ua.send_raw(b"INVITE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKbad\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: bad1\r\nCSeq: 99999999999 INVITE\r\n\r\n");
+    ua.send("OPTIONS", "mf0", None, "");
+    let zeromf = std::fs::read(root().join("crates/sip/tests/rfc4475/invalid/zeromf.sip")).unwrap();
+    ua.send_raw(&zeromf);
+    // A Max-Forwards: 0 request built by us goes back to our own socket.
+    ua.send_raw(
+        format!(
+            "OPTIONS sip:svc@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKmf0\r\nMax-Forwards: 0\r\n\
+From: <sip:ua@x>;tag=1\r\nTo: <sip:svc@x>\r\nCall-ID: mf0b\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            ua.port
+        )
+        .as_bytes(),
+    );
+    let got = ua.responses(Duration::from_millis(800));
+    let codes: Vec<u16> = got.iter().map(|r| status_of(r)).collect();
+    assert_eq!(
+        codes.iter().filter(|&&c| c == 483).count(),
+        2,
+        "483 for both Max-Forwards 0: {codes:?}"
+    );
+    // The broken INVITE's 400 copies what it had: its Via and its (broken) CSeq.
+    let bad = got
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .find(|r| r.starts_with("SIP/2.0 400"));
+    let bad = bad.expect("a 400 for the broken INVITE");
+    assert!(
+        bad.contains("invalid CSeq") && bad.contains("branch=z9hG4bKbad"),
+        "{bad}"
+    );
+    // A truncated TCP stream: half a message, then the connection closes.
+    {
+        use std::io::Write;
+        let mut t = std::net::TcpStream::connect("127.0.0.1:5060").unwrap();
+        t.write_all(b"INVITE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKt\r\nContent-Le").unwrap();
+    }
+    let (ok, failed, out) = calls.join().unwrap();
+    assert_eq!(
+        (ok, failed),
+        (400, 0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        server_field("s1", "selected_total"),
+        before,
+        "no new call to the server whose agent stopped"
+    );
+    assert_eq!(server_field("s2", "state"), "up");
+}
