@@ -537,3 +537,140 @@ From: <sip:ua@x>;tag=1\r\nTo: <sip:svc@x>\r\nCall-ID: mf0b\r\nCSeq: 1 OPTIONS\r\
     );
     assert_eq!(server_field("s2", "state"), "up");
 }
+
+fn http(method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect("127.0.0.1:8060").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    let code = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (
+        code,
+        r.split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_owned()),
+    )
+}
+
+#[test]
+fn drain_scoring_metrics_reload_and_graceful_stop() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    // A copy of the example config we can edit for the reload.
+    let dir = std::env::temp_dir().join(format!("siplb-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("lb.toml");
+    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
+    let key = root().join("examples/agent.key");
+    let cfg = example.replace(
+        "key_file = \"agent.key\"",
+        &format!("key_file = \"{}\"", key.display()),
+    );
+    std::fs::write(&cfg_path, &cfg).unwrap();
+
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let _u1 = uas(5081);
+    let _u2 = uas(5082);
+    let mut lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
+    wait(Duration::from_secs(10), "admin API", || {
+        admin("/servers").is_some()
+    });
+    both_up();
+
+    // Drained: no new calls.
+    assert_eq!(http("POST", "/servers/s1/drain", "").0, 200);
+    assert_eq!(server_field("s1", "state"), "drained");
+    assert_eq!(http("POST", "/servers/nope/drain", "").0, 404);
+    let (ok, failed, _) = uac(&[], 100, 100);
+    assert_eq!((ok, failed), (100, 0));
+    assert_eq!(server_field("s1", "selected_total"), 0);
+    assert_eq!(server_field("s2", "selected_total"), 100);
+    assert_eq!(http("POST", "/servers/s1/undrain", "").0, 200);
+
+    // Scoring changes live; a bad value names its field and changes nothing.
+    let (code, body) = http("PUT", "/scoring", r#"{"w_mem": 0}"#);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(server_field("s1", "score"), 90);
+    let (code, body) = http("PUT", "/scoring", r#"{"cpu_max": 7}"#);
+    assert_eq!(code, 400);
+    assert!(body.contains("cpu_max"), "{body}");
+
+    // Metrics in Prometheus text.
+    let (code, metrics) = http("GET", "/metrics", "");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("siplb_requests_total{method=\"INVITE\"} 100"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("siplb_selected_total{server=\"s2\"} 100"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("siplb_responses_total{code=\"200\"}"),
+        "{metrics}"
+    );
+
+    // Reload: s2 removed, s1 keeps its counters; a broken file is refused.
+    std::fs::write(
+        &cfg_path,
+        cfg.replace(
+            "[[servers]]\nid = \"s2\"\naddress = \"127.0.0.1:5082\"\nagent = \"127.0.0.1:7072\"\n",
+            "",
+        ),
+    )
+    .unwrap();
+    let (code, body) = http("POST", "/reload", "");
+    assert_eq!(code, 200, "{body}");
+    let servers = admin("/servers").unwrap();
+    assert_eq!(servers.as_array().unwrap().len(), 1);
+    std::fs::write(&cfg_path, "[routing\nbroken").unwrap();
+    let (code, body) = http("POST", "/reload", "");
+    assert_eq!(code, 400);
+    assert!(body.contains("config"), "{body}");
+    // SIGHUP re-reads too: back to two servers.
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &lb.0.id().to_string()])
+        .status()
+        .unwrap();
+    wait(Duration::from_secs(5), "two servers after SIGHUP", || {
+        admin("/servers").is_some_and(|v| v.as_array().unwrap().len() == 2)
+    });
+    assert_eq!(
+        server_field("s2", "selected_total"),
+        0,
+        "a re-added server starts fresh"
+    );
+
+    // SIGTERM: stops, exit 0, well within the grace period.
+    Command::new("kill")
+        .args(["-TERM", &lb.0.id().to_string()])
+        .status()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = lb.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "balancer did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
