@@ -140,6 +140,9 @@ pub struct Proxy {
     via_tcp: String,
     rr: String,
     me: std::sync::Weak<Proxy>,
+    /// A seeded generator for selection (the demo's `--seed`); production
+    /// uses the thread's generator, seeded by the OS, and takes no lock.
+    seeded: std::sync::OnceLock<Mutex<rand::rngs::StdRng>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -168,6 +171,7 @@ impl Proxy {
         let scoring = LiveScoring::new(cfg.scoring)?;
         let p = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
+            seeded: std::sync::OnceLock::new(),
             sessions: Sessions::new(cfg.max_sessions),
             scoring,
             policy: Box::new(Patent),
@@ -188,6 +192,15 @@ impl Proxy {
         });
         p.apply_servers(&p.cfg.load().servers.clone());
         Ok(p)
+    }
+
+    /// Makes selection repeatable: draws come from a generator seeded with
+    /// `seed` (for test beds; it serialises selections behind a lock).
+    pub fn seed_selection(&self, seed: u64) {
+        use rand::SeedableRng;
+        let _ = self
+            .seeded
+            .set(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)));
     }
 
     /// The configuration in force.
@@ -634,7 +647,15 @@ impl Proxy {
             facts: &facts,
             scoring: &scoring,
         };
-        let i = self.policy.select(&view, &mut rand::rng())?;
+        let i = match self.seeded.get() {
+            Some(rng) => {
+                let mut rng = rng
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.policy.select(&view, &mut *rng)?
+            }
+            None => self.policy.select(&view, &mut rand::rng())?,
+        };
         pool.servers.get(i).cloned()
     }
 

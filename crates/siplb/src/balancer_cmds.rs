@@ -119,3 +119,41 @@ pub fn status(admin: SocketAddr) -> ExitCode {
     }
     ExitCode::SUCCESS
 }
+
+/// Runs `siplb demo`.
+pub fn demo(calls: u32, seed: Option<u64>, json: bool) -> ExitCode {
+    if calls == 0 || calls > 100_000 {
+        eprintln!("siplb: --calls must be between 1 and 100000");
+        return ExitCode::from(2);
+    }
+    let seed = seed.unwrap_or_else(rand::random);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("siplb: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(testbed::demo::run(calls, seed)) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                println!("{}", testbed::demo::table(&r));
+            }
+            if r.scenarios.iter().any(|s| s.failed > 0) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("siplb: demo failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -34,6 +34,19 @@ enum Command {
         #[arg(long, default_value_t = sip::DEFAULT_MAX_SIZE)]
         max_size: usize,
     },
+    /// The patent's test bed (FIG 14) on this machine: four scenarios with FIG 15's
+    /// readings, real SIP calls through the balancer, the figure's table.
+    Demo {
+        /// Calls per scenario.
+        #[arg(long, default_value_t = 20)]
+        calls: u32,
+        /// Seed of the random selections (default: a fresh one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the load balancer: the SIP outbound proxy for a pool of SIP servers,
     /// routing each new session by performance score (config: docs/configuration.md).
     Balancer {
@@ -142,6 +155,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files, max_size } => check::run(&files, max_size),
+        Command::Demo { calls, seed, json } => balancer_cmds::demo(calls, seed, json),
         Command::Balancer { config } => {
             init_tracing();
             balancer_cmds::balancer(config)

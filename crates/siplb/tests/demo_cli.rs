@@ -1,0 +1,84 @@
+//! `siplb demo` as a new user runs it: FIG 15's scores, selections that follow
+//! them, no failed call, repeatable with a seed.
+
+use std::process::Command;
+
+fn demo(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_siplb"))
+        .arg("demo")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn fig15_scores_and_selections() {
+    let r = demo(&["--json", "--seed", "42", "--calls", "100"]);
+    let want = [[70, 78], [26, 76], [87, 17], [29, 29]];
+    let readings = [
+        [(1, 60_456), (2, 85_892)],
+        [(95, 113_420), (0, 125_549)],
+        [(2, 57_612), (88, 16_888)],
+        [(92, 101_234), (89, 95_425)],
+    ];
+    let scenarios = r["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 4);
+    for (i, s) in scenarios.iter().enumerate() {
+        assert_eq!(s["scenario"], i + 1);
+        assert_eq!(s["calls"], 100);
+        assert_eq!(s["failed"], 0, "scenario {}", i + 1);
+        let servers = s["servers"].as_array().unwrap();
+        let scores: Vec<u64> = servers
+            .iter()
+            .map(|v| v["score"].as_u64().unwrap())
+            .collect();
+        assert_eq!(scores, want[i], "scenario {}", i + 1);
+        for (k, v) in servers.iter().enumerate() {
+            assert_eq!(v["cpu_percent"], readings[i][k].0);
+            assert_eq!(v["free_memory_kb"], readings[i][k].1);
+        }
+        let sel: Vec<u64> = servers
+            .iter()
+            .map(|v| v["selected"].as_u64().unwrap())
+            .collect();
+        assert_eq!(sel.iter().sum::<u64>(), 100);
+        // Selections follow the scores: within 15 calls of the expected share
+        // (100 draws: two standard deviations are under 10).
+        let expect = 100.0 * scores[0] as f64 / (scores[0] + scores[1]) as f64;
+        assert!(
+            (sel[0] as f64 - expect).abs() <= 15.0,
+            "scenario {}: {sel:?} for scores {scores:?}",
+            i + 1
+        );
+    }
+    // The same seed gives the same selections.
+    let again = demo(&["--json", "--seed", "42", "--calls", "100"]);
+    assert_eq!(again["scenarios"], r["scenarios"]);
+}
+
+#[test]
+fn the_table_has_the_figure_columns() {
+    let out = Command::new(env!("CARGO_BIN_EXE_siplb"))
+        .args(["demo", "--seed", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for col in [
+        "Scenario",
+        "Server",
+        "CPU utilisation",
+        "Free memory (KB)",
+        "Performance score",
+        "Times selected",
+    ] {
+        assert!(text.contains(col), "{text}");
+    }
+    assert_eq!(text.matches("20 calls, 0 failed").count(), 4, "{text}");
+}
