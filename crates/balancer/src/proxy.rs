@@ -1346,8 +1346,15 @@ pub async fn tcp_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
         read_stream(p2.clone(), r, Source::TcpIn { peer, conn: id }).await;
     });
     let _ = reader.await;
+    // Dropping the registry's sender lets the writer flush what is queued
+    // (e.g. our 400/513 before the close), then end.
     proxy.tcp_in.pin().remove(&id);
-    writer.abort();
+    if tokio::time::timeout(Duration::from_secs(1), writer)
+        .await
+        .is_err()
+    {
+        debug!(%peer, "tcp writer did not finish in time");
+    }
 }
 
 /// Per-server facts map, for tests.

@@ -500,12 +500,21 @@ From: <sip:ua@x>;tag=1\r\nTo: <sip:svc@x>\r\nCall-ID: mf0b\r\nCSeq: 1 OPTIONS\r\
         )
         .as_bytes(),
     );
+    // RFC 4475's unknown scheme and unknown Proxy-Require get 416 and 420.
+    for file in ["unkscm", "bext01"] {
+        let path = root().join(format!("crates/sip/tests/rfc4475/invalid/{file}.sip"));
+        ua.send_raw(&std::fs::read(path).unwrap());
+    }
     let got = ua.responses(Duration::from_millis(800));
     let codes: Vec<u16> = got.iter().map(|r| status_of(r)).collect();
     assert_eq!(
         codes.iter().filter(|&&c| c == 483).count(),
         2,
         "483 for both Max-Forwards 0: {codes:?}"
+    );
+    assert!(
+        codes.contains(&416) && codes.contains(&420),
+        "416 and 420: {codes:?}"
     );
     // The broken INVITE's 400 copies what it had: its Via and its (broken) CSeq.
     let bad = got
@@ -517,6 +526,20 @@ From: <sip:ua@x>;tag=1\r\nTo: <sip:svc@x>\r\nCall-ID: mf0b\r\nCSeq: 1 OPTIONS\r\
         bad.contains("invalid CSeq") && bad.contains("branch=z9hG4bKbad"),
         "{bad}"
     );
+    // Over the size limit on TCP: 513, then the connection closes.
+    {
+        use std::io::{Read, Write};
+        let mut t = std::net::TcpStream::connect("127.0.0.1:5060").unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        t.write_all(
+            b"MESSAGE sip:svc@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKbig\r\n\
+From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: big1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 70000\r\n\r\n",
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = t.read_to_string(&mut answer);
+        assert!(answer.starts_with("SIP/2.0 513"), "{answer}");
+    }
     // A truncated TCP stream: half a message, then the connection closes.
     {
         use std::io::Write;
