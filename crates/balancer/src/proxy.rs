@@ -8,7 +8,6 @@
 //! from `arc-swap` snapshots and the session table from a lock-free map: no
 //! lock is taken per message.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -262,8 +261,7 @@ impl Proxy {
     pub async fn handle(&self, data: &[u8], src: Source, out: &mut Vec<u8>) {
         let cfg = self.cfg.load();
         if data.len() > cfg.max_message_size {
-            self.refuse_raw(data, 513, "Message Too Large", src, out)
-                .await;
+            self.refuse_raw(data, 513, "Message Too Large", src).await;
             return;
         }
         let transport = match src {
@@ -283,7 +281,7 @@ impl Proxy {
                         "Bad Request"
                     }
                 );
-                self.refuse_raw(data, e.status(), &reason, src, out).await;
+                self.refuse_raw(data, e.status(), &reason, src).await;
                 return;
             }
         };
@@ -308,7 +306,7 @@ impl Proxy {
         }
     }
 
-    async fn refuse_raw(&self, data: &[u8], code: u16, reason: &str, src: Source, _out: &mut [u8]) {
+    async fn refuse_raw(&self, data: &[u8], code: u16, reason: &str, src: Source) {
         match sip::reply::error_response(data, code, reason) {
             Some(resp) => {
                 self.stats.refusal(code);
@@ -442,9 +440,8 @@ impl Proxy {
         let loop_hash = self.loop_hash(msg);
         for v in msg.vias().flatten() {
             if self.is_ours(cfg, &v.host, v.port)
-                && v.branch.is_some_and(|b| {
-                    b.len() >= 15 && b.ends_with(format!("{loop_hash:08x}").as_bytes())
-                })
+                && v.branch
+                    .is_some_and(|b| b.len() >= 15 && b.ends_with(&hex8(loop_hash)))
             {
                 return self.reply(msg, 482, "Loop Detected", &[], src, out).await;
             }
@@ -493,7 +490,7 @@ impl Proxy {
             // A request from a server goes towards the user agent: the next
             // Route, else the Request-URI.
             return self
-                .forward_outward(cfg, msg, &server, pop_route, src, out)
+                .forward_outward(msg, &server, pop_route, src, out)
                 .await;
         }
 
@@ -693,40 +690,50 @@ impl Proxy {
         out: &mut Vec<u8>,
     ) {
         use std::fmt::Write;
-        let mut via = String::with_capacity(96);
-        via.push_str(match server.cfg.transport {
-            Transport::Udp => &self.via_udp,
-            Transport::Tcp => &self.via_tcp,
-        });
-        let _ = write!(via, "{:016x}", self.txn_hash(msg));
-        if let Some(i) = fork {
-            let _ = write!(via, "f{i}");
-        }
-        let _ = write!(via, "{loop_hash:08x}");
-        if let Source::TcpIn { conn, .. } = src {
-            let _ = write!(via, ";lbc={conn}");
-        }
-        let rr = record_route.then(|| format!("{}{}>", self.rr, server.sb));
         let peer = src.peer();
         let top = msg.top_via();
-        let ip = ip_text(peer.ip());
         let needs_received = top.host.ip() != Some(peer.ip()) || top.rport.is_some();
-        out.clear();
-        msg.write_edited(
-            &Edits {
-                prepend_via: Some(via.as_bytes()),
-                record_route: rr.as_deref().map(str::as_bytes),
-                remove_top_route: pop_route,
-                max_forwards: MaxForwards::Decrement,
-                received: needs_received.then_some(Received {
-                    received: ip.as_bytes(),
-                    rport: peer.port(),
-                }),
-                add_content_length: server.cfg.transport == Transport::Tcp,
-                ..Edits::default()
-            },
-            out,
-        );
+        // Per-thread scratch strings: no allocation per message once warm
+        // (borrowed only in this block, never across an await).
+        SCRATCH.with_borrow_mut(|(via, rr, ip)| {
+            via.clear();
+            via.push_str(match server.cfg.transport {
+                Transport::Udp => &self.via_udp,
+                Transport::Tcp => &self.via_tcp,
+            });
+            let _ = write!(via, "{:016x}", self.txn_hash(msg));
+            if let Some(i) = fork {
+                let _ = write!(via, "f{i}");
+            }
+            let _ = write!(via, "{loop_hash:08x}");
+            if let Source::TcpIn { conn, .. } = src {
+                let _ = write!(via, ";lbc={conn}");
+            }
+            rr.clear();
+            if record_route {
+                rr.push_str(&self.rr);
+                rr.push_str(&server.sb);
+                rr.push('>');
+            }
+            ip.clear();
+            let _ = write!(ip, "{}", peer.ip());
+            out.clear();
+            msg.write_edited(
+                &Edits {
+                    prepend_via: Some(via.as_bytes()),
+                    record_route: record_route.then_some(rr.as_bytes()),
+                    remove_top_route: pop_route,
+                    max_forwards: MaxForwards::Decrement,
+                    received: needs_received.then_some(Received {
+                        received: ip.as_bytes(),
+                        rport: peer.port(),
+                    }),
+                    add_content_length: server.cfg.transport == Transport::Tcp,
+                    ..Edits::default()
+                },
+                out,
+            );
+        });
         if msg.method() != Method::Ack {
             server.stats.outstanding.fetch_add(1, Ordering::Relaxed);
         }
@@ -754,7 +761,7 @@ impl Proxy {
     /// A request from a server to the UA side: next Route, else the Request-URI.
     async fn forward_outward(
         &self,
-        cfg: &Config,
+
         msg: &Message<'_>,
         server: &Arc<Server>,
         pop_route: bool,
@@ -816,7 +823,6 @@ impl Proxy {
             },
             out,
         );
-        let _ = cfg;
         if self.udp_for(dest).send_to(out, dest).await.is_err() {
             self.stats.drop(Drop::SendFailed);
         }
@@ -1247,8 +1253,10 @@ fn merge_challenges(finals: &[(u16, Vec<u8>)], chosen: usize) -> Vec<u8> {
     out
 }
 
-fn ip_text(ip: IpAddr) -> String {
-    ip.to_string()
+thread_local! {
+    /// Scratch for our Via, Record-Route and the `received` address.
+    static SCRATCH: std::cell::RefCell<(String, String, String)> =
+        std::cell::RefCell::new((String::with_capacity(128), String::with_capacity(128), String::with_capacity(48)));
 }
 
 fn host_name<'a>(h: &sip::Host<'a>) -> &'a [u8] {
@@ -1256,6 +1264,15 @@ fn host_name<'a>(h: &sip::Host<'a>) -> &'a [u8] {
         sip::Host::Name(n) => n,
         _ => b"",
     }
+}
+
+/// `n` as 8 lower-case hex digits, on the stack.
+fn hex8(n: u32) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = b"0123456789abcdef"[((n >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// The `lbc` parameter of our Via: the inbound TCP connection of the request.
@@ -1293,7 +1310,6 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(proxy: Arc<Proxy>, mut r: 
                                 e.status(),
                                 &format!("Bad Request ({e})"),
                                 src,
-                                &mut out,
                             )
                             .await;
                     }
@@ -1355,14 +1371,4 @@ pub async fn tcp_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
     {
         debug!(%peer, "tcp writer did not finish in time");
     }
-}
-
-/// Per-server facts map, for tests.
-#[must_use]
-pub fn outstanding_by_id(p: &Proxy) -> HashMap<String, u32> {
-    p.pool()
-        .servers
-        .iter()
-        .map(|s| (s.id.to_string(), s.stats.outstanding()))
-        .collect()
 }
