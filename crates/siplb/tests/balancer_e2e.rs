@@ -248,9 +248,32 @@ impl Responder {
                     continue;
                 };
                 if !m.is_request() {
+                    g.lock()
+                        .unwrap()
+                        .push(format!("RESP {}", m.status().unwrap_or(0)));
                     continue;
                 }
                 let method = m.method().to_string();
+                if register_reply == "bounce" && method == "OPTIONS" {
+                    // A misconfigured server: sends the request straight back
+                    // to the balancer, unchanged but for its own Via.
+                    g.lock()
+                        .unwrap()
+                        .push(format!("{method} {}", String::from_utf8_lossy(m.call_id())));
+                    let mut out = Vec::new();
+                    m.write_edited(
+                        &sip::Edits {
+                            prepend_via: Some(
+                                format!("SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKbounce")
+                                    .as_bytes(),
+                            ),
+                            ..sip::Edits::default()
+                        },
+                        &mut out,
+                    );
+                    let _ = sock.send_to(&out, peer);
+                    continue;
+                }
                 g.lock()
                     .unwrap()
                     .push(format!("{method} {}", String::from_utf8_lossy(m.call_id())));
@@ -695,5 +718,112 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_request_looping_back_gets_482() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let r1 = Responder::start(5081, "bounce");
+    let r2 = Responder::start(5082, "bounce");
+    let _lb = balancer();
+    both_up();
+    let ua = Ua::new();
+    ua.send("OPTIONS", "loop1", None, "");
+    wait(Duration::from_secs(3), "482 at the bouncing server", || {
+        r1.count("RESP 482") + r2.count("RESP 482") == 1
+    });
+    // Forwarded once, refused the second time round: no storm.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r1.count("OPTIONS loop1") + r2.count("OPTIONS loop1"), 1);
+}
+
+#[test]
+fn ipv6_calls_over_udp_and_tcp() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    assert!(
+        UdpSocket::bind("[::1]:0").is_ok(),
+        "this test needs IPv6 loopback (::1)"
+    );
+    let dir = std::env::temp_dir().join(format!("siplb-v6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("v6.toml");
+    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
+    let key = root().join("examples/agent.key");
+    let cfg = example
+        .replace("listen = [\"127.0.0.1:5060\"]", "listen = [\"[::1]:5060\"]")
+        .replace("\"127.0.0.1:5081\"", "\"[::1]:5081\"")
+        .replace("\"127.0.0.1:5082\"", "\"[::1]:5082\"")
+        .replace(
+            "key_file = \"agent.key\"",
+            &format!("key_file = \"{}\"", key.display()),
+        );
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let v6uas = |port: u16| {
+        Proc(
+            Command::new("sipp")
+                .args([
+                    "-sn",
+                    "uas",
+                    "-i",
+                    "::1",
+                    "-p",
+                    &port.to_string(),
+                    "-nostdin",
+                    "-timeout",
+                    "60",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _u1 = v6uas(5081);
+    let _u2 = v6uas(5082);
+    let _lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
+    wait(Duration::from_secs(10), "admin API", || {
+        admin("/servers").is_some()
+    });
+    both_up();
+    for transport in ["u1", "t1"] {
+        let port = free_port().to_string();
+        let out = Command::new("sipp")
+            .args([
+                "-sn",
+                "uac",
+                "[::1]:5060",
+                "-i",
+                "::1",
+                "-p",
+                &port,
+                "-nostdin",
+                "-t",
+                transport,
+            ])
+            .args(["-r", "50", "-m", "100", "-timeout", "60"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let total = server_field("s1", "selected_total").as_u64().unwrap()
+        + server_field("s2", "selected_total").as_u64().unwrap();
+    assert_eq!(total, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
