@@ -113,6 +113,9 @@ struct RoutingSection {
     retry_after: u32,
     max_sessions: usize,
     session_idle_timeout: String,
+    failover_timeout: String,
+    max_attempts: u8,
+    failover_statuses: Vec<u16>,
 }
 
 impl Default for RoutingSection {
@@ -128,6 +131,9 @@ impl Default for RoutingSection {
             retry_after: 5,
             max_sessions: 100_000,
             session_idle_timeout: "1h".into(),
+            failover_timeout: "500ms".into(),
+            max_attempts: 3,
+            failover_statuses: vec![500, 503],
         }
     }
 }
@@ -248,6 +254,12 @@ pub struct Config {
     pub max_sessions: usize,
     /// A session with no message this long leaves the table.
     pub session_idle_timeout: Duration,
+    /// No response to a new INVITE within this: try another server.
+    pub failover_timeout: Duration,
+    /// Servers tried for one new INVITE, at most.
+    pub max_attempts: u8,
+    /// Final responses that make us try another server.
+    pub failover_statuses: Vec<u16>,
     /// Agent key.
     pub key: perf::Key,
     /// Agent polling.
@@ -374,6 +386,19 @@ impl Config {
         if r.max_sessions == 0 {
             return err("routing.max_sessions", "must be at least 1");
         }
+        if !(1..=16).contains(&r.max_attempts) {
+            return err("routing.max_attempts", "between 1 and 16");
+        }
+        if let Some(c) = r
+            .failover_statuses
+            .iter()
+            .find(|c| !(300..700).contains(*c))
+        {
+            return err(
+                "routing.failover_statuses",
+                format!("{c} is not a final failure status (300-699)"),
+            );
+        }
 
         let p = f.perf;
         let key_path = match &p.key_file {
@@ -466,6 +491,9 @@ impl Config {
                 "routing.session_idle_timeout",
                 &r.session_idle_timeout,
             )?,
+            failover_timeout: duration("routing.failover_timeout", &r.failover_timeout)?,
+            max_attempts: r.max_attempts,
+            failover_statuses: r.failover_statuses,
             key,
             poll,
             stale_after,

@@ -104,6 +104,15 @@ struct TcpOut {
     tx: Mutex<Option<mpsc::Sender<Bytes>>>,
 }
 
+/// What our branch says besides the transaction: a fork leg or an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Branch {
+    /// Attempt N of a (possibly failed-over) transaction; 0 writes nothing.
+    Attempt(u8),
+    /// Leg N of a forked REGISTER.
+    Fork(usize),
+}
+
 /// A REGISTER forked to several servers (RFC 3261 §16.7).
 #[derive(Debug)]
 struct Fork {
@@ -112,6 +121,27 @@ struct Fork {
     pending: usize,
     finals: Vec<(u16, Vec<u8>)>,
     done: bool,
+}
+
+/// A new session's INVITE, tried server after server (client transaction
+/// state for failover: RFC 3261 §16.7 with our own retry policy).
+#[derive(Debug)]
+struct Attempt {
+    /// The INVITE as the UA sent it.
+    request: Vec<u8>,
+    reply_to: Source,
+    tried: SmallVec<[Arc<str>; 4]>,
+    /// Attempt number, written into our branch (`a1`, `a2`...).
+    index: u8,
+    /// The current attempt got a response.
+    answered: bool,
+    /// A final response went to the UA (relayed or ours).
+    done: bool,
+    /// We answered the UA ourselves: its ACK stops here.
+    local_final: bool,
+    /// The best failure so far, our Via removed.
+    best: Option<(u16, Vec<u8>)>,
+    created: Instant,
 }
 
 /// The running balancer.
@@ -132,6 +162,7 @@ pub struct Proxy {
     tcp_in: papaya::HashMap<u64, mpsc::Sender<Bytes>>,
     next_conn: AtomicU64,
     forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
+    attempts: papaya::HashMap<u64, Arc<Mutex<Attempt>>>,
     clock: Instant,
     /// Set by SIGTERM: new sessions are refused.
     pub stopping: AtomicBool,
@@ -181,6 +212,7 @@ impl Proxy {
             tcp_in: papaya::HashMap::new(),
             next_conn: AtomicU64::new(1),
             forks: papaya::HashMap::new(),
+            attempts: papaya::HashMap::new(),
             clock: Instant::now(),
             stopping: AtomicBool::new(false),
             via_udp: format!("SIP/2.0/UDP {hostport};branch=z9hG4bK"),
@@ -531,7 +563,7 @@ impl Proxy {
                         )
                         .await;
                 }
-                match self.select(cfg, &pool) {
+                match self.select(cfg, &pool, &[]) {
                     Some(s) => {
                         new_session = true;
                         s
@@ -568,17 +600,165 @@ impl Proxy {
             debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %target.id, "selected");
         }
         let record_route = dialog && !to_tag;
+        // The INVITE transaction of a new session is ours to retry on
+        // another server (failover); its retransmissions, CANCEL and
+        // non-2xx ACK follow the current attempt.
+        let mut attempt = 0;
+        if matches!(method, Method::Invite | Method::Cancel | Method::Ack) {
+            let id = self.txn_hash(msg);
+            if new_session && method == Method::Invite {
+                self.attempts.pin().insert(
+                    id,
+                    Arc::new(Mutex::new(Attempt {
+                        request: msg.as_bytes().to_vec(),
+                        reply_to: src,
+                        tried: smallvec::smallvec![target.id.clone()],
+                        index: 0,
+                        answered: false,
+                        done: false,
+                        local_final: false,
+                        best: None,
+                        created: Instant::now(),
+                    })),
+                );
+                // We hold the transaction now: stop the UA's retransmissions.
+                self.reply(msg, 100, "Trying", &[], src, out).await;
+                self.arm_failover(id, 0, cfg.failover_timeout);
+            } else if let Some(a) = self.attempts.pin().get(&id) {
+                let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if a.local_final && method != Method::Cancel {
+                    // The ACK (or a late retransmission) of our own final response.
+                    return;
+                }
+                attempt = a.index;
+            }
+        }
         self.forward_to_server(
             msg,
             &target,
             pop_route,
             record_route,
             loop_hash,
-            None,
+            Branch::Attempt(attempt),
             src,
             out,
         )
         .await;
+    }
+
+    /// After `after`, tries the next server if attempt `index` of `id` is
+    /// still unanswered.
+    fn arm_failover(&self, id: u64, index: u8, after: Duration) {
+        if let Some(me) = self.self_arc() {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let stale = {
+                    let m = me.attempts.pin();
+                    let Some(a) = m.get(&id) else { return };
+                    let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    a.index != index || a.answered || a.done
+                };
+                if !stale {
+                    me.failover(id, "no response").await;
+                }
+            });
+        }
+    }
+
+    /// Sends the INVITE of attempt `id` to the next server not tried, or gives
+    /// the UA the best final response (or 503) when every attempt failed.
+    async fn failover(&self, id: u64, why: &str) {
+        let cfg = self.cfg.load();
+        let pool = self.pool.load();
+        let found = self.attempts.pin().get(&id).cloned();
+        let Some(a) = found else { return };
+        let (request, reply_to, next, index, give_up) = {
+            let mut a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if a.done {
+                return;
+            }
+            if let Some(last) = a.tried.last()
+                && let Some(s) = pool.by_id(last)
+            {
+                let _ =
+                    s.stats
+                        .outstanding
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some((n - 1).max(0))
+                        });
+                s.stats.failovers.fetch_add(1, Ordering::Relaxed);
+            }
+            let next = if a.tried.len() < usize::from(cfg.max_attempts) {
+                self.select(&cfg, &pool, &a.tried)
+            } else {
+                None
+            };
+            match next {
+                Some(n) => {
+                    a.tried.push(n.id.clone());
+                    a.index += 1;
+                    a.answered = false;
+                    (a.request.clone(), a.reply_to, Some(n), a.index, None)
+                }
+                None => {
+                    a.done = true;
+                    a.local_final = a.best.is_none();
+                    (a.request.clone(), a.reply_to, None, a.index, a.best.take())
+                }
+            }
+        };
+        let Ok(msg) = Message::parse(&request) else {
+            return;
+        };
+        let call_id = String::from_utf8_lossy(msg.call_id()).into_owned();
+        let mut out = Vec::with_capacity(2048);
+        match next {
+            Some(server) => {
+                info!(call_id = %call_id, server = %server.id, attempt = index, why, "failover");
+                self.sessions
+                    .reassign(msg.call_id(), server.id.clone(), self.now_ms());
+                server.stats.selected.fetch_add(1, Ordering::Relaxed);
+                let loop_hash = self.loop_hash(&msg);
+                self.forward_to_server(
+                    &msg,
+                    &server,
+                    false,
+                    true,
+                    loop_hash,
+                    Branch::Attempt(index),
+                    reply_to,
+                    &mut out,
+                )
+                .await;
+                self.arm_failover(id, index, cfg.failover_timeout);
+            }
+            None => {
+                warn!(call_id = %call_id, why, "every attempt failed");
+                self.sessions.demote(msg.call_id(), self.now_ms());
+                match give_up {
+                    Some((code, bytes)) => {
+                        self.stats.response(merge::outgoing_status(code));
+                        let mut bytes = bytes;
+                        if code == 503 {
+                            bytes[8..11].copy_from_slice(b"500");
+                        }
+                        self.send_back(reply_to, &bytes).await;
+                    }
+                    None => {
+                        let ra = format!("Retry-After: {}", cfg.retry_after);
+                        self.reply(
+                            &msg,
+                            503,
+                            "Service Unavailable (no server answered)",
+                            &[ra.as_bytes()],
+                            reply_to,
+                            &mut out,
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
     }
 
     /// A keyed hash of what stays the same when a request loops back to us
@@ -615,13 +795,16 @@ impl Proxy {
         ])
     }
 
-    fn select(&self, cfg: &Config, pool: &Pool) -> Option<Arc<Server>> {
+    fn select(&self, cfg: &Config, pool: &Pool, exclude: &[Arc<str>]) -> Option<Arc<Server>> {
         let table = self.table.load();
         let now = Instant::now();
         let inputs: SmallVec<[Input; 16]> = pool
             .servers
             .iter()
             .map(|s| {
+                if exclude.contains(&s.id) {
+                    return Input::Drained;
+                }
                 input_for(
                     table.get(&s.id),
                     s.stats.drained.load(Ordering::Relaxed),
@@ -685,7 +868,7 @@ impl Proxy {
         pop_route: bool,
         record_route: bool,
         loop_hash: u32,
-        fork: Option<usize>,
+        branch: Branch,
         src: Source,
         out: &mut Vec<u8>,
     ) {
@@ -702,8 +885,14 @@ impl Proxy {
                 Transport::Tcp => &self.via_tcp,
             });
             let _ = write!(via, "{:016x}", self.txn_hash(msg));
-            if let Some(i) = fork {
-                let _ = write!(via, "f{i}");
+            match branch {
+                Branch::Fork(i) => {
+                    let _ = write!(via, "f{i}");
+                }
+                Branch::Attempt(0) => {}
+                Branch::Attempt(n) => {
+                    let _ = write!(via, "a{n}");
+                }
             }
             let _ = write!(via, "{loop_hash:08x}");
             if let Source::TcpIn { conn, .. } = src {
@@ -850,7 +1039,16 @@ impl Proxy {
         let loop_hash = self.loop_hash(msg);
         if targets.len() == 1 {
             return self
-                .forward_to_server(msg, &targets[0], false, false, loop_hash, None, src, out)
+                .forward_to_server(
+                    msg,
+                    &targets[0],
+                    false,
+                    false,
+                    loop_hash,
+                    Branch::Attempt(0),
+                    src,
+                    out,
+                )
                 .await;
         }
         let id = self.txn_hash(msg);
@@ -872,7 +1070,7 @@ impl Proxy {
             );
         }
         for (i, s) in targets.iter().enumerate() {
-            self.forward_to_server(msg, s, false, false, loop_hash, Some(i), src, out)
+            self.forward_to_server(msg, s, false, false, loop_hash, Branch::Fork(i), src, out)
                 .await;
         }
         // Whatever has not answered by the timeout does not hold the UA up.
@@ -954,20 +1152,131 @@ impl Proxy {
         }
         let method = msg.cseq().method;
         let now = self.now_ms();
-        match (method, code) {
-            (Method::Invite, 200..=299) => self.sessions.confirm(msg.call_id(), now),
-            (Method::Invite, 300..) | (Method::Bye, 200..) => self.sessions.remove(msg.call_id()),
-            _ => {}
-        }
         // A forked REGISTER: fN in the branch.
         let hexpart = &branch[7..];
+        let h1 = u64::from_str_radix(std::str::from_utf8(&hexpart[..16]).unwrap_or("x"), 16)
+            .unwrap_or(0);
         if hexpart.len() > 24 && hexpart[16] == b'f' {
-            let id = u64::from_str_radix(std::str::from_utf8(&hexpart[..16]).unwrap_or("x"), 16)
-                .unwrap_or(0);
-            return self.fork_response(id, msg, code, out).await;
+            return self.fork_response(h1, msg, code, out).await;
+        }
+        if method == Method::Invite {
+            let index = if hexpart.len() > 25 && hexpart[16] == b'a' {
+                std::str::from_utf8(&hexpart[17..hexpart.len() - 8])
+                    .ok()
+                    .and_then(|d| d.parse::<u8>().ok())
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            let found = self.attempts.pin().get(&h1).cloned();
+            if let Some(a) = found {
+                let cfg = self.cfg.load();
+                enum Next {
+                    Relay,
+                    Drop,
+                    AckAndDrop,
+                    AckAndFailover,
+                }
+                let next = {
+                    let mut a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if index != a.index {
+                        // A late answer from a server we gave up on.
+                        if code >= 300 {
+                            Next::AckAndDrop
+                        } else {
+                            Next::Drop
+                        }
+                    } else if code < 200 {
+                        a.answered = true;
+                        Next::Relay
+                    } else if code >= 300 && !a.done && cfg.failover_statuses.contains(&code) {
+                        a.answered = true;
+                        out.clear();
+                        msg.write_edited(
+                            &Edits {
+                                remove_top_via: true,
+                                ..Edits::default()
+                            },
+                            out,
+                        );
+                        if a.best
+                            .as_ref()
+                            .is_none_or(|(c, _)| merge::best(&[*c, code]) == Some(1))
+                        {
+                            a.best = Some((code, out.clone()));
+                        }
+                        Next::AckAndFailover
+                    } else {
+                        a.answered = true;
+                        a.done = true;
+                        Next::Relay
+                    }
+                };
+                match next {
+                    Next::Relay => {}
+                    Next::Drop => {
+                        self.stats.drop(Drop::Merged);
+                        return;
+                    }
+                    Next::AckAndDrop | Next::AckAndFailover => {
+                        let request = a
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .request
+                            .clone();
+                        self.ack_final(&request, msg, src).await;
+                        if matches!(next, Next::AckAndFailover) {
+                            self.failover(h1, "failover status").await;
+                        } else {
+                            self.stats.drop(Drop::Merged);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        match (method, code) {
+            (Method::Invite, 200..=299) => self.sessions.confirm(msg.call_id(), now),
+            // The ACK of a failed INVITE must still find the server.
+            (Method::Invite, 300..) => self.sessions.demote(msg.call_id(), now),
+            (Method::Bye, 200..) => self.sessions.remove(msg.call_id()),
+            _ => {}
         }
         self.relay_response(msg, out).await;
         self.stats.response(code);
+    }
+
+    /// ACKs a non-2xx final response of our own client transaction
+    /// (RFC 3261 §17.1.1.3): same Request-URI, our Via (same branch), From,
+    /// the response's To, Call-ID, CSeq number with ACK.
+    async fn ack_final(&self, request: &[u8], resp: &Message<'_>, to: Source) {
+        let Ok(req) = Message::parse(request) else {
+            return;
+        };
+        let uri = req.request_uri().map_or(&b""[..], |u| u.raw);
+        let (Some(from), Some(to_h)) = (resp.header(HeaderName::From), resp.header(HeaderName::To))
+        else {
+            return;
+        };
+        let mut ack = Vec::with_capacity(512);
+        ack.extend_from_slice(b"ACK ");
+        ack.extend_from_slice(uri);
+        ack.extend_from_slice(b" SIP/2.0\r\nVia: ");
+        ack.extend_from_slice(resp.top_via().raw);
+        ack.extend_from_slice(b"\r\nMax-Forwards: 70\r\nFrom: ");
+        ack.extend_from_slice(from.value);
+        ack.extend_from_slice(b"\r\nTo: ");
+        ack.extend_from_slice(to_h.value);
+        ack.extend_from_slice(b"\r\nCall-ID: ");
+        ack.extend_from_slice(resp.call_id());
+        ack.extend_from_slice(
+            format!(
+                "\r\nCSeq: {} ACK\r\nContent-Length: 0\r\n\r\n",
+                resp.cseq().seq
+            )
+            .as_bytes(),
+        );
+        self.send_back(to, &ack).await;
     }
 
     /// Removes our Via and sends the response to the next one.
@@ -1097,6 +1406,11 @@ impl Proxy {
         if gone > 0 {
             debug!(gone, "idle sessions removed");
         }
+        self.attempts.pin().retain(|_, a| {
+            a.lock()
+                .map(|a| a.created.elapsed() < Duration::from_secs(64))
+                .unwrap_or(false)
+        });
         self.forks
             .pin()
             .retain(|_, f| !f.lock().map(|f| f.done).unwrap_or(true));
@@ -1157,6 +1471,7 @@ impl Proxy {
                     outstanding: s.stats.outstanding(),
                     selected_total: s.stats.selected.load(Ordering::Relaxed),
                     forwarded_total: s.stats.forwarded.load(Ordering::Relaxed),
+                    failovers_total: s.stats.failovers.load(Ordering::Relaxed),
                     error: e.and_then(|e| e.error.as_deref().map(str::to_owned)),
                 }
             })
@@ -1218,6 +1533,8 @@ pub struct ServerView {
     pub selected_total: u64,
     /// Requests forwarded here.
     pub forwarded_total: u64,
+    /// New sessions moved elsewhere after this server failed them (no answer or a failover status).
+    pub failovers_total: u64,
     /// Why the agent is down, when it is.
     pub error: Option<String>,
 }

@@ -101,7 +101,40 @@ impl Sessions {
         }
     }
 
-    /// Removes a session (BYE answered, INVITE failed).
+    /// Points a session at another server (failover of its INVITE).
+    pub fn reassign(&self, call_id: &[u8], server: Arc<str>, now_ms: u64) {
+        let m = self.map.pin();
+        if let Some(s) = m.get(call_id) {
+            let kind = s.kind;
+            m.insert(
+                call_id.into(),
+                Session {
+                    server,
+                    kind,
+                    last_ms: AtomicU64::new(now_ms),
+                },
+            );
+        }
+    }
+
+    /// Keeps a session only as long as a transaction (a failed INVITE: its
+    /// ACK must still reach the server; then it goes).
+    pub fn demote(&self, call_id: &[u8], now_ms: u64) {
+        let m = self.map.pin();
+        if let Some(s) = m.get(call_id) {
+            let server = s.server.clone();
+            m.insert(
+                call_id.into(),
+                Session {
+                    server,
+                    kind: Kind::Transaction,
+                    last_ms: AtomicU64::new(now_ms),
+                },
+            );
+        }
+    }
+
+    /// Removes a session (BYE answered).
     pub fn remove(&self, call_id: &[u8]) {
         if self.map.pin().remove(call_id).is_some() {
             self.len.fetch_sub(1, Ordering::Relaxed);

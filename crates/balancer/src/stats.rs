@@ -180,6 +180,8 @@ pub struct ServerStats {
     pub outstanding: AtomicI64,
     /// Taken out by an operator.
     pub drained: AtomicBool,
+    /// New sessions moved to another server after this one failed them.
+    pub failovers: AtomicU64,
 }
 
 impl ServerStats {

@@ -284,6 +284,7 @@ impl Responder {
                     .collect();
                 let (code, reason) = match method.as_str() {
                     "ACK" => continue,
+                    "INVITE" if register_reply == "invite503" => (503, "Service Unavailable"),
                     "REGISTER" => {
                         let (c, r, hdr) = match register_reply {
                             "200" => (200, "OK", None),
@@ -826,4 +827,50 @@ fn ipv6_calls_over_udp_and_tcp() {
         + server_field("s2", "selected_total").as_u64().unwrap();
     assert_eq!(total, 200);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_dead_server_or_a_503_costs_no_call() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    // s1's agent answers but nothing listens on its SIP port: every INVITE
+    // sent there times out after failover_timeout and moves to s2.
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let _u2 = uas(5082);
+    let lb = balancer();
+    both_up();
+    let (ok, failed, out) = uac(&[], 60, 20);
+    assert_eq!(
+        (ok, failed),
+        (60, 0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let moved = server_field("s1", "failovers_total").as_u64().unwrap();
+    assert!(moved > 10, "s1 was tried and failed over: {moved}");
+    assert_eq!(server_field("s2", "active_calls"), 0);
+    drop(lb);
+
+    // s1 answers every INVITE with 503: ACKed by the balancer, the call goes to s2.
+    let r1 = Responder::start(5081, "invite503");
+    let _lb = balancer();
+    both_up();
+    let (ok, failed, out) = uac(&[], 60, 20);
+    assert_eq!(
+        (ok, failed),
+        (60, 0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let tried = r1.count("INVITE");
+    assert!(tried > 10, "s1 got INVITEs: {tried}");
+    wait(Duration::from_secs(2), "every 503 ACKed", || {
+        r1.count("ACK") == tried
+    });
 }
