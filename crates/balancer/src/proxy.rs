@@ -805,12 +805,7 @@ impl Proxy {
                 if exclude.contains(&s.id) {
                     return Input::Drained;
                 }
-                input_for(
-                    table.get(&s.id),
-                    s.stats.drained.load(Ordering::Relaxed),
-                    now,
-                    cfg.stale_after,
-                )
+                input_of(&table, s, now, cfg.stale_after)
             })
             .collect();
         let facts: SmallVec<[Facts; 16]> = pool
@@ -845,17 +840,7 @@ impl Proxy {
         let now = Instant::now();
         pool.servers
             .iter()
-            .filter(|s| {
-                matches!(
-                    input_for(
-                        table.get(&s.id),
-                        s.stats.drained.load(Ordering::Relaxed),
-                        now,
-                        cfg.stale_after
-                    ),
-                    Input::Up(_)
-                )
-            })
+            .filter(|s| matches!(input_of(&table, s, now, cfg.stale_after), Input::Up(_)))
             .cloned()
             .collect()
     }
@@ -1427,14 +1412,7 @@ impl Proxy {
         let inputs: Vec<Input> = pool
             .servers
             .iter()
-            .map(|s| {
-                input_for(
-                    table.get(&s.id),
-                    s.stats.drained.load(Ordering::Relaxed),
-                    now,
-                    cfg.stale_after,
-                )
-            })
+            .map(|s| input_of(&table, s, now, cfg.stale_after))
             .collect();
         let mut scores = vec![0u32; inputs.len()];
         crate::load::scores(&self.scoring.get(), &inputs, &mut scores);
@@ -1581,6 +1559,16 @@ fn host_name<'a>(h: &sip::Host<'a>) -> &'a [u8] {
         sip::Host::Name(n) => n,
         _ => b"",
     }
+}
+
+/// What load computation makes of a server now.
+fn input_of(table: &perf::server::Table, s: &Server, now: Instant, stale_after: Duration) -> Input {
+    input_for(
+        table.get(&s.id),
+        s.stats.drained.load(Ordering::Relaxed),
+        now,
+        stale_after,
+    )
 }
 
 /// `n` as 8 lower-case hex digits, on the stack.

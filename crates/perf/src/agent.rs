@@ -242,16 +242,7 @@ where
     .map_err(|_| Error::Timeout(cfg.handshake_timeout))??;
 
     // Reading lines is not cancel-safe, so it has its own task.
-    let (line_tx, mut lines) = tokio::sync::mpsc::channel(4);
-    let reader = tokio::spawn(async move {
-        loop {
-            let m = r.next().await;
-            let end = !matches!(m, Ok(Some(_)));
-            if line_tx.send(m).await.is_err() || end {
-                break;
-            }
-        }
-    });
+    let (reader, mut lines) = protocol::spawn_reader(r);
     let result = async {
         loop {
             tokio::select! {

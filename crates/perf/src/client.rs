@@ -8,7 +8,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::error::Error;
@@ -120,16 +119,7 @@ async fn session<C: Connector>(
     }
     // Reading is not cancel-safe: a task reads, the loop below races the
     // channel (which is) against the poll schedule and the reply deadline.
-    let (tx, mut rx) = mpsc::channel(8);
-    let reader = tokio::spawn(async move {
-        loop {
-            let m = r.next().await;
-            let end = !matches!(m, Ok(Some(_)));
-            if tx.send(m).await.is_err() || end {
-                break;
-            }
-        }
-    });
+    let (reader, mut rx) = protocol::spawn_reader(r);
     let mut id = 0u64;
     let mut next_poll = Instant::now();
     let mut waiting: Option<(u64, Instant)> = None;

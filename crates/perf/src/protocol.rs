@@ -255,6 +255,32 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 }
 
+/// Reads messages in a task of its own and hands them over a channel:
+/// [`LineReader::next`] is not cancel-safe, a channel receive is, so the
+/// caller can race it against timers. The stream of items ends after the
+/// first error or end of stream.
+pub fn spawn_reader<R>(
+    mut r: LineReader<R>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::Receiver<Result<Option<Msg>>>,
+)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let task = tokio::spawn(async move {
+        loop {
+            let m = r.next().await;
+            let end = !matches!(m, Ok(Some(_)));
+            if tx.send(m).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    (task, rx)
+}
+
 /// Writes one message as one line.
 ///
 /// # Errors

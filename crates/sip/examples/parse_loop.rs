@@ -6,27 +6,8 @@
 
 use sip::{Edits, MaxForwards, Message, Received};
 
-/// A typical INVITE as a softphone sends it: 600 bytes with SDP.
-const INVITE: &[u8] = b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n\
-Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK776asdhds;rport\r\n\
-Max-Forwards: 70\r\n\
-To: Bob <sip:bob@biloxi.example.com>\r\n\
-From: Alice <sip:alice@atlanta.example.com>;tag=1928301774\r\n\
-Call-ID: a84b4c76e66710@pc33.atlanta.example.com\r\n\
-CSeq: 314159 INVITE\r\n\
-Contact: <sip:alice@192.0.2.10:5060>\r\n\
-User-Agent: softphone/1.0\r\n\
-Allow: INVITE, ACK, CANCEL, BYE, OPTIONS\r\n\
-Content-Type: application/sdp\r\n\
-Content-Length: 139\r\n\
-\r\n\
-v=0\r\n\
-o=alice 2890844526 2890844526 IN IP4 192.0.2.10\r\n\
-s=-\r\n\
-c=IN IP4 192.0.2.10\r\n\
-t=0 0\r\n\
-m=audio 49170 RTP/AVP 0 8 97\r\n\
-a=rtpmap:0 PCMU/8000\r\n";
+/// The benchmark's INVITE (crates/sip/benches/invite.sip).
+const INVITE: &[u8] = include_bytes!("../benches/invite.sip");
 
 fn main() {
     let mut args = std::env::args().skip(1);
