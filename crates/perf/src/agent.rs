@@ -125,10 +125,15 @@ pub async fn run(
         let notice_tx = notice_tx.clone();
         tokio::spawn(async move {
             let start = Instant::now();
-            let mut tick = tokio::time::interval(cfg.interval);
+            // A baseline reading first (CPU is a difference of counters), so
+            // the first sample covers a whole interval; until then `get`
+            // answers with no sample.
+            let _ = collector.read(Duration::ZERO);
+            let mut last_end = SystemTime::now();
+            let first = tokio::time::Instant::now() + cfg.interval;
+            let mut tick = tokio::time::interval_at(first, cfg.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut notifier = Notifier::default();
-            let mut last_end = SystemTime::now();
             let mut seq = 0;
             loop {
                 tick.tick().await;
