@@ -1176,14 +1176,7 @@ impl Proxy {
                         Next::Relay
                     } else if code >= 300 && !a.done && cfg.failover_statuses.contains(&code) {
                         a.answered = true;
-                        out.clear();
-                        msg.write_edited(
-                            &Edits {
-                                remove_top_via: true,
-                                ..Edits::default()
-                            },
-                            out,
-                        );
+                        without_top_via(msg, out);
                         if a.best
                             .as_ref()
                             .is_none_or(|(c, _)| merge::best(&[*c, code]) == Some(1))
@@ -1267,14 +1260,7 @@ impl Proxy {
     /// Removes our Via and sends the response to the next one.
     async fn relay_response(&self, msg: &Message<'_>, out: &mut Vec<u8>) {
         let conn = lbc(msg.top_via().raw);
-        out.clear();
-        msg.write_edited(
-            &Edits {
-                remove_top_via: true,
-                ..Edits::default()
-            },
-            out,
-        );
+        without_top_via(msg, out);
         if let Some(conn) = conn {
             if !self.send_tcp_in(conn, out) {
                 self.stats.drop(Drop::NoRoute);
@@ -1345,14 +1331,7 @@ impl Proxy {
                 None
             } else {
                 f.pending = f.pending.saturating_sub(1);
-                out.clear();
-                msg.write_edited(
-                    &Edits {
-                        remove_top_via: true,
-                        ..Edits::default()
-                    },
-                    out,
-                );
+                without_top_via(msg, out);
                 if (200..300).contains(&code) {
                     f.done = true;
                     Some(f.reply_to)
@@ -1559,6 +1538,18 @@ fn host_name<'a>(h: &sip::Host<'a>) -> &'a [u8] {
         sip::Host::Name(n) => n,
         _ => b"",
     }
+}
+
+/// The response with our Via removed, into `out` (what goes back to the UA).
+fn without_top_via(msg: &Message<'_>, out: &mut Vec<u8>) {
+    out.clear();
+    msg.write_edited(
+        &Edits {
+            remove_top_via: true,
+            ..Edits::default()
+        },
+        out,
+    );
 }
 
 /// What load computation makes of a server now.
