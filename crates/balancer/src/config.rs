@@ -116,6 +116,7 @@ struct RoutingSection {
     failover_timeout: String,
     max_attempts: u8,
     failover_statuses: Vec<u16>,
+    health: Health,
 }
 
 impl Default for RoutingSection {
@@ -134,6 +135,7 @@ impl Default for RoutingSection {
             failover_timeout: "500ms".into(),
             max_attempts: 3,
             failover_statuses: vec![500, 503],
+            health: Health::Both,
         }
     }
 }
@@ -185,6 +187,27 @@ struct ServerSection {
     #[serde(default = "udp")]
     transport: Transport,
     agent: Option<String>,
+    probe: Option<String>,
+    #[serde(default = "two")]
+    probe_failures: u32,
+    #[serde(default = "two")]
+    probe_successes: u32,
+}
+
+fn two() -> u32 {
+    2
+}
+
+/// Which health signals decide that a server is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// The agent answers.
+    Agent,
+    /// SIP OPTIONS probes are answered (servers without `probe` count as up).
+    Probe,
+    /// Both (a server without `probe` is judged by its agent alone).
+    Both,
 }
 
 fn udp() -> Transport {
@@ -219,6 +242,12 @@ pub struct ServerConfig {
     pub transport: Transport,
     /// Its agent, `host:port`.
     pub agent: String,
+    /// SIP OPTIONS probe interval; `None`: not probed.
+    pub probe: Option<Duration>,
+    /// Consecutive unanswered probes that mark it down.
+    pub probe_failures: u32,
+    /// Consecutive answered probes that mark it up again.
+    pub probe_successes: u32,
 }
 
 /// The checked runtime configuration.
@@ -260,6 +289,8 @@ pub struct Config {
     pub max_attempts: u8,
     /// Final responses that make us try another server.
     pub failover_statuses: Vec<u16>,
+    /// Which signals decide up/down.
+    pub health: Health,
     /// Agent key.
     pub key: perf::Key,
     /// Agent polling.
@@ -450,11 +481,30 @@ impl Config {
                     "required: the patent's policy scores a server by its agent's data",
                 );
             };
+            let probe = match &sv.probe {
+                Some(p) => {
+                    let d = duration(&field("probe"), p)?;
+                    if d < Duration::from_millis(100) {
+                        return err(field("probe"), "at least 100ms");
+                    }
+                    Some(d)
+                }
+                None => None,
+            };
+            if sv.probe_failures == 0 || sv.probe_successes == 0 {
+                return err(
+                    field("probe_failures"),
+                    "probe_failures and probe_successes must be at least 1",
+                );
+            }
             servers.push(ServerConfig {
                 id: sv.id.clone(),
                 address: sv.address,
                 transport: sv.transport,
                 agent,
+                probe,
+                probe_failures: sv.probe_failures,
+                probe_successes: sv.probe_successes,
             });
         }
         if servers.is_empty() {
@@ -494,6 +544,7 @@ impl Config {
             failover_timeout: duration("routing.failover_timeout", &r.failover_timeout)?,
             max_attempts: r.max_attempts,
             failover_statuses: r.failover_statuses,
+            health: r.health,
             key,
             poll,
             stale_after,

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::affinity::Signer;
-use crate::config::{Config, OnNoServer, RegisterMode, ServerConfig, Transport};
+use crate::config::{Config, Health, OnNoServer, RegisterMode, ServerConfig, Transport};
 use crate::load::Input;
 use crate::merge;
 use crate::query::{LiveScoring, input_for};
@@ -805,7 +805,7 @@ impl Proxy {
                 if exclude.contains(&s.id) {
                     return Input::Drained;
                 }
-                input_of(&table, s, now, cfg.stale_after)
+                input_of(&table, s, now, cfg)
             })
             .collect();
         let facts: SmallVec<[Facts; 16]> = pool
@@ -840,7 +840,7 @@ impl Proxy {
         let now = Instant::now();
         pool.servers
             .iter()
-            .filter(|s| matches!(input_of(&table, s, now, cfg.stale_after), Input::Up(_)))
+            .filter(|s| matches!(input_of(&table, s, now, cfg), Input::Up(_)))
             .cloned()
             .collect()
     }
@@ -1121,6 +1121,16 @@ impl Proxy {
             return;
         }
         let pool = self.pool.load();
+        // The answer to one of our OPTIONS probes: any status means alive.
+        let hexpart = &branch[7..];
+        if hexpart.len() == 25 && hexpart[16] == b'p' {
+            let seq = u64::from_str_radix(std::str::from_utf8(&hexpart[..16]).unwrap_or("x"), 16)
+                .unwrap_or(0);
+            if let Some(s) = pool.by_addr(src.peer()) {
+                s.stats.probe_answered.fetch_max(seq, Ordering::Relaxed);
+            }
+            return;
+        }
         let from = match src {
             Source::TcpServer { peer } | Source::Udp { peer, .. } => pool.by_addr(peer).cloned(),
             Source::TcpIn { .. } => None,
@@ -1138,7 +1148,6 @@ impl Proxy {
         let method = msg.cseq().method;
         let now = self.now_ms();
         // A forked REGISTER: fN in the branch.
-        let hexpart = &branch[7..];
         let h1 = u64::from_str_radix(std::str::from_utf8(&hexpart[..16]).unwrap_or("x"), 16)
             .unwrap_or(0);
         if hexpart.len() > 24 && hexpart[16] == b'f' {
@@ -1361,6 +1370,67 @@ impl Proxy {
         (id, rx)
     }
 
+    /// One round of SIP OPTIONS probing (call every 100 ms): judges the last
+    /// probe of each probed server that is due, and sends the next.
+    pub async fn probe_round(&self, due: &mut std::collections::HashMap<Arc<str>, Instant>) {
+        let pool = self.pool.load();
+        let now = Instant::now();
+        for s in &pool.servers {
+            let Some(every) = s.cfg.probe else { continue };
+            let next = due.entry(s.id.clone()).or_insert(now);
+            if now < *next {
+                continue;
+            }
+            *next = now + every;
+            let st = &s.stats;
+            let sent = st.probe_sent.load(Ordering::Relaxed);
+            if sent > 0 {
+                let ok = st.probe_answered.load(Ordering::Relaxed) >= sent;
+                let down = st.probe_down.load(Ordering::Relaxed);
+                if ok == down {
+                    // A result against the current state: count it.
+                    let streak = st.probe_streak.fetch_add(1, Ordering::Relaxed) + 1;
+                    let needed = if down {
+                        s.cfg.probe_successes
+                    } else {
+                        s.cfg.probe_failures
+                    };
+                    if streak >= u64::from(needed) {
+                        st.probe_down.store(!down, Ordering::Relaxed);
+                        st.probe_streak.store(0, Ordering::Relaxed);
+                        if down {
+                            info!(server = %s.id, "OPTIONS probe: up");
+                        } else {
+                            warn!(server = %s.id, unanswered = streak, "OPTIONS probe: down");
+                        }
+                    }
+                } else {
+                    st.probe_streak.store(0, Ordering::Relaxed);
+                }
+            }
+            let seq = sent + 1;
+            st.probe_sent.store(seq, Ordering::Relaxed);
+            let cfg = self.cfg.load();
+            let host = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
+            let probe = format!(
+                "OPTIONS sip:{addr} SIP/2.0\r\nVia: SIP/2.0/{t} {host};branch=z9hG4bK{seq:016x}p00000000\r\n\
+                 Max-Forwards: 70\r\nFrom: <sip:siplb@{host}>;tag=probe\r\nTo: <sip:{addr}>\r\n\
+                 Call-ID: probe-{id}-{seq}@{host}\r\nCSeq: {seq} OPTIONS\r\nContent-Length: 0\r\n\r\n",
+                addr = s.cfg.address,
+                t = s.cfg.transport.via_name(),
+                id = s.id,
+            );
+            let _ = match s.cfg.transport {
+                Transport::Udp => self
+                    .udp_for(s.cfg.address)
+                    .send_to(probe.as_bytes(), s.cfg.address)
+                    .await
+                    .is_ok(),
+                Transport::Tcp => self.send_tcp_server(s, probe.as_bytes()),
+            };
+        }
+    }
+
     /// Periodic housekeeping: idle sessions, finished forks.
     pub fn sweep(&self) {
         let cfg = self.cfg.load();
@@ -1391,7 +1461,7 @@ impl Proxy {
         let inputs: Vec<Input> = pool
             .servers
             .iter()
-            .map(|s| input_of(&table, s, now, cfg.stale_after))
+            .map(|s| input_of(&table, s, now, &cfg))
             .collect();
         let mut scores = vec![0u32; inputs.len()];
         crate::load::scores(&self.scoring.get(), &inputs, &mut scores);
@@ -1429,6 +1499,25 @@ impl Proxy {
                     selected_total: s.stats.selected.load(Ordering::Relaxed),
                     forwarded_total: s.stats.forwarded.load(Ordering::Relaxed),
                     failovers_total: s.stats.failovers.load(Ordering::Relaxed),
+                    probe_state: match (s.cfg.probe, s.stats.probe_down.load(Ordering::Relaxed)) {
+                        (None, _) => "off",
+                        (Some(_), false) => "up",
+                        (Some(_), true) => "down",
+                    }
+                    .into(),
+                    down_by: {
+                        let agent = e.is_none_or(|e| e.state != perf::AgentState::Up)
+                            && cfg.health != Health::Probe;
+                        let probe = s.cfg.probe.is_some()
+                            && s.stats.probe_down.load(Ordering::Relaxed)
+                            && cfg.health != Health::Agent;
+                        match (agent, probe) {
+                            (true, true) => Some("agent+probe".into()),
+                            (true, false) => Some("agent".into()),
+                            (false, true) => Some("probe".into()),
+                            (false, false) => None,
+                        }
+                    },
                     error: e.and_then(|e| e.error.as_deref().map(str::to_owned)),
                 }
             })
@@ -1492,6 +1581,10 @@ pub struct ServerView {
     pub forwarded_total: u64,
     /// New sessions moved elsewhere after this server failed them (no answer or a failover status).
     pub failovers_total: u64,
+    /// OPTIONS probing: `off`, `up` or `down`.
+    pub probe_state: String,
+    /// Which signal says the server is down, when one does: `agent`, `probe` or `agent+probe`.
+    pub down_by: Option<String>,
     /// Why the agent is down, when it is.
     pub error: Option<String>,
 }
@@ -1552,14 +1645,26 @@ fn without_top_via(msg: &Message<'_>, out: &mut Vec<u8>) {
     );
 }
 
-/// What load computation makes of a server now.
-fn input_of(table: &perf::server::Table, s: &Server, now: Instant, stale_after: Duration) -> Input {
-    input_for(
+/// What load computation makes of a server now: its agent's data, unless
+/// drained, or down by the health signals in use (`routing.health`).
+fn input_of(table: &perf::server::Table, s: &Server, now: Instant, cfg: &Config) -> Input {
+    let input = input_for(
         table.get(&s.id),
         s.stats.drained.load(Ordering::Relaxed),
         now,
-        stale_after,
-    )
+        cfg.stale_after,
+    );
+    if input == Input::Drained {
+        return input;
+    }
+    let probed_down = s.cfg.probe.is_some() && s.stats.probe_down.load(Ordering::Relaxed);
+    match cfg.health {
+        Health::Agent => input,
+        Health::Probe | Health::Both if probed_down => Input::Down,
+        // The probe alone decides up/down; without agent data there is no score.
+        Health::Probe if input == Input::Down => Input::NoData,
+        Health::Probe | Health::Both => input,
+    }
 }
 
 /// `n` as 8 lower-case hex digits, on the stack.

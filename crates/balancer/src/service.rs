@@ -122,6 +122,17 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
     {
         let p = proxy.clone();
         tasks.spawn(async move {
+            let mut due = std::collections::HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                p.probe_round(&mut due).await;
+            }
+        });
+    }
+    {
+        let p = proxy.clone();
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;

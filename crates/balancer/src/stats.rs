@@ -182,6 +182,14 @@ pub struct ServerStats {
     pub drained: AtomicBool,
     /// New sessions moved to another server after this one failed them.
     pub failovers: AtomicU64,
+    /// The OPTIONS probe says down.
+    pub probe_down: AtomicBool,
+    /// Sequence number of the last probe sent, and of the last one answered.
+    pub probe_sent: AtomicU64,
+    /// Sequence number of the last probe answered.
+    pub probe_answered: AtomicU64,
+    /// Consecutive probe results of the same kind (failures while up, successes while down).
+    pub probe_streak: AtomicU64,
 }
 
 impl ServerStats {

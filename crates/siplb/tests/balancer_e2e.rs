@@ -874,3 +874,63 @@ fn a_dead_server_or_a_503_costs_no_call() {
         r1.count("ACK") == tried
     });
 }
+
+#[test]
+fn an_options_probe_takes_a_silent_server_out_and_back() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = std::env::temp_dir().join(format!("siplb-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("probe.toml");
+    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
+    let key = root().join("examples/agent.key");
+    let cfg = example
+        .replace(
+            "agent = \"127.0.0.1:7071\"",
+            "agent = \"127.0.0.1:7071\"\nprobe = \"200ms\"",
+        )
+        .replace(
+            "key_file = \"agent.key\"",
+            &format!("key_file = \"{}\"", key.display()),
+        );
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let r1 = Responder::start(5081, "200");
+    let _r2 = Responder::start(5082, "200");
+    let _lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
+    wait(Duration::from_secs(10), "admin API", || {
+        admin("/servers").is_some()
+    });
+    both_up();
+    assert_eq!(server_field("s1", "probe_state"), "up");
+    assert_eq!(server_field("s2", "probe_state"), "off");
+    wait(Duration::from_secs(3), "probes answered", || {
+        r1.count("OPTIONS probe-s1") >= 2
+    });
+    // Silent (its agent still answers): down after 2 unanswered probes, and the probe says so.
+    drop(r1);
+    wait(Duration::from_secs(3), "s1 down by probe", || {
+        server_field("s1", "state") == "down"
+    });
+    assert_eq!(server_field("s1", "down_by"), "probe");
+    let ua = Ua::new();
+    let before = server_field("s1", "selected_total");
+    for i in 0..10 {
+        ua.send("OPTIONS", &format!("probe-test-{i}"), None, "");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        server_field("s1", "selected_total"),
+        before,
+        "no new session to a server probed down"
+    );
+    // Answering again: up after 2 answered probes.
+    let _r1 = Responder::start(5081, "200");
+    wait(Duration::from_secs(3), "s1 up again", || {
+        server_field("s1", "state") == "up"
+    });
+    assert!(server_field("s1", "down_by").is_null());
+    let _ = std::fs::remove_dir_all(&dir);
+}

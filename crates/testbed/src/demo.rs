@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use balancer::config::{Config, OnNoServer, RegisterMode, ServerConfig, Transport};
+use balancer::config::{Config, Health, OnNoServer, RegisterMode, ServerConfig, Transport};
 use balancer::load::Scoring;
 use balancer::proxy::{Proxy, udp_loop};
 use perf::agent::AgentConfig;
@@ -118,6 +118,9 @@ async fn scenario(
             address: u.addr,
             transport: Transport::Udp,
             agent: agent_addr.to_string(),
+            probe: None,
+            probe_failures: 2,
+            probe_successes: 2,
         });
         uas.push(u);
     }
@@ -150,6 +153,7 @@ async fn scenario(
         failover_timeout: Duration::from_millis(500),
         max_attempts: 3,
         failover_statuses: vec![500, 503],
+        health: Health::Both,
         key,
         poll,
         stale_after: Duration::from_secs(2),
