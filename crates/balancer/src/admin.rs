@@ -129,6 +129,11 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         "# HELP siplb_sessions Sessions in the session table.\n# TYPE siplb_sessions gauge\nsiplb_sessions {}",
         p.sessions.len()
     );
+    let _ = writeln!(
+        o,
+        "# HELP siplb_transactions New-session INVITE transactions held for failover.\n# TYPE siplb_transactions gauge\nsiplb_transactions {}",
+        p.transactions()
+    );
     let servers = p.servers_view();
     let _ = writeln!(
         o,

@@ -624,13 +624,23 @@ impl Proxy {
                 // We hold the transaction now: stop the UA's retransmissions.
                 self.reply(msg, 100, "Trying", &[], src, out).await;
                 self.arm_failover(id, 0, cfg.failover_timeout);
-            } else if let Some(a) = self.attempts.pin().get(&id) {
-                let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if a.local_final && method != Method::Cancel {
-                    // The ACK (or a late retransmission) of our own final response.
-                    return;
+            } else {
+                let found = self.attempts.pin().get(&id).cloned();
+                if let Some(a) = found {
+                    let (local_final, index, done) = {
+                        let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        (a.local_final, a.index, a.done)
+                    };
+                    if method == Method::Ack && done {
+                        // The transaction is over once its ACK passes.
+                        self.attempts.pin().remove(&id);
+                    }
+                    if local_final && method != Method::Cancel {
+                        // The ACK (or a late retransmission) of our own final response.
+                        return;
+                    }
+                    attempt = index;
                 }
-                attempt = a.index;
             }
         }
         self.forward_to_server(
@@ -1196,9 +1206,16 @@ impl Proxy {
                     } else {
                         a.answered = true;
                         a.done = true;
+                        // Only the ACK's branch still needs this attempt (a
+                        // 2xx's ACK is a new transaction): free the rest.
+                        a.request = Vec::new();
+                        a.best = None;
                         Next::Relay
                     }
                 };
+                if (200..300).contains(&code) && matches!(next, Next::Relay) {
+                    self.attempts.pin().remove(&h1);
+                }
                 match next {
                     Next::Relay => {}
                     Next::Drop => {
@@ -1534,6 +1551,12 @@ impl Proxy {
             }
             None => false,
         }
+    }
+
+    /// New-session INVITE transactions held for failover.
+    #[must_use]
+    pub fn transactions(&self) -> usize {
+        self.attempts.len()
     }
 
     /// Requests outstanding at the servers (for a graceful stop).
