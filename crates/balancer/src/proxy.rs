@@ -163,6 +163,7 @@ pub struct Proxy {
     next_conn: AtomicU64,
     forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
     attempts: papaya::HashMap<u64, Arc<Mutex<Attempt>>>,
+    failover_timers: mpsc::UnboundedSender<(Instant, u64, u8)>,
     clock: Instant,
     /// Set by SIGTERM: new sessions are refused.
     pub stopping: AtomicBool,
@@ -199,6 +200,7 @@ impl Proxy {
         let signer = Signer::new(&cfg.secret);
         let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
         let scoring = LiveScoring::new(cfg.scoring)?;
+        let (timers_tx, timers_rx) = mpsc::unbounded_channel();
         let p = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
             seeded: std::sync::OnceLock::new(),
@@ -213,6 +215,7 @@ impl Proxy {
             next_conn: AtomicU64::new(1),
             forks: papaya::HashMap::new(),
             attempts: papaya::HashMap::new(),
+            failover_timers: timers_tx,
             clock: Instant::now(),
             stopping: AtomicBool::new(false),
             via_udp: format!("SIP/2.0/UDP {hostport};branch=z9hG4bK"),
@@ -222,6 +225,7 @@ impl Proxy {
             cfg: ArcSwap::from_pointee(cfg),
         });
         p.apply_servers(&p.cfg.load().servers.clone());
+        tokio::spawn(Proxy::failover_timer(Arc::downgrade(&p), timers_rx));
         Ok(p)
     }
 
@@ -659,19 +663,30 @@ impl Proxy {
     /// After `after`, tries the next server if attempt `index` of `id` is
     /// still unanswered.
     fn arm_failover(&self, id: u64, index: u8, after: Duration) {
-        if let Some(me) = self.self_arc() {
-            tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                let stale = {
-                    let m = me.attempts.pin();
-                    let Some(a) = m.get(&id) else { return };
-                    let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    a.index != index || a.answered || a.done
-                };
-                if !stale {
-                    me.failover(id, "no response").await;
-                }
-            });
+        // One timer task serves every attempt: the deadlines come in order
+        // (same timeout), so a FIFO is a timer wheel; no task per INVITE.
+        let _ = self
+            .failover_timers
+            .send((Instant::now() + after, id, index));
+    }
+
+    /// The failover timer task: fires each deadline in turn.
+    async fn failover_timer(
+        me: std::sync::Weak<Proxy>,
+        mut rx: mpsc::UnboundedReceiver<(Instant, u64, u8)>,
+    ) {
+        while let Some((at, id, index)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            let Some(p) = me.upgrade() else { return };
+            let stale = {
+                let m = p.attempts.pin();
+                let Some(a) = m.get(&id) else { continue };
+                let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                a.index != index || a.answered || a.done
+            };
+            if !stale {
+                p.failover(id, "no response").await;
+            }
         }
     }
 
