@@ -266,7 +266,7 @@ pub fn table(r: &DemoResult) -> String {
     }
     let _ = write!(
         o,
-        "FIG 15 prints the scores 70/78, 26/76, 87/17, 29/28; the formula gives 29/29 for scenario 4 (see DESIGN notes)."
+        "FIG 15 prints the scores 70/78, 26/76, 87/17, 29/28; the formula gives 29/29 for scenario 4 (100 × (0.11 + 95,425/196,659) / 2 = 29.76), so the figure's second reading evidently differed."
     );
     o
 }
