@@ -30,6 +30,20 @@ pub fn outgoing_status(code: u16) -> u16 {
     if code == 503 { 500 } else { code }
 }
 
+/// Rewrites the status code of a response (`SIP/2.0 NNN ...`) received
+/// with `code` to [`outgoing_status`].
+pub fn set_outgoing_status(response: &mut [u8], code: u16) {
+    let out = outgoing_status(code);
+    if out != code && response.len() >= 11 {
+        let digits = [
+            b'0' + (out / 100) as u8,
+            b'0' + (out / 10 % 10) as u8,
+            b'0' + (out % 10) as u8,
+        ];
+        response[8..11].copy_from_slice(&digits);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +59,8 @@ mod tests {
         assert_eq!(best(&[500, 503]), Some(0));
         assert_eq!(outgoing_status(503), 500);
         assert_eq!(outgoing_status(401), 401);
+        let mut r = b"SIP/2.0 503 Service Unavailable\r\n".to_vec();
+        set_outgoing_status(&mut r, 503);
+        assert!(r.starts_with(b"SIP/2.0 500 "));
     }
 }

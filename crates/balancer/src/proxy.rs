@@ -764,9 +764,7 @@ impl Proxy {
                     Some((code, bytes)) => {
                         self.stats.response(merge::outgoing_status(code));
                         let mut bytes = bytes;
-                        if code == 503 {
-                            bytes[8..11].copy_from_slice(b"500");
-                        }
+                        merge::set_outgoing_status(&mut bytes, code);
                         self.send_back(reply_to, &bytes).await;
                     }
                     None => {
@@ -1630,9 +1628,7 @@ pub struct ServerView {
 fn merge_challenges(finals: &[(u16, Vec<u8>)], chosen: usize) -> Vec<u8> {
     let (code, bytes) = &finals[chosen];
     let mut out = bytes.clone();
-    if *code == 503 {
-        out[8..11].copy_from_slice(b"500");
-    }
+    merge::set_outgoing_status(&mut out, *code);
     if !matches!(code, 401 | 407) {
         return out;
     }
