@@ -135,47 +135,104 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         p.transactions()
     );
     let servers = p.servers_view();
-    let _ = writeln!(
-        o,
-        "# HELP siplb_selected_total New sessions sent to each server.\n# TYPE siplb_selected_total counter"
-    );
-    for v in &servers {
-        let _ = writeln!(
-            o,
-            "siplb_selected_total{{server=\"{}\"}} {}",
-            v.id, v.selected_total
-        );
+    type Per = fn(&crate::proxy::ServerView) -> Option<f64>;
+    let per_server: [(&str, &str, &str, Per); 11] = [
+        (
+            "siplb_selected_total",
+            "counter",
+            "New sessions sent to each server.",
+            |v| Some(v.selected_total as f64),
+        ),
+        (
+            "siplb_score",
+            "gauge",
+            "Performance score of each server.",
+            |v| Some(f64::from(v.score)),
+        ),
+        (
+            "siplb_server_up",
+            "gauge",
+            "1 when the server may take new sessions (state up).",
+            |v| Some(f64::from(u8::from(v.state == "up"))),
+        ),
+        (
+            "siplb_active_calls",
+            "gauge",
+            "Dialogs per server in the session table.",
+            |v| Some(v.active_calls as f64),
+        ),
+        (
+            "siplb_outstanding",
+            "gauge",
+            "Requests sent to each server and not yet answered.",
+            |v| Some(f64::from(v.outstanding)),
+        ),
+        (
+            "siplb_failovers_total",
+            "counter",
+            "New sessions moved away from each server after it failed them.",
+            |v| Some(v.failovers_total as f64),
+        ),
+        (
+            "siplb_failure_ratio",
+            "gauge",
+            "Failed new-session attempts / attempts over the failure window.",
+            |v| Some(v.failure_ratio),
+        ),
+        (
+            "siplb_ejected",
+            "gauge",
+            "1 while the server is ejected by outlier detection.",
+            |v| Some(f64::from(u8::from(v.ejected))),
+        ),
+        (
+            "siplb_ejections_total",
+            "counter",
+            "Outlier ejections of each server.",
+            |v| Some(v.ejections_total as f64),
+        ),
+        (
+            "siplb_weight_factor",
+            "gauge",
+            "Slow start factor of each server's weight (1: full).",
+            |v| Some(v.weight_factor),
+        ),
+        (
+            "siplb_probe_up",
+            "gauge",
+            "OPTIONS probe verdict (probed servers only): 1 up, 0 down.",
+            |v| match v.probe_state.as_str() {
+                "up" => Some(1.0),
+                "down" => Some(0.0),
+                _ => None,
+            },
+        ),
+    ];
+    for (name, kind, help, f) in per_server {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for v in &servers {
+            if let Some(x) = f(v) {
+                let _ = writeln!(o, "{name}{{server=\"{}\"}} {x}", v.id);
+            }
+        }
     }
     let _ = writeln!(
         o,
-        "# HELP siplb_score Performance score of each server.\n# TYPE siplb_score gauge"
+        "# HELP siplb_down_by Which signal says each server is down (agent, probe, outlier).\n# TYPE siplb_down_by gauge"
     );
     for v in &servers {
-        let _ = writeln!(o, "siplb_score{{server=\"{}\"}} {}", v.id, v.score);
-    }
-    let _ = writeln!(
-        o,
-        "# HELP siplb_server_up 1 when the server may take new sessions (state up).\n# TYPE siplb_server_up gauge"
-    );
-    for v in &servers {
-        let _ = writeln!(
-            o,
-            "siplb_server_up{{server=\"{}\",agent=\"{}\"}} {}",
-            v.id,
-            v.agent_state,
-            u8::from(v.state == "up")
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP siplb_active_calls Dialogs per server in the session table.\n# TYPE siplb_active_calls gauge"
-    );
-    for v in &servers {
-        let _ = writeln!(
-            o,
-            "siplb_active_calls{{server=\"{}\"}} {}",
-            v.id, v.active_calls
-        );
+        for signal in ["agent", "probe", "outlier"] {
+            let on = v
+                .down_by
+                .as_deref()
+                .is_some_and(|d| d.split('+').any(|x| x == signal));
+            let _ = writeln!(
+                o,
+                "siplb_down_by{{server=\"{}\",signal=\"{signal}\"}} {}",
+                v.id,
+                u8::from(on)
+            );
+        }
     }
     ([("content-type", "text/plain; version=0.0.4")], o)
 }

@@ -117,6 +117,13 @@ struct RoutingSection {
     max_attempts: u8,
     failover_statuses: Vec<u16>,
     health: Health,
+    outlier_failures: u32,
+    ejection_time: String,
+    max_ejection_time: String,
+    max_ejected_percent: u8,
+    failure_window: String,
+    slow_start: String,
+    slow_start_floor: f64,
 }
 
 impl Default for RoutingSection {
@@ -136,6 +143,13 @@ impl Default for RoutingSection {
             max_attempts: 3,
             failover_statuses: vec![500, 503],
             health: Health::Both,
+            outlier_failures: 3,
+            ejection_time: "10s".into(),
+            max_ejection_time: "300s".into(),
+            max_ejected_percent: 50,
+            failure_window: "10s".into(),
+            slow_start: "10s".into(),
+            slow_start_floor: 0.1,
         }
     }
 }
@@ -291,6 +305,8 @@ pub struct Config {
     pub failover_statuses: Vec<u16>,
     /// Which signals decide up/down.
     pub health: Health,
+    /// Outlier ejection, failure window and slow start.
+    pub outlier: crate::outlier::OutlierConfig,
     /// Agent key.
     pub key: perf::Key,
     /// Agent polling.
@@ -431,6 +447,34 @@ impl Config {
             );
         }
 
+        let outlier = crate::outlier::OutlierConfig {
+            consecutive: r.outlier_failures,
+            base_ejection: duration("routing.ejection_time", &r.ejection_time)?,
+            max_ejection: duration("routing.max_ejection_time", &r.max_ejection_time)?,
+            max_ejected_percent: r.max_ejected_percent,
+            window: duration("routing.failure_window", &r.failure_window)?,
+            slow_start: duration("routing.slow_start", &r.slow_start)?,
+            floor: r.slow_start_floor,
+        };
+        if outlier.consecutive > 0 && outlier.base_ejection.is_zero() {
+            return err("routing.ejection_time", "must be more than 0");
+        }
+        if outlier.max_ejection < outlier.base_ejection {
+            return err(
+                "routing.max_ejection_time",
+                "must be at least routing.ejection_time",
+            );
+        }
+        if outlier.max_ejected_percent > 100 {
+            return err("routing.max_ejected_percent", "between 0 and 100");
+        }
+        if !(1..=60).contains(&outlier.window.as_secs()) {
+            return err("routing.failure_window", "between 1s and 60s");
+        }
+        if !(0.0..=1.0).contains(&outlier.floor) {
+            return err("routing.slow_start_floor", "between 0 and 1");
+        }
+
         let p = f.perf;
         let key_path = match &p.key_file {
             Some(k) => resolve(base, k),
@@ -545,6 +589,7 @@ impl Config {
             max_attempts: r.max_attempts,
             failover_statuses: r.failover_statuses,
             health: r.health,
+            outlier,
             key,
             poll,
             stale_after,
@@ -638,6 +683,22 @@ agent = "127.0.0.1:7072"
             (
                 GOOD.replace("[perf]", "[perf]\npoll_interval = \"soon\""),
                 "perf.poll_interval",
+            ),
+            (
+                GOOD.replace("[routing]", "[routing]\nslow_start = \"later\""),
+                "routing.slow_start",
+            ),
+            (
+                GOOD.replace("[routing]", "[routing]\nmax_ejection_time = \"1s\""),
+                "routing.max_ejection_time",
+            ),
+            (
+                GOOD.replace("[routing]", "[routing]\nmax_ejected_percent = 101"),
+                "routing.max_ejected_percent",
+            ),
+            (
+                GOOD.replace("[routing]", "[routing]\nslow_start_floor = 1.5"),
+                "routing.slow_start_floor",
             ),
             (
                 GOOD.replace(

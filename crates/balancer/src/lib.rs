@@ -14,6 +14,7 @@ pub mod affinity;
 pub mod config;
 pub mod load;
 pub mod merge;
+pub mod outlier;
 pub mod proxy;
 pub mod query;
 pub mod select;

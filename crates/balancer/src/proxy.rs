@@ -712,6 +712,7 @@ impl Proxy {
                             Some((n - 1).max(0))
                         });
                 s.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                self.record_outcome(&pool, s, false);
             }
             let next = if a.tried.len() < usize::from(cfg.max_attempts) {
                 self.select(&cfg, &pool, &a.tried)
@@ -821,6 +822,7 @@ impl Proxy {
     fn select(&self, cfg: &Config, pool: &Pool, exclude: &[Arc<str>]) -> Option<Arc<Server>> {
         let table = self.table.load();
         let now = Instant::now();
+        let now_ms = self.now_ms();
         let inputs: SmallVec<[Input; 16]> = pool
             .servers
             .iter()
@@ -828,7 +830,7 @@ impl Proxy {
                 if exclude.contains(&s.id) {
                     return Input::Drained;
                 }
-                input_of(&table, s, now, cfg)
+                input_of(&table, s, now, now_ms, cfg)
             })
             .collect();
         let facts: SmallVec<[Facts; 16]> = pool
@@ -836,6 +838,7 @@ impl Proxy {
             .iter()
             .map(|s| Facts {
                 outstanding: s.stats.outstanding(),
+                ramp: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
                 ..Facts::default()
             })
             .collect();
@@ -861,9 +864,10 @@ impl Proxy {
     fn up_servers(&self, cfg: &Config, pool: &Pool) -> Vec<Arc<Server>> {
         let table = self.table.load();
         let now = Instant::now();
+        let now_ms = self.now_ms();
         pool.servers
             .iter()
-            .filter(|s| matches!(input_of(&table, s, now, cfg), Input::Up(_)))
+            .filter(|s| matches!(input_of(&table, s, now, now_ms, cfg), Input::Up(_)))
             .cloned()
             .collect()
     }
@@ -1204,6 +1208,9 @@ impl Proxy {
                             Next::Drop
                         }
                     } else if code < 200 {
+                        if !a.answered {
+                            self.record_attempt_success(&a);
+                        }
                         a.answered = true;
                         Next::Relay
                     } else if code >= 300 && !a.done && cfg.failover_statuses.contains(&code) {
@@ -1217,6 +1224,9 @@ impl Proxy {
                         }
                         Next::AckAndFailover
                     } else {
+                        if !a.answered {
+                            self.record_attempt_success(&a);
+                        }
                         a.answered = true;
                         a.done = true;
                         // Only the ACK's branch still needs this attempt (a
@@ -1400,6 +1410,78 @@ impl Proxy {
         (id, rx)
     }
 
+    fn record_attempt_success(&self, a: &Attempt) {
+        let pool = self.pool.load();
+        if let Some(s) = a.tried.last().and_then(|id| pool.by_id(id)) {
+            self.record_outcome(&pool, s, true);
+        }
+    }
+
+    /// Feeds one new-session attempt's outcome to the server's failure
+    /// record; ejects it after too many failures in a row (within the
+    /// pool's ejection budget).
+    fn record_outcome(&self, pool: &Pool, s: &Server, ok: bool) {
+        let cfg = self.cfg.load();
+        let now = self.now_ms();
+        let may = !ok
+            && crate::outlier::may_eject(
+                pool.servers.iter().filter(|x| x.stats.ejected(now)).count(),
+                pool.servers.len(),
+                cfg.outlier.max_ejected_percent,
+            );
+        let mut t = s
+            .stats
+            .tracker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let verdict = t.record(now, ok, &cfg.outlier, may);
+        let ratio = t.failure_ratio(now, cfg.outlier.window);
+        drop(t);
+        s.stats
+            .failure_permille
+            .store((ratio * 1000.0).round() as u32, Ordering::Relaxed);
+        if let crate::outlier::Verdict::Ejected(until) = verdict {
+            s.stats.ejected_until.store(until, Ordering::Relaxed);
+            warn!(
+                server = %s.id,
+                for_ms = until - now,
+                failures_in_a_row = cfg.outlier.consecutive,
+                "outlier: ejected"
+            );
+        }
+    }
+
+    /// One health round (call every 100 ms): refreshes the failure ratios
+    /// and starts the slow start of every server that came back.
+    pub fn health_round(&self) {
+        let cfg = self.cfg.load();
+        let pool = self.pool.load();
+        let table = self.table.load();
+        let now = Instant::now();
+        let now_ms = self.now_ms();
+        for s in &pool.servers {
+            let ratio = s
+                .stats
+                .tracker
+                .lock()
+                .map(|t| t.failure_ratio(now_ms, cfg.outlier.window))
+                .unwrap_or(0.0);
+            s.stats
+                .failure_permille
+                .store((ratio * 1000.0).round() as u32, Ordering::Relaxed);
+            let up = matches!(input_of(&table, s, now, now_ms, &cfg), Input::Up(_));
+            let was = s.stats.available.swap(up, Ordering::Relaxed);
+            // The first time up (balancer start) is no comeback: every
+            // server would ramp alike.
+            if up && !was && s.stats.ever_available.swap(true, Ordering::Relaxed) {
+                s.stats.ramp_from.store(now_ms + 1, Ordering::Relaxed);
+                if !cfg.outlier.slow_start.is_zero() {
+                    info!(server = %s.id, over_ms = cfg.outlier.slow_start.as_millis() as u64, "back: slow start");
+                }
+            }
+        }
+    }
+
     /// One round of SIP OPTIONS probing (call every 100 ms): judges the last
     /// probe of each probed server that is due, and sends the next.
     pub async fn probe_round(&self, due: &mut std::collections::HashMap<Arc<str>, Instant>) {
@@ -1487,11 +1569,12 @@ impl Proxy {
         let pool = self.pool.load();
         let table = self.table.load();
         let now = Instant::now();
+        let now_ms = self.now_ms();
         let per = self.sessions.per_server();
         let inputs: Vec<Input> = pool
             .servers
             .iter()
-            .map(|s| input_of(&table, s, now, &cfg))
+            .map(|s| input_of(&table, s, now, now_ms, &cfg))
             .collect();
         let mut scores = vec![0u32; inputs.len()];
         crate::load::scores(&self.scoring.get(), &inputs, &mut scores);
@@ -1541,13 +1624,24 @@ impl Proxy {
                         let probe = s.cfg.probe.is_some()
                             && s.stats.probe_down.load(Ordering::Relaxed)
                             && cfg.health != Health::Agent;
-                        match (agent, probe) {
-                            (true, true) => Some("agent+probe".into()),
-                            (true, false) => Some("agent".into()),
-                            (false, true) => Some("probe".into()),
-                            (false, false) => None,
-                        }
+                        let outlier = s.stats.ejected(now_ms);
+                        let by: Vec<&str> =
+                            [(agent, "agent"), (probe, "probe"), (outlier, "outlier")]
+                                .into_iter()
+                                .filter_map(|(on, name)| on.then_some(name))
+                                .collect();
+                        (!by.is_empty()).then(|| by.join("+"))
                     },
+                    failure_ratio: f64::from(s.stats.failure_permille.load(Ordering::Relaxed))
+                        / 1000.0,
+                    ejected: s.stats.ejected(now_ms),
+                    ejected_for_ms: s
+                        .stats
+                        .ejected_until
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(now_ms),
+                    ejections_total: s.stats.tracker.lock().map_or(0, |t| t.ejections),
+                    weight_factor: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
                     error: e.and_then(|e| e.error.as_deref().map(str::to_owned)),
                 }
             })
@@ -1619,8 +1713,19 @@ pub struct ServerView {
     pub failovers_total: u64,
     /// OPTIONS probing: `off`, `up` or `down`.
     pub probe_state: String,
-    /// Which signal says the server is down, when one does: `agent`, `probe` or `agent+probe`.
+    /// Which signals say the server is down, when one does: `agent`,
+    /// `probe`, `outlier`, joined by `+`.
     pub down_by: Option<String>,
+    /// Failed new-session attempts / attempts over the failure window.
+    pub failure_ratio: f64,
+    /// Ejected by outlier detection now.
+    pub ejected: bool,
+    /// Time left of the ejection, ms (0 when not ejected).
+    pub ejected_for_ms: u64,
+    /// Ejections so far.
+    pub ejections_total: u64,
+    /// Slow start factor of the weight, `slow_start_floor..=1` (1: full weight).
+    pub weight_factor: f64,
     /// Why the agent is down, when it is.
     pub error: Option<String>,
 }
@@ -1681,7 +1786,13 @@ fn without_top_via(msg: &Message<'_>, out: &mut Vec<u8>) {
 
 /// What load computation makes of a server now: its agent's data, unless
 /// drained, or down by the health signals in use (`routing.health`).
-fn input_of(table: &perf::server::Table, s: &Server, now: Instant, cfg: &Config) -> Input {
+fn input_of(
+    table: &perf::server::Table,
+    s: &Server,
+    now: Instant,
+    now_ms: u64,
+    cfg: &Config,
+) -> Input {
     let input = input_for(
         table.get(&s.id),
         s.stats.drained.load(Ordering::Relaxed),
@@ -1691,6 +1802,16 @@ fn input_of(table: &perf::server::Table, s: &Server, now: Instant, cfg: &Config)
     if input == Input::Drained {
         return input;
     }
+    if s.stats.ejected(now_ms) {
+        return Input::Down;
+    }
+    let input = match input {
+        Input::Up(mut l) => {
+            l.failure_ratio = f64::from(s.stats.failure_permille.load(Ordering::Relaxed)) / 1000.0;
+            Input::Up(l)
+        }
+        other => other,
+    };
     let probed_down = s.cfg.probe.is_some() && s.stats.probe_down.load(Ordering::Relaxed);
     match cfg.health {
         Health::Agent => input,

@@ -22,9 +22,8 @@ pub fn draw(scores: &[u32], rng: &mut (impl Rng + ?Sized)) -> Option<usize> {
     })
 }
 
-/// What the balancer knows of one server besides its agent's data; the
-/// adaptive policies use it (the patent's policy does not).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// What the balancer knows of one server besides its agent's data.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Facts {
     /// Sessions sent to the server since the end of its agent's last window.
     pub sent_since_window: u32,
@@ -32,6 +31,29 @@ pub struct Facts {
     pub outstanding: u32,
     /// Capacity in sessions per second, configured or learned, when known.
     pub capacity: Option<f64>,
+    /// Slow start factor, `floor..=1`: 1 unless the server just came back.
+    pub ramp: f64,
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Facts {
+            sent_since_window: 0,
+            outstanding: 0,
+            capacity: None,
+            ramp: 1.0,
+        }
+    }
+}
+
+/// Scales each score by its server's slow start factor (floored, so the
+/// draw stays on integers; a ramping server keeps at least 1).
+pub fn apply_ramp(scores: &mut [u32], facts: &[Facts]) {
+    for (s, f) in scores.iter_mut().zip(facts) {
+        if f.ramp < 1.0 && *s > 0 {
+            *s = ((f64::from(*s) * f.ramp) as u32).max(1);
+        }
+    }
 }
 
 /// Everything a policy sees when it picks a server for a new session.
@@ -57,7 +79,10 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
 /// Stack room for the scores of a pool this size; larger pools spill to the heap.
 pub(crate) type Scores = SmallVec<[u32; 32]>;
 
-/// The patent's policy, exactly: FIG 8 scores, FIG 6 draw.
+/// The patent's policy, exactly: FIG 8 scores, FIG 6 draw. The one
+/// addition is slow start: a server that just came back has its score scaled
+/// by its ramp factor (1 at all other times; `routing.slow_start = "0s"`
+/// turns it off).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Patent;
 
@@ -69,6 +94,7 @@ impl Policy for Patent {
     fn select(&self, view: &PoolView<'_>, rng: &mut dyn rand::RngCore) -> Option<usize> {
         let mut s: Scores = SmallVec::from_elem(0, view.inputs.len());
         scores(view.scoring, view.inputs, &mut s);
+        apply_ramp(&mut s, view.facts);
         draw(&s, rng)
     }
 }

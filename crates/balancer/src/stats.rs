@@ -1,6 +1,6 @@
 //! Counters for `/metrics` and `/servers`: atomics, no lock.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use sip::Method;
 
@@ -190,6 +190,18 @@ pub struct ServerStats {
     pub probe_answered: AtomicU64,
     /// Consecutive probe results of the same kind (failures while up, successes while down).
     pub probe_streak: AtomicU64,
+    /// Failure record of new-session attempts (outlier detection).
+    pub tracker: std::sync::Mutex<crate::outlier::Tracker>,
+    /// Ejected until this time (balancer clock, ms); 0: never ejected.
+    pub ejected_until: AtomicU64,
+    /// Failure ratio over the window, per mille (claim 9 input).
+    pub failure_permille: AtomicU32,
+    /// Slow start began at this time (balancer clock, ms) + 1; 0: none.
+    pub ramp_from: AtomicU64,
+    /// Up at the last health round.
+    pub available: AtomicBool,
+    /// Up at some health round before.
+    pub ever_available: AtomicBool,
 }
 
 impl ServerStats {
@@ -197,5 +209,17 @@ impl ServerStats {
     #[must_use]
     pub fn outstanding(&self) -> u32 {
         self.outstanding.load(Ordering::Relaxed).max(0) as u32
+    }
+
+    /// Ejected at `now_ms` (balancer clock).
+    #[must_use]
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        now_ms < self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    /// Start of the current slow start, if any.
+    #[must_use]
+    pub fn ramp_from(&self) -> Option<u64> {
+        self.ramp_from.load(Ordering::Relaxed).checked_sub(1)
     }
 }

@@ -852,9 +852,23 @@ fn a_dead_server_or_a_503_costs_no_call() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // 3 unanswered attempts in a row eject s1 (outlier detection): the
+    // calls already sent there fail over, no later call goes there.
     let moved = server_field("s1", "failovers_total").as_u64().unwrap();
-    assert!(moved > 10, "s1 was tried and failed over: {moved}");
+    assert!(moved >= 3, "s1 was tried and failed over: {moved}");
+    assert_eq!(server_field("s1", "ejected"), true);
+    assert_eq!(server_field("s1", "ejections_total"), 1);
+    assert_eq!(server_field("s1", "down_by"), "outlier");
+    assert!(server_field("s1", "failure_ratio").as_f64().unwrap() > 0.99);
+    let selected = server_field("s1", "selected_total").as_u64().unwrap();
+    assert!(selected < 20, "s1 chosen only until ejected: {selected}");
     assert_eq!(server_field("s2", "active_calls"), 0);
+    let metrics = http("GET", "/metrics", "").1;
+    assert!(
+        metrics.contains("siplb_ejected{server=\"s1\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("siplb_down_by{server=\"s1\",signal=\"outlier\"} 1"));
     drop(lb);
 
     // s1 answers every INVITE with 503: ACKed by the balancer, the call goes to s2.
@@ -869,7 +883,8 @@ fn a_dead_server_or_a_503_costs_no_call() {
         String::from_utf8_lossy(&out.stdout)
     );
     let tried = r1.count("INVITE");
-    assert!(tried > 10, "s1 got INVITEs: {tried}");
+    assert!(tried >= 3, "s1 got INVITEs: {tried}");
+    assert_eq!(server_field("s1", "ejected"), true);
     wait(Duration::from_secs(2), "every 503 ACKed", || {
         r1.count("ACK") == tried
     });
@@ -915,6 +930,16 @@ fn an_options_probe_takes_a_silent_server_out_and_back() {
         server_field("s1", "state") == "down"
     });
     assert_eq!(server_field("s1", "down_by"), "probe");
+    let metrics = http("GET", "/metrics", "").1;
+    assert!(
+        metrics.contains("siplb_probe_up{server=\"s1\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("siplb_probe_up{server=\"s2\""),
+        "s2 is not probed"
+    );
+    assert!(metrics.contains("siplb_down_by{server=\"s1\",signal=\"probe\"} 1"));
     let ua = Ua::new();
     let before = server_field("s1", "selected_total");
     for i in 0..10 {

@@ -154,6 +154,7 @@ async fn scenario(
         max_attempts: 3,
         failover_statuses: vec![500, 503],
         health: Health::Both,
+        outlier: balancer::outlier::OutlierConfig::default(),
         key,
         poll,
         stale_after: Duration::from_secs(2),
