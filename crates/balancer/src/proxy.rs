@@ -604,13 +604,13 @@ impl Proxy {
             debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %target.id, "selected");
         }
         let record_route = dialog && !to_tag;
-        // The INVITE transaction of a new session is ours to retry on
+        // The first transaction of a new session is ours to retry on
         // another server (failover); its retransmissions, CANCEL and
         // non-2xx ACK follow the current attempt.
         let mut attempt = 0;
-        if matches!(method, Method::Invite | Method::Cancel | Method::Ack) {
+        if matches!(method, Method::Cancel | Method::Ack) || fails_over(method) {
             let id = self.txn_hash(msg);
-            if new_session && method == Method::Invite {
+            if new_session && fails_over(method) {
                 self.attempts.pin().insert(
                     id,
                     Arc::new(Mutex::new(Attempt {
@@ -626,7 +626,11 @@ impl Proxy {
                     })),
                 );
                 // We hold the transaction now: stop the UA's retransmissions.
-                self.reply(msg, 100, "Trying", &[], src, out).await;
+                // (Not for non-INVITE: RFC 4320 §4.1 forbids an early 100;
+                // their retransmissions follow the current attempt.)
+                if method == Method::Invite {
+                    self.reply(msg, 100, "Trying", &[], src, out).await;
+                }
                 self.arm_failover(id, 0, cfg.failover_timeout);
             } else {
                 let found = self.attempts.pin().get(&id).cloned();
@@ -745,11 +749,15 @@ impl Proxy {
                     .reassign(msg.call_id(), server.id.clone(), self.now_ms());
                 server.stats.selected.fetch_add(1, Ordering::Relaxed);
                 let loop_hash = self.loop_hash(&msg);
+                let record_route = matches!(
+                    msg.method(),
+                    Method::Invite | Method::Subscribe | Method::Refer
+                );
                 self.forward_to_server(
                     &msg,
                     &server,
                     false,
-                    true,
+                    record_route,
                     loop_hash,
                     Branch::Attempt(index),
                     reply_to,
@@ -1180,7 +1188,7 @@ impl Proxy {
         if hexpart.len() > 24 && hexpart[16] == b'f' {
             return self.fork_response(h1, msg, code, out).await;
         }
-        if method == Method::Invite {
+        if fails_over(method) {
             let index = if hexpart.len() > 25 && hexpart[16] == b'a' {
                 std::str::from_utf8(&hexpart[17..hexpart.len() - 8])
                     .ok()
@@ -1236,7 +1244,15 @@ impl Proxy {
                         Next::Relay
                     }
                 };
-                if (200..300).contains(&code) && matches!(next, Next::Relay) {
+                // Over at a 2xx (its ACK is a new transaction), or at any
+                // final of a non-INVITE (no ACK at all) -- unless it failed
+                // over: a retransmission that crosses the final must still
+                // carry the attempt's branch, so the entry (its request
+                // freed) stays until the sweep.
+                if matches!(next, Next::Relay)
+                    && ((200..300).contains(&code) && method == Method::Invite
+                        || code >= 200 && method != Method::Invite && index == 0)
+                {
                     self.attempts.pin().remove(&h1);
                 }
                 match next {
@@ -1251,7 +1267,9 @@ impl Proxy {
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .request
                             .clone();
-                        self.ack_final(&request, msg, src).await;
+                        if method == Method::Invite {
+                            self.ack_final(&request, msg, src).await;
+                        }
                         if matches!(next, Next::AckAndFailover) {
                             self.failover(h1, "failover status").await;
                         } else {
@@ -1820,6 +1838,24 @@ fn input_of(
         Health::Probe if input == Input::Down => Input::NoData,
         Health::Probe | Health::Both => input,
     }
+}
+
+/// Requests whose first transaction a new session may retry on another
+/// server: the INVITE, and the out-of-dialog non-INVITE requests a server
+/// either did not get (no answer) or refused unprocessed (a failover
+/// status). REGISTER is forked instead; CANCEL, ACK and in-dialog requests
+/// always follow their session.
+fn fails_over(m: Method<'_>) -> bool {
+    matches!(
+        m,
+        Method::Invite
+            | Method::Subscribe
+            | Method::Refer
+            | Method::Message
+            | Method::Options
+            | Method::Publish
+            | Method::Notify
+    )
 }
 
 /// `n` as 8 lower-case hex digits, on the stack.

@@ -285,6 +285,7 @@ impl Responder {
                 let (code, reason) = match method.as_str() {
                     "ACK" => continue,
                     "INVITE" if register_reply == "invite503" => (503, "Service Unavailable"),
+                    _ if register_reply == "all503" => (503, "Service Unavailable"),
                     "REGISTER" => {
                         let (c, r, hdr) = match register_reply {
                             "200" => (200, "OK", None),
@@ -957,5 +958,74 @@ fn an_options_probe_takes_a_silent_server_out_and_back() {
         server_field("s1", "state") == "up"
     });
     assert!(server_field("s1", "down_by").is_null());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn out_of_dialog_requests_fail_over_too() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = std::env::temp_dir().join(format!("siplb-nonivite-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("lb.toml");
+    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
+    let key = root().join("examples/agent.key");
+    // Ejection off: every request that lands on s1 must fail over by itself.
+    let cfg = example
+        .replace("[routing]", "[routing]\noutlier_failures = 0")
+        .replace(
+            "key_file = \"agent.key\"",
+            &format!("key_file = \"{}\"", key.display()),
+        );
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    // s1 scores 70, s2 35: most first attempts go to s1.
+    let _a2 = agent(7072, "cpu=80%,mem=1GB");
+    let r1 = Responder::start(5081, "all503");
+    let r2 = Responder::start(5082, "200");
+    let _lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
+    wait(Duration::from_secs(10), "admin API", || {
+        admin("/servers").is_some()
+    });
+    both_up();
+    let ua = Ua::new();
+    // s1 refuses everything with 503: SUBSCRIBE and MESSAGE move to s2; the
+    // UA sees one 200 per request and never a 503 (nor a 100: RFC 4320).
+    for i in 0..10 {
+        ua.send(
+            "SUBSCRIBE",
+            &format!("sub-{i}"),
+            None,
+            "Event: presence\r\n",
+        );
+        ua.send("MESSAGE", &format!("msg-{i}"), None, "");
+    }
+    let got: Vec<u16> = ua
+        .responses(Duration::from_millis(1500))
+        .iter()
+        .map(|r| status_of(r))
+        .collect();
+    assert_eq!(got.len(), 20, "one final per request: {got:?}");
+    assert!(got.iter().all(|&c| c == 200), "{got:?}");
+    let refused = r1.count("SUBSCRIBE") + r1.count("MESSAGE");
+    assert!(refused > 0, "s1 was tried");
+    assert_eq!(r2.count("SUBSCRIBE") + r2.count("MESSAGE"), 20);
+    assert_eq!(r1.count("ACK"), 0, "no ACK for a non-INVITE");
+    // s1 silent: a request sent there gets no answer within
+    // failover_timeout and moves to s2.
+    drop(r1);
+    let before = server_field("s1", "failovers_total").as_u64().unwrap();
+    for i in 0..10 {
+        ua.send("MESSAGE", &format!("silent-{i}"), None, "");
+    }
+    let got: Vec<u16> = ua
+        .responses(Duration::from_millis(2000))
+        .iter()
+        .map(|r| status_of(r))
+        .collect();
+    assert_eq!(got, vec![200; 10]);
+    assert!(before >= refused as u64);
+    assert!(server_field("s1", "failovers_total").as_u64().unwrap() > before);
     let _ = std::fs::remove_dir_all(&dir);
 }
