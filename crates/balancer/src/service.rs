@@ -99,6 +99,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
 
     let admin_addr = cfg.admin;
     let proxy = Proxy::new(cfg, udp.clone(), table).map_err(|e| e.to_string())?;
+    wait_for_first_data(&proxy).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..udp.len() {
         tasks.spawn(udp_loop(proxy.clone(), i));
@@ -206,4 +207,39 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
     tasks.abort_all();
     drop(perf_server);
     Ok(())
+}
+
+/// Waits (bounded by the agent timeout + 1 s) until every server's agent has
+/// answered or failed once. A balancer (re)started under load would
+/// otherwise refuse the first new calls for lack of data; meanwhile the
+/// sockets are bound and the kernel holds datagrams and connections.
+async fn wait_for_first_data(proxy: &Proxy) {
+    let cfg = proxy.config();
+    let start = tokio::time::Instant::now();
+    let limit = cfg.poll.timeout + Duration::from_secs(1);
+    loop {
+        let table = proxy.table.load();
+        let ready = cfg.servers.iter().all(|s| {
+            table.get(&s.id).is_some_and(|e| match e.state {
+                perf::AgentState::Up => e.sample.is_some(),
+                perf::AgentState::Down => true,
+                perf::AgentState::Connecting => false,
+            })
+        });
+        if ready {
+            info!(
+                after_ms = start.elapsed().as_millis() as u64,
+                "agents answered: serving SIP"
+            );
+            return;
+        }
+        if start.elapsed() >= limit {
+            warn!(
+                after_ms = limit.as_millis() as u64,
+                "not every agent answered: serving SIP anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

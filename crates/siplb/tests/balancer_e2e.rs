@@ -1029,3 +1029,70 @@ fn out_of_dialog_requests_fail_over_too() {
     assert!(server_field("s1", "failovers_total").as_u64().unwrap() > before);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// bench/kill.py in short: 200 calls/s for 8 s with calls held 500 ms; one
+/// part of the pool killed (or hung) at 2 s and back at 5 s. The script
+/// fails when more calls fail than the mode allows: none with an agent
+/// killed or hung or the balancer restarted (in-dialog requests find their
+/// server by our Record-Route), only calls the killed server had answered
+/// when the server is killed.
+fn kill_run(mode: &str) {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    let out = Command::new("python3")
+        .arg(root().join("bench/kill.py"))
+        .args(["--mode", mode, "--rate", "200", "--seconds", "8"])
+        .args(["--kill-at", "2", "--back-at", "5", "--hold", "500"])
+        .args(["--siplb", env!("CARGO_BIN_EXE_siplb"), "--json"])
+        .output()
+        .expect("python3 runs bench/kill.py");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        last["successful"].as_u64().unwrap() + last["failed"].as_u64().unwrap(),
+        1600,
+        "{text}"
+    );
+    if mode != "server" {
+        assert_eq!(last["failed"], 0, "{text}");
+    }
+    if mode != "balancer" {
+        // Out means out: no new call goes to s1 while its agent is dead or
+        // hung, or while it is ejected after its SIP port died.
+        assert_eq!(last["s1_while_out"], 0, "{text}");
+    }
+    if mode == "agent" || mode == "hang" {
+        // Back (ramping from the slow-start floor) once its agent answers.
+        assert!(last["s1_after_back"].as_u64().unwrap() > 0, "{text}");
+    }
+}
+
+#[test]
+fn kill_a_server_under_load() {
+    kill_run("server");
+}
+
+#[test]
+fn kill_an_agent_under_load() {
+    kill_run("agent");
+}
+
+#[test]
+fn hang_an_agent_under_load() {
+    kill_run("hang");
+}
+
+#[test]
+fn restart_the_balancer_under_load() {
+    kill_run("balancer");
+}
