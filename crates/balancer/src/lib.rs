@@ -15,11 +15,13 @@ pub mod config;
 pub mod load;
 pub mod merge;
 pub mod outlier;
+pub mod policy;
 pub mod proxy;
 pub mod query;
 pub mod select;
 pub mod service;
 pub mod sessions;
+pub mod sim;
 pub mod stats;
 
 pub use load::{Input, Load, MemMin, Scoring, ScoringError};

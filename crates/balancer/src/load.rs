@@ -145,12 +145,41 @@ fn eligible(s: &Scoring, input: &Input) -> Option<Load> {
     let Input::Up(load) = *input else {
         return None;
     };
+    (!over_threshold(s, &load, load.cpu)).then_some(load)
+}
+
+/// Whether a server with this load (its CPU taken as `cpu`) is past `C_max`
+/// or below `M_min`.
+#[must_use]
+pub fn over_threshold(s: &Scoring, load: &Load, cpu: f64) -> bool {
     let mem_min = match s.mem_min {
         MemMin::Bytes(b) => b as f64,
         MemMin::Percent(p) => load.mem_total.map_or(0.0, |t| t as f64 * p / 100.0),
     };
-    (load.cpu.is_finite() && load.cpu <= s.cpu_max && load.mem_available as f64 >= mem_min)
-        .then_some(load)
+    !(cpu.is_finite() && cpu <= s.cpu_max && load.mem_available as f64 >= mem_min)
+}
+
+/// The weighted terms of FIG 8 and claims 8-9, `0..=1` (the score before
+/// `100 x` and the floor), with CPU `cpu` and memory total `sum_mem`.
+#[must_use]
+pub fn terms(s: &Scoring, l: &Load, cpu: f64, sum_mem: f64) -> f64 {
+    let mem_share = if sum_mem > 0.0 {
+        l.mem_available as f64 / sum_mem
+    } else {
+        0.0
+    };
+    let calls = l.call_capacity.map_or(1.0, |cap| {
+        (1.0 - f64::from(l.active_calls) / f64::from(cap.max(1))).clamp(0.0, 1.0)
+    });
+    let latency = l
+        .latency_ms
+        .map_or(1.0, |ms| (1.0 - ms / s.latency_ref_ms).clamp(0.0, 1.0));
+    let v = s.w_cpu * (1.0 - cpu.clamp(0.0, 1.0))
+        + s.w_mem * mem_share
+        + s.w_calls * calls
+        + s.w_failures * (1.0 - l.failure_ratio.clamp(0.0, 1.0))
+        + s.w_latency * latency;
+    v / s.weight_sum()
 }
 
 /// Computes every server's score into `out` (same length as `inputs`).
@@ -164,31 +193,14 @@ pub fn scores(s: &Scoring, inputs: &[Input], out: &mut [u32]) {
         .filter_map(|i| eligible(s, i))
         .map(|l| l.mem_available as f64)
         .sum();
-    let w = s.weight_sum();
     for (input, o) in inputs.iter().zip(out.iter_mut()) {
         *o = match eligible(s, input) {
             None => 0,
-            Some(l) => {
-                let mem_share = if sum_mem > 0.0 {
-                    l.mem_available as f64 / sum_mem
-                } else {
-                    0.0
-                };
-                let calls = l.call_capacity.map_or(1.0, |cap| {
-                    (1.0 - f64::from(l.active_calls) / f64::from(cap.max(1))).clamp(0.0, 1.0)
-                });
-                let latency = l
-                    .latency_ms
-                    .map_or(1.0, |ms| (1.0 - ms / s.latency_ref_ms).clamp(0.0, 1.0));
-                let v = s.w_cpu * (1.0 - l.cpu.clamp(0.0, 1.0))
-                    + s.w_mem * mem_share
-                    + s.w_calls * calls
-                    + s.w_failures * (1.0 - l.failure_ratio.clamp(0.0, 1.0))
-                    + s.w_latency * latency;
-                // The epsilon keeps an exact integer (e.g. 70.0) from
-                // flooring to 69 through rounding error.
-                (100.0 * v / w + 1e-9).floor().clamp(0.0, 100.0) as u32
-            }
+            // The epsilon keeps an exact integer (e.g. 70.0) from
+            // flooring to 69 through rounding error.
+            Some(l) => (100.0 * terms(s, &l, l.cpu, sum_mem) + 1e-9)
+                .floor()
+                .clamp(0.0, 100.0) as u32,
         };
     }
 }

@@ -27,6 +27,9 @@ pub fn draw(scores: &[u32], rng: &mut (impl Rng + ?Sized)) -> Option<usize> {
 pub struct Facts {
     /// Sessions sent to the server since the end of its agent's last window.
     pub sent_since_window: u32,
+    /// Seconds from the end of the agent's last window to now, and the
+    /// window's length, when the sample carries them.
+    pub window: Option<(f64, f64)>,
     /// Transactions sent to the server and not yet answered.
     pub outstanding: u32,
     /// Capacity in sessions per second, configured or learned, when known.
@@ -39,6 +42,7 @@ impl Default for Facts {
     fn default() -> Self {
         Facts {
             sent_since_window: 0,
+            window: None,
             outstanding: 0,
             capacity: None,
             ramp: 1.0,
