@@ -31,9 +31,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/servers/{id}/drain", post(drain))
         .route("/servers/{id}/undrain", post(undrain))
         .route("/scoring", get(get_scoring).put(put_scoring))
+        .route("/policy", get(get_policy).put(put_policy))
         .route("/reload", post(reload))
         .route("/metrics", get(metrics))
-        .route("/", get(|| async { "siplb admin: GET /servers, POST /servers/{id}/drain|undrain, GET|PUT /scoring, POST /reload, GET /metrics\n" }))
+        .route("/", get(|| async { "siplb admin: GET /servers, POST /servers/{id}/drain|undrain, GET|PUT /scoring, GET|PUT /policy, POST /reload, GET /metrics\n" }))
         .with_state(state)
 }
 
@@ -81,6 +82,37 @@ async fn put_scoring(State(s): State<Arc<AdminState>>, body: axum::body::Bytes) 
         Err(e) => (
             StatusCode::BAD_REQUEST,
             Json(json!({"error": e.to_string(), "field": e.field})),
+        )
+            .into_response(),
+    }
+}
+
+async fn get_policy(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    Json(json!({"policy": s.proxy.policy_name(), "available": crate::policy::NAMES}))
+}
+
+/// `PUT /policy` with `{"policy": "p2c"}`.
+async fn put_policy(State(s): State<Arc<AdminState>>, body: axum::body::Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        policy: String,
+    }
+    let b: Body = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
+    };
+    match s.proxy.set_policy(&b.policy) {
+        Ok(()) => Json(json!({"policy": s.proxy.policy_name()})).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": e, "field": "policy"})),
         )
             .into_response(),
     }
@@ -136,7 +168,12 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     );
     let servers = p.servers_view();
     type Per = fn(&crate::proxy::ServerView) -> Option<f64>;
-    let per_server: [(&str, &str, &str, Per); 11] = [
+    let _ = writeln!(
+        o,
+        "# HELP siplb_policy The routing policy in force (1).\n# TYPE siplb_policy gauge\nsiplb_policy{{name=\"{}\"}} 1",
+        p.policy_name()
+    );
+    let per_server: [(&str, &str, &str, Per); 12] = [
         (
             "siplb_selected_total",
             "counter",
@@ -196,6 +233,12 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
             "gauge",
             "Slow start factor of each server's weight (1: full).",
             |v| Some(v.weight_factor),
+        ),
+        (
+            "siplb_capacity",
+            "gauge",
+            "Capacity the policies use, sessions/s (configured, learned or the mean).",
+            |v| Some(v.capacity),
         ),
         (
             "siplb_probe_up",

@@ -131,7 +131,7 @@ impl Default for RoutingSection {
         RoutingSection {
             secret: None,
             secret_file: None,
-            policy: "patent".into(),
+            policy: "adaptive".into(),
             register: RegisterMode::Fork,
             registrar: None,
             register_timeout: "4s".into(),
@@ -201,6 +201,7 @@ struct ServerSection {
     #[serde(default = "udp")]
     transport: Transport,
     agent: Option<String>,
+    capacity: Option<f64>,
     probe: Option<String>,
     #[serde(default = "two")]
     probe_failures: u32,
@@ -246,7 +247,7 @@ struct FileConfig {
 }
 
 /// One SIP server of the pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Stable id (what sessions, Record-Route and counters are keyed by).
     pub id: String,
@@ -254,8 +255,10 @@ pub struct ServerConfig {
     pub address: SocketAddr,
     /// How.
     pub transport: Transport,
-    /// Its agent, `host:port`.
-    pub agent: String,
+    /// Its agent, `host:port` (optional for policies that need no agent data).
+    pub agent: Option<String>,
+    /// Sessions per second it carries at full CPU, when configured (else learned).
+    pub capacity: Option<f64>,
     /// SIP OPTIONS probe interval; `None`: not probed.
     pub probe: Option<Duration>,
     /// Consecutive unanswered probes that mark it down.
@@ -424,10 +427,14 @@ impl Config {
         if secret.len() < 16 {
             return err("routing.secret", "at least 16 bytes");
         }
-        if !["patent"].contains(&r.policy.as_str()) {
+        if !crate::policy::NAMES.contains(&r.policy.as_str()) {
             return err(
                 "routing.policy",
-                format!("'{}' is not one of: patent", r.policy),
+                format!(
+                    "'{}' is not one of: {}",
+                    r.policy,
+                    crate::policy::NAMES.join(", ")
+                ),
             );
         }
         if r.max_sessions == 0 {
@@ -519,12 +526,22 @@ impl Config {
             if servers.iter().any(|s: &ServerConfig| s.id == sv.id) {
                 return err(field("id"), format!("'{}' is used twice", sv.id));
             }
-            let Some(agent) = sv.agent.clone() else {
+            let agent = sv.agent.clone();
+            if agent.is_none() && crate::policy::needs_agents(&r.policy) {
                 return err(
                     field("agent"),
-                    "required: the patent's policy scores a server by its agent's data",
+                    format!(
+                        "required by policy '{}', which scores a server by its agent's data \
+                         (round-robin, p2c and static work without agents)",
+                        r.policy
+                    ),
                 );
-            };
+            }
+            if let Some(c) = sv.capacity
+                && !(c.is_finite() && c > 0.0)
+            {
+                return err(field("capacity"), "sessions per second, more than 0");
+            }
             let probe = match &sv.probe {
                 Some(p) => {
                     let d = duration(&field("probe"), p)?;
@@ -546,6 +563,7 @@ impl Config {
                 address: sv.address,
                 transport: sv.transport,
                 agent,
+                capacity: sv.capacity,
                 probe,
                 probe_failures: sv.probe_failures,
                 probe_successes: sv.probe_successes,
@@ -647,6 +665,20 @@ agent = "127.0.0.1:7072"
         assert_eq!(c.servers[1].transport, Transport::Tcp);
         assert_eq!(c.admin, Some("127.0.0.1:8060".parse().unwrap()));
         assert_eq!(c.register, RegisterMode::Fork);
+        assert_eq!(c.policy, "adaptive");
+        assert_eq!(c.outlier, crate::outlier::OutlierConfig::default());
+    }
+
+    #[test]
+    fn pools_without_agents_take_an_agentless_policy() {
+        let text = GOOD
+            .replace("agent = \"127.0.0.1:7072\"", "capacity = 300")
+            .replace("[routing]", "[routing]\npolicy = \"p2c\"");
+        let c = Config::parse(&text, &base()).unwrap();
+        assert_eq!(c.servers[1].agent, None);
+        assert_eq!(c.servers[1].capacity, Some(300.0));
+        let e = Config::parse(&text.replace("\"p2c\"", "\"adaptive\""), &base()).unwrap_err();
+        assert_eq!(e.field, "servers[1].agent");
     }
 
     #[test]
@@ -683,6 +715,10 @@ agent = "127.0.0.1:7072"
             (
                 GOOD.replace("[perf]", "[perf]\npoll_interval = \"soon\""),
                 "perf.poll_interval",
+            ),
+            (
+                GOOD.replace("transport = \"tcp\"", "transport = \"tcp\"\ncapacity = 0"),
+                "servers[1].capacity",
             ),
             (
                 GOOD.replace("[routing]", "[routing]\nslow_start = \"later\""),

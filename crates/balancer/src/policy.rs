@@ -23,6 +23,12 @@ use crate::select::{Facts, Patent, Policy, PoolView};
 /// Every policy name, as config and the admin API spell them.
 pub const NAMES: [&str; 5] = ["adaptive", "patent", "round-robin", "p2c", "static"];
 
+/// Whether policy `name` scores servers by their agents' data.
+#[must_use]
+pub fn needs_agents(name: &str) -> bool {
+    matches!(name, "adaptive" | "patent")
+}
+
 /// The policy called `name`.
 #[must_use]
 pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {

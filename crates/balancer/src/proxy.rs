@@ -152,7 +152,7 @@ pub struct Proxy {
     pub sessions: Sessions,
     /// Scoring parameters, live.
     pub scoring: LiveScoring,
-    policy: Box<dyn Policy>,
+    policy: ArcSwap<Box<dyn Policy>>,
     /// The performance table.
     pub table: SharedTable,
     /// Counters.
@@ -206,7 +206,9 @@ impl Proxy {
             seeded: std::sync::OnceLock::new(),
             sessions: Sessions::new(cfg.max_sessions),
             scoring,
-            policy: Box::new(Patent),
+            policy: ArcSwap::from_pointee(
+                crate::policy::by_name(&cfg.policy).unwrap_or_else(|| Box::new(Patent)),
+            ),
             table,
             stats: Stats::default(),
             pool: ArcSwap::from_pointee(Pool::default()),
@@ -285,6 +287,11 @@ impl Proxy {
             warn!(error = %e, "scoring not changed");
         }
         self.apply_servers(&new.servers);
+        if new.policy != cur.policy
+            && let Err(e) = self.set_policy(&new.policy)
+        {
+            warn!(error = %e, "policy not changed");
+        }
         info!(servers = new.servers.len(), "configuration reloaded");
         self.cfg.store(Arc::new(new));
     }
@@ -841,13 +848,33 @@ impl Proxy {
                 input_of(&table, s, now, now_ms, cfg)
             })
             .collect();
+        let caps = capacities_of(pool);
+        let wall = wall_ms();
         let facts: SmallVec<[Facts; 16]> = pool
             .servers
             .iter()
-            .map(|s| Facts {
-                outstanding: s.stats.outstanding(),
-                ramp: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
-                ..Facts::default()
+            .zip(&caps)
+            .map(|(s, &cap)| {
+                let mut f = Facts {
+                    outstanding: s.stats.outstanding(),
+                    ramp: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
+                    capacity: Some(cap),
+                    ..Facts::default()
+                };
+                // In flight since the window of the sample in use ended;
+                // only when the count is anchored to that very sample.
+                if let Some(x) = table.get(&s.id).and_then(|e| e.sample)
+                    && x.seq == s.stats.anchor_seq.load(Ordering::Relaxed)
+                {
+                    let sent = s.stats.selected.load(Ordering::Relaxed);
+                    f.sent_since_window =
+                        sent.saturating_sub(s.stats.anchor_selected.load(Ordering::Relaxed)) as u32;
+                    f.window = Some((
+                        wall.saturating_sub(x.window_end_ms) as f64 / 1000.0,
+                        f64::from(x.window_ms) / 1000.0,
+                    ));
+                }
+                f
             })
             .collect();
         let scoring = self.scoring.get();
@@ -856,14 +883,15 @@ impl Proxy {
             facts: &facts,
             scoring: &scoring,
         };
+        let policy = self.policy.load();
         let i = match self.seeded.get() {
             Some(rng) => {
                 let mut rng = rng
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                self.policy.select(&view, &mut *rng)?
+                policy.select(&view, &mut *rng)?
             }
-            None => self.policy.select(&view, &mut rand::rng())?,
+            None => policy.select(&view, &mut rand::rng())?,
         };
         pool.servers.get(i).cloned()
     }
@@ -1487,6 +1515,7 @@ impl Proxy {
             s.stats
                 .failure_permille
                 .store((ratio * 1000.0).round() as u32, Ordering::Relaxed);
+            self.track_windows(s, table.get(&s.id).and_then(|e| e.sample));
             let up = matches!(input_of(&table, s, now, now_ms, &cfg), Input::Up(_));
             let was = s.stats.available.swap(up, Ordering::Relaxed);
             // The first time up (balancer start) is no comeback: every
@@ -1498,6 +1527,78 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Keeps `selected` snapshots of `s`; on a new agent sample, anchors the
+    /// in-flight count to the end of its window and learns capacity from
+    /// the sessions sent during it.
+    fn track_windows(&self, s: &Server, sample: Option<perf::Sample>) {
+        let wall = wall_ms();
+        let selected = s.stats.selected.load(Ordering::Relaxed);
+        let mut h = s
+            .stats
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.ring.push_back((wall, selected));
+        if h.ring.len() > crate::stats::History::LEN {
+            h.ring.pop_front();
+        }
+        let Some(x) = sample else { return };
+        if x.seq == s.stats.anchor_seq.load(Ordering::Relaxed) {
+            return;
+        }
+        let end = h.selected_at(x.window_end_ms).unwrap_or(selected);
+        let start = h
+            .selected_at(x.window_end_ms.saturating_sub(u64::from(x.window_ms)))
+            .unwrap_or(end);
+        h.capacity.observe(
+            end.saturating_sub(start),
+            x.cpu,
+            f64::from(x.window_ms) / 1000.0,
+        );
+        if let Some(c) = h.capacity.value {
+            s.stats
+                .capacity_learned
+                .store(c.to_bits(), Ordering::Relaxed);
+        }
+        s.stats.anchor_selected.store(end, Ordering::Relaxed);
+        s.stats.anchor_seq.store(x.seq, Ordering::Relaxed);
+    }
+
+    /// The routing policy in force.
+    #[must_use]
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.load().name()
+    }
+
+    /// Changes the routing policy at run time.
+    ///
+    /// # Errors
+    /// An unknown name, or a policy that needs agents while a server has none.
+    pub fn set_policy(&self, name: &str) -> Result<(), String> {
+        let Some(p) = crate::policy::by_name(name) else {
+            return Err(format!(
+                "'{name}' is not one of: {}",
+                crate::policy::NAMES.join(", ")
+            ));
+        };
+        if crate::policy::needs_agents(name)
+            && let Some(s) = self
+                .pool
+                .load()
+                .servers
+                .iter()
+                .find(|s| s.cfg.agent.is_none())
+        {
+            return Err(format!(
+                "policy '{name}' needs agent data and server '{}' has no agent",
+                s.id
+            ));
+        }
+        self.policy.store(Arc::new(p));
+        info!(policy = name, "routing policy changed");
+        Ok(())
     }
 
     /// One round of SIP OPTIONS probing (call every 100 ms): judges the last
@@ -1596,10 +1697,12 @@ impl Proxy {
             .collect();
         let mut scores = vec![0u32; inputs.len()];
         crate::load::scores(&self.scoring.get(), &inputs, &mut scores);
+        let caps = capacities_of(&pool);
         pool.servers
             .iter()
             .zip(inputs.iter().zip(&scores))
-            .map(|(s, (input, &score))| {
+            .enumerate()
+            .map(|(k, (s, (input, &score)))| {
                 let e = table.get(&s.id);
                 ServerView {
                     id: s.id.to_string(),
@@ -1660,6 +1763,15 @@ impl Proxy {
                         .saturating_sub(now_ms),
                     ejections_total: s.stats.tracker.lock().map_or(0, |t| t.ejections),
                     weight_factor: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
+                    capacity: caps[k],
+                    capacity_source: if s.cfg.capacity.is_some() {
+                        "configured"
+                    } else if s.stats.capacity_learned().is_some() {
+                        "learned"
+                    } else {
+                        "mean"
+                    }
+                    .into(),
                     error: e.and_then(|e| e.error.as_deref().map(str::to_owned)),
                 }
             })
@@ -1705,8 +1817,8 @@ pub struct ServerView {
     pub address: String,
     /// `udp` or `tcp`.
     pub transport: String,
-    /// Agent address.
-    pub agent: String,
+    /// Agent address, if it has one.
+    pub agent: Option<String>,
     /// `up`, `down` or `drained`.
     pub state: String,
     /// What the agent connection says: `up`, `down`, `connecting`.
@@ -1744,6 +1856,10 @@ pub struct ServerView {
     pub ejections_total: u64,
     /// Slow start factor of the weight, `slow_start_floor..=1` (1: full weight).
     pub weight_factor: f64,
+    /// Capacity used by the policies, sessions/s (relative when nothing is known).
+    pub capacity: f64,
+    /// Where it comes from: `configured`, `learned` (from agent data), `mean` (of the others).
+    pub capacity_source: String,
     /// Why the agent is down, when it is.
     pub error: Option<String>,
 }
@@ -1856,6 +1972,26 @@ fn fails_over(m: Method<'_>) -> bool {
             | Method::Publish
             | Method::Notify
     )
+}
+
+/// Wall-clock milliseconds since the Unix epoch (agents stamp their
+/// windows with it).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Capacity per server: configured, else learned, else the mean of the others.
+fn capacities_of(pool: &Pool) -> SmallVec<[f64; 16]> {
+    let configured: SmallVec<[Option<f64>; 16]> =
+        pool.servers.iter().map(|s| s.cfg.capacity).collect();
+    let learned: SmallVec<[Option<f64>; 16]> = pool
+        .servers
+        .iter()
+        .map(|s| s.stats.capacity_learned())
+        .collect();
+    crate::policy::capacities(&configured, &learned)
 }
 
 /// `n` as 8 lower-case hex digits, on the stack.

@@ -38,9 +38,11 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 fn agent_specs(cfg: &Config) -> Vec<AgentSpec> {
     cfg.servers
         .iter()
-        .map(|s| AgentSpec {
-            id: s.id.clone(),
-            agent: s.agent.clone(),
+        .filter_map(|s| {
+            Some(AgentSpec {
+                id: s.id.clone(),
+                agent: s.agent.clone()?,
+            })
         })
         .collect()
 }
@@ -219,7 +221,7 @@ async fn wait_for_first_data(proxy: &Proxy) {
     let limit = cfg.poll.timeout + Duration::from_secs(1);
     loop {
         let table = proxy.table.load();
-        let ready = cfg.servers.iter().all(|s| {
+        let ready = cfg.servers.iter().filter(|s| s.agent.is_some()).all(|s| {
             table.get(&s.id).is_some_and(|e| match e.state {
                 perf::AgentState::Up => e.sample.is_some(),
                 perf::AgentState::Down => true,

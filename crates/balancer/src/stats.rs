@@ -202,6 +202,40 @@ pub struct ServerStats {
     pub available: AtomicBool,
     /// Up at some health round before.
     pub ever_available: AtomicBool,
+    /// Agent sample the in-flight count is anchored to (its `seq`; 0: none).
+    pub anchor_seq: AtomicU64,
+    /// `selected` at the end of that sample's window.
+    pub anchor_selected: AtomicU64,
+    /// Learned capacity, sessions/s, as f64 bits; 0: not learned.
+    pub capacity_learned: AtomicU64,
+    /// What the health round keeps to anchor counts and learn capacity.
+    pub history: std::sync::Mutex<History>,
+}
+
+/// `(wall ms, selected)` snapshots of the last seconds, and the capacity estimate.
+#[derive(Debug, Default)]
+pub struct History {
+    /// Snapshots, oldest first.
+    pub ring: std::collections::VecDeque<(u64, u64)>,
+    /// Capacity learned from the agent's windows.
+    pub capacity: crate::policy::CapacityEstimate,
+}
+
+impl History {
+    /// Snapshots kept (every 100 ms: 10 s).
+    pub const LEN: usize = 100;
+
+    /// `selected` at wall time `t`: the last snapshot at or before it (the
+    /// first one when all are later).
+    #[must_use]
+    pub fn selected_at(&self, t: u64) -> Option<u64> {
+        self.ring
+            .iter()
+            .rev()
+            .find(|(w, _)| *w <= t)
+            .or_else(|| self.ring.front())
+            .map(|&(_, n)| n)
+    }
 }
 
 impl ServerStats {
@@ -215,6 +249,13 @@ impl ServerStats {
     #[must_use]
     pub fn ejected(&self, now_ms: u64) -> bool {
         now_ms < self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    /// Learned capacity, if any.
+    #[must_use]
+    pub fn capacity_learned(&self) -> Option<f64> {
+        let v = f64::from_bits(self.capacity_learned.load(Ordering::Relaxed));
+        (v > 0.0).then_some(v)
     }
 
     /// Start of the current slow start, if any.

@@ -671,6 +671,29 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
         "{metrics}"
     );
 
+    // The policy changes live: round-robin splits 100 new calls 50/50.
+    let (code, body) = http("GET", "/policy", "");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"policy\":\"patent\""), "{body}");
+    let (code, body) = http("PUT", "/policy", r#"{"policy": "fastest"}"#);
+    assert_eq!(code, 400);
+    assert!(body.contains("round-robin"), "{body}");
+    let (code, body) = http("PUT", "/policy", r#"{"policy": "round-robin"}"#);
+    assert_eq!(code, 200, "{body}");
+    let (ok, failed, _) = uac(&[], 100, 100);
+    assert_eq!((ok, failed), (100, 0));
+    assert_eq!(server_field("s1", "selected_total"), 50);
+    assert_eq!(server_field("s2", "selected_total"), 150);
+    assert!(
+        http("GET", "/metrics", "")
+            .1
+            .contains("siplb_policy{name=\"round-robin\"} 1")
+    );
+    // Sessions per busy second from the agents' windows (synthetic CPU here).
+    assert_eq!(server_field("s1", "capacity_source"), "learned");
+    assert!(server_field("s1", "capacity").as_f64().unwrap() > 0.0);
+    assert_eq!(http("PUT", "/policy", r#"{"policy": "patent"}"#).0, 200);
+
     // Reload: s2 removed, s1 keeps its counters; a broken file is refused.
     std::fs::write(
         &cfg_path,
