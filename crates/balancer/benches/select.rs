@@ -37,3 +37,28 @@ fn patent_score_and_select(b: Bencher, n: usize) {
         Patent.select(&view, &mut rng)
     });
 }
+
+#[divan::bench(args = [2, 16, 256])]
+fn adaptive_select(b: Bencher, n: usize) {
+    let inputs = pool(n);
+    // In flight since a window that ended 200 ms ago, capacities 100-400/s.
+    let facts: Vec<Facts> = (0..n)
+        .map(|i| Facts {
+            sent_since_window: (i % 5) as u32 * 10,
+            window: Some((0.2, 0.5)),
+            outstanding: (i % 3) as u32,
+            capacity: Some(100.0 * (1 + i % 4) as f64),
+            ramp: 1.0,
+        })
+        .collect();
+    let scoring = Scoring::default();
+    let mut rng = SmallRng::seed_from_u64(1);
+    b.bench_local(|| {
+        let view = PoolView {
+            inputs: black_box(&inputs),
+            facts: &facts,
+            scoring: &scoring,
+        };
+        balancer::policy::Adaptive.select(&view, &mut rng)
+    });
+}

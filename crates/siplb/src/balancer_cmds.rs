@@ -127,16 +127,8 @@ pub fn demo(calls: u32, seed: Option<u64>, json: bool) -> ExitCode {
         return ExitCode::from(2);
     }
     let seed = seed.unwrap_or_else(rand::random);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("siplb: cannot start: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = test_bed_runtime() else {
+        return ExitCode::from(1);
     };
     match rt.block_on(testbed::demo::run(calls, seed)) {
         Ok(r) => {
@@ -156,4 +148,55 @@ pub fn demo(calls: u32, seed: Option<u64>, json: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `siplb experiment`: one run, one JSON line.
+pub fn experiment(cfg: testbed::experiment::ExperimentConfig) -> ExitCode {
+    if !(0.05..=1.2).contains(&cfg.load) {
+        eprintln!("siplb: --load must be between 0.05 and 1.2");
+        return ExitCode::from(2);
+    }
+    if !(1.0..=600.0).contains(&cfg.seconds) {
+        eprintln!("siplb: --seconds must be between 1 and 600");
+        return ExitCode::from(2);
+    }
+    if !balancer::policy::NAMES.contains(&cfg.policy.as_str()) {
+        eprintln!(
+            "siplb: --policy: '{}' is not one of: {}",
+            cfg.policy,
+            balancer::policy::NAMES.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    if !(1..=8).contains(&cfg.balancers) || !(1..=64).contains(&cfg.capacities.len()) {
+        eprintln!("siplb: --balancers must be 1-8 and --pool 1-64 servers");
+        return ExitCode::from(2);
+    }
+    if !(1.0..=1000.0).contains(&cfg.service_ms) || !(10..=60_000).contains(&cfg.poll_ms) {
+        eprintln!("siplb: --service-ms must be 1-1000 and --poll-ms 10-60000");
+        return ExitCode::from(2);
+    }
+    let Some(rt) = test_bed_runtime() else {
+        return ExitCode::from(1);
+    };
+    match rt.block_on(testbed::experiment::run(cfg)) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("siplb: experiment: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The runtime of the in-process test beds (demo, experiment): two workers.
+fn test_bed_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("siplb: cannot start: {e}"))
+        .ok()
 }

@@ -47,6 +47,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The routing policies with real SIP on loopback: built-in UAS whose answer
+    /// time grows with their load, agents reporting their busy fraction, one or
+    /// more balancers, Poisson calls; prints INVITE->200 p50/p99 and shares.
+    Experiment {
+        /// Server capacities, comma-separated (1.0 = 1000/service-ms calls/s).
+        #[arg(long, default_value = "1,0.5")]
+        pool: String,
+        /// Offered load, a fraction of the pool's capacity (0.05-1.2).
+        #[arg(long, default_value_t = 0.85)]
+        load: f64,
+        /// Agent poll period, ms.
+        #[arg(long, default_value_t = 500)]
+        poll_ms: u64,
+        /// Routing policy: adaptive, patent, round-robin, p2c, static.
+        #[arg(long, default_value = "adaptive")]
+        policy: String,
+        /// Seconds of calls (1-600).
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Balancers sharing the pool.
+        #[arg(long, default_value_t = 1)]
+        balancers: usize,
+        /// Mean service time at capacity 1.0, ms.
+        #[arg(long, default_value_t = 10.0)]
+        service_ms: f64,
+        /// Let the balancers learn capacities from agent data instead of configuring them.
+        #[arg(long)]
+        learn_capacity: bool,
+        /// Seed of arrivals and service times.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Run the load balancer: the SIP outbound proxy for a pool of SIP servers,
     /// routing each new session by performance score (config: docs/configuration.md).
     Balancer {
@@ -156,6 +188,38 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { files, max_size } => check::run(&files, max_size),
         Command::Demo { calls, seed, json } => balancer_cmds::demo(calls, seed, json),
+        Command::Experiment {
+            pool,
+            load,
+            poll_ms,
+            policy,
+            seconds,
+            balancers,
+            service_ms,
+            learn_capacity,
+            seed,
+        } => {
+            let capacities: Result<Vec<f64>, _> =
+                pool.split(',').map(|c| c.trim().parse::<f64>()).collect();
+            let capacities = match capacities {
+                Ok(c) if !c.is_empty() && c.iter().all(|x| *x > 0.0 && x.is_finite()) => c,
+                _ => {
+                    eprintln!("siplb: --pool: '{pool}' is not a list of capacities like 1,0.5");
+                    return ExitCode::from(2);
+                }
+            };
+            balancer_cmds::experiment(testbed::experiment::ExperimentConfig {
+                capacities,
+                load,
+                poll_ms,
+                policy,
+                seconds,
+                balancers,
+                service_ms,
+                configured_capacity: !learn_capacity,
+                seed,
+            })
+        }
         Command::Balancer { config } => {
             init_tracing();
             balancer_cmds::balancer(config)

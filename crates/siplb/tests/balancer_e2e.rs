@@ -62,6 +62,27 @@ fn balancer() -> Proc {
     p
 }
 
+/// examples/local.toml with `edits` (pairs of replace-this, with-that) and
+/// the agent key's absolute path, written to a fresh temp folder: (folder,
+/// file, text).
+fn edited_config(name: &str, edits: &[(&str, &str)]) -> (PathBuf, PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("siplb-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    let key = root().join("examples/agent.key");
+    let mut cfg = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
+    for (from, to) in edits {
+        assert!(cfg.contains(from), "examples/local.toml has no {from}");
+        cfg = cfg.replace(from, to);
+    }
+    cfg = cfg.replace(
+        "key_file = \"agent.key\"",
+        &format!("key_file = \"{}\"", key.display()),
+    );
+    std::fs::write(&path, &cfg).unwrap();
+    (dir, path, cfg)
+}
+
 fn sipp_available() -> bool {
     Command::new("sipp").arg("-v").output().is_ok()
 }
@@ -616,16 +637,7 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
         "SIPp is required (apt-get install sip-tester)"
     );
     // A copy of the example config we can edit for the reload.
-    let dir = std::env::temp_dir().join(format!("siplb-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg_path = dir.join("lb.toml");
-    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
-    let key = root().join("examples/agent.key");
-    let cfg = example.replace(
-        "key_file = \"agent.key\"",
-        &format!("key_file = \"{}\"", key.display()),
-    );
-    std::fs::write(&cfg_path, &cfg).unwrap();
+    let (dir, cfg_path, cfg) = edited_config("reload", &[]);
 
     let _a1 = agent(7071, "cpu=10%,mem=1GB");
     let _a2 = agent(7072, "cpu=10%,mem=1GB");
@@ -780,20 +792,14 @@ fn ipv6_calls_over_udp_and_tcp() {
         UdpSocket::bind("[::1]:0").is_ok(),
         "this test needs IPv6 loopback (::1)"
     );
-    let dir = std::env::temp_dir().join(format!("siplb-v6-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg_path = dir.join("v6.toml");
-    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
-    let key = root().join("examples/agent.key");
-    let cfg = example
-        .replace("listen = [\"127.0.0.1:5060\"]", "listen = [\"[::1]:5060\"]")
-        .replace("\"127.0.0.1:5081\"", "\"[::1]:5081\"")
-        .replace("\"127.0.0.1:5082\"", "\"[::1]:5082\"")
-        .replace(
-            "key_file = \"agent.key\"",
-            &format!("key_file = \"{}\"", key.display()),
-        );
-    std::fs::write(&cfg_path, cfg).unwrap();
+    let (dir, cfg_path, _) = edited_config(
+        "v6",
+        &[
+            ("listen = [\"127.0.0.1:5060\"]", "listen = [\"[::1]:5060\"]"),
+            ("\"127.0.0.1:5081\"", "\"[::1]:5081\""),
+            ("\"127.0.0.1:5082\"", "\"[::1]:5082\""),
+        ],
+    );
     let _a1 = agent(7071, "cpu=10%,mem=1GB");
     let _a2 = agent(7072, "cpu=10%,mem=1GB");
     let v6uas = |port: u16| {
@@ -919,21 +925,13 @@ fn an_options_probe_takes_a_silent_server_out_and_back() {
     let _g = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = std::env::temp_dir().join(format!("siplb-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg_path = dir.join("probe.toml");
-    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
-    let key = root().join("examples/agent.key");
-    let cfg = example
-        .replace(
+    let (dir, cfg_path, _) = edited_config(
+        "probe",
+        &[(
             "agent = \"127.0.0.1:7071\"",
             "agent = \"127.0.0.1:7071\"\nprobe = \"200ms\"",
-        )
-        .replace(
-            "key_file = \"agent.key\"",
-            &format!("key_file = \"{}\"", key.display()),
-        );
-    std::fs::write(&cfg_path, cfg).unwrap();
+        )],
+    );
     let _a1 = agent(7071, "cpu=10%,mem=1GB");
     let _a2 = agent(7072, "cpu=10%,mem=1GB");
     let r1 = Responder::start(5081, "200");
@@ -989,19 +987,11 @@ fn out_of_dialog_requests_fail_over_too() {
     let _g = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = std::env::temp_dir().join(format!("siplb-nonivite-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg_path = dir.join("lb.toml");
-    let example = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
-    let key = root().join("examples/agent.key");
     // Ejection off: every request that lands on s1 must fail over by itself.
-    let cfg = example
-        .replace("[routing]", "[routing]\noutlier_failures = 0")
-        .replace(
-            "key_file = \"agent.key\"",
-            &format!("key_file = \"{}\"", key.display()),
-        );
-    std::fs::write(&cfg_path, cfg).unwrap();
+    let (dir, cfg_path, _) = edited_config(
+        "nonivite",
+        &[("[routing]", "[routing]\noutlier_failures = 0")],
+    );
     let _a1 = agent(7071, "cpu=10%,mem=1GB");
     // s1 scores 70, s2 35: most first attempts go to s1.
     let _a2 = agent(7072, "cpu=80%,mem=1GB");

@@ -82,3 +82,50 @@ fn the_table_has_the_figure_columns() {
     }
     assert_eq!(text.matches("20 calls, 0 failed").count(), 4, "{text}");
 }
+
+/// `siplb experiment` in short: real SIP through two balancers with the
+/// adaptive policy over a loaded 1.0/0.5 pool; every call answered, both
+/// servers used, the faster one more; a bad argument exits 2.
+#[test]
+fn experiment_runs_real_calls_through_two_balancers() {
+    let out = Command::new(env!("CARGO_BIN_EXE_siplb"))
+        .args([
+            "experiment",
+            "--pool",
+            "1,0.5",
+            "--load",
+            "0.6",
+            "--seconds",
+            "3",
+        ])
+        .args(["--balancers", "2", "--policy", "adaptive", "--seed", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let calls = r["calls"].as_u64().unwrap();
+    assert!(calls > 100, "{r}");
+    assert_eq!(r["answered"].as_u64().unwrap(), calls, "{r}");
+    assert_eq!(r["refused"], 0);
+    assert_eq!(r["lost"], 0);
+    let per: Vec<[u64; 2]> = r["per_second"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| [b[0].as_u64().unwrap(), b[1].as_u64().unwrap()])
+        .collect();
+    let (a, b) = per.iter().fold((0, 0), |(x, y), s| (x + s[0], y + s[1]));
+    assert!(a > b && b > 0, "capacity 1.0 server {a}, 0.5 server {b}");
+    assert!(r["p99_ms"].as_f64().unwrap() > 0.0);
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_siplb"))
+        .args(["experiment", "--policy", "fastest"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("round-robin"));
+}

@@ -135,35 +135,14 @@ async fn scenario(
 
     let sock = Arc::new(UdpSocket::bind(any).await.map_err(|e| e.to_string())?);
     let lb_addr = sock.local_addr().map_err(|e| e.to_string())?;
-    let cfg = Config {
-        listen: vec![lb_addr],
-        transports: vec![Transport::Udp],
-        advertise_host: lb_addr.ip().to_string(),
-        advertise_port: lb_addr.port(),
-        max_message_size: sip::DEFAULT_MAX_SIZE,
-        udp_sockets: 1,
-        secret: perf::protocol::challenge().into_bytes(),
-        policy: "patent".into(),
-        register: RegisterMode::Fork,
-        registrar: None,
-        register_timeout: Duration::from_secs(4),
-        on_no_server: OnNoServer::Reject,
-        retry_after: 5,
-        max_sessions: 10_000,
-        session_idle_timeout: Duration::from_secs(3600),
-        failover_timeout: Duration::from_millis(500),
-        max_attempts: 3,
-        failover_statuses: vec![500, 503],
-        health: Health::Both,
-        outlier: balancer::outlier::OutlierConfig::default(),
+    let cfg = loopback_config(
+        lb_addr,
         key,
         poll,
-        stale_after: Duration::from_secs(2),
-        perf_server: None,
-        scoring: Scoring::default(),
-        admin: None,
+        Duration::from_secs(2),
+        "patent",
         servers,
-    };
+    );
     let proxy = Proxy::new(cfg, vec![sock], ps.shared().clone()).map_err(|e| e.to_string())?;
     proxy.seed_selection(seed);
     let lb = tokio::spawn(udp_loop(proxy.clone(), 0));
@@ -220,6 +199,49 @@ async fn scenario(
         failed,
         servers: rows,
     })
+}
+
+/// A balancer config for an in-process test bed on loopback: UDP on
+/// `lb_addr`, one socket, the given policy and pool; every other field at
+/// its production default.
+#[must_use]
+pub fn loopback_config(
+    lb_addr: SocketAddr,
+    key: perf::Key,
+    poll: PollConfig,
+    stale_after: Duration,
+    policy: &str,
+    servers: Vec<ServerConfig>,
+) -> Config {
+    Config {
+        listen: vec![lb_addr],
+        transports: vec![Transport::Udp],
+        advertise_host: lb_addr.ip().to_string(),
+        advertise_port: lb_addr.port(),
+        max_message_size: sip::DEFAULT_MAX_SIZE,
+        udp_sockets: 1,
+        secret: perf::protocol::challenge().into_bytes(),
+        policy: policy.into(),
+        register: RegisterMode::Fork,
+        registrar: None,
+        register_timeout: Duration::from_secs(4),
+        on_no_server: OnNoServer::Reject,
+        retry_after: 5,
+        max_sessions: 10_000,
+        session_idle_timeout: Duration::from_secs(3600),
+        failover_timeout: Duration::from_millis(500),
+        max_attempts: 3,
+        failover_statuses: vec![500, 503],
+        health: Health::Both,
+        outlier: balancer::outlier::OutlierConfig::default(),
+        key,
+        poll,
+        stale_after,
+        perf_server: None,
+        scoring: Scoring::default(),
+        admin: None,
+        servers,
+    }
 }
 
 /// The result as the figure's table.

@@ -2,5 +2,6 @@
 //! and the patent's FIG 14-15 scenarios (`siplb demo`).
 
 pub mod demo;
+pub mod experiment;
 pub mod uac;
 pub mod uas;

@@ -21,6 +21,30 @@ pub enum CallError {
     Io(String),
 }
 
+/// A request of a UAC at `local` through `proxy`: Via with `branch`, From tag
+/// `uac`, To tag and Route when given.
+#[allow(clippy::too_many_arguments)]
+#[must_use]
+pub fn request(
+    method: &str,
+    call_id: &str,
+    cseq: u32,
+    local: SocketAddr,
+    proxy: SocketAddr,
+    to_tag: Option<&str>,
+    route: Option<&str>,
+    branch: &str,
+) -> Vec<u8> {
+    let to = to_tag.map_or(String::new(), |t| format!(";tag={t}"));
+    let route = route.map_or(String::new(), |r| format!("Route: {r}\r\n"));
+    format!(
+        "{method} sip:service@{proxy} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{branch};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:uac@{local}>;tag=uac\r\nTo: <sip:service@{proxy}>{to}\r\n\
+         Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:uac@{local}>\r\n{route}Content-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 /// A UAC bound to one local socket.
 #[derive(Debug)]
 pub struct Uac {
@@ -44,27 +68,6 @@ impl Uac {
             local,
             branches: std::sync::atomic::AtomicU64::new(1),
         })
-    }
-
-    fn request(
-        &self,
-        method: &str,
-        call_id: &str,
-        cseq: u32,
-        to_tag: Option<&str>,
-        route: Option<&str>,
-        branch: &str,
-    ) -> Vec<u8> {
-        let to = to_tag.map_or(String::new(), |t| format!(";tag={t}"));
-        let route = route.map_or(String::new(), |r| format!("Route: {r}\r\n"));
-        format!(
-            "{method} sip:service@{proxy} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{branch};rport\r\n\
-             Max-Forwards: 70\r\nFrom: <sip:demo@{local}>;tag=uac\r\nTo: <sip:service@{proxy}>{to}\r\n\
-             Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:demo@{local}>\r\n{route}Content-Length: 0\r\n\r\n",
-            proxy = self.proxy,
-            local = self.local
-        )
-        .into_bytes()
     }
 
     /// Sends `req` and waits for its final response (by CSeq method and
@@ -115,7 +118,16 @@ impl Uac {
         let b = self
             .branches
             .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
-        let invite = self.request("INVITE", call_id, 1, None, None, &format!("uac{b}"));
+        let invite = request(
+            "INVITE",
+            call_id,
+            1,
+            self.local,
+            self.proxy,
+            None,
+            None,
+            &format!("uac{b}"),
+        );
         let resp = self.transact(&invite, call_id, "INVITE").await?;
         let m = Message::parse(&resp).map_err(|e| CallError::Io(e.to_string()))?;
         let code = m.status().unwrap_or(0);
@@ -132,10 +144,12 @@ impl Uac {
             .next()
             .and_then(Result::ok)
             .map(|r| String::from_utf8_lossy(r.raw).into_owned());
-        let ack = self.request(
+        let ack = request(
             "ACK",
             call_id,
             1,
+            self.local,
+            self.proxy,
             to_tag.as_deref(),
             route.as_deref(),
             &format!("uac{}", b + 1),
@@ -144,10 +158,12 @@ impl Uac {
             .send_to(&ack, self.proxy)
             .await
             .map_err(|e| CallError::Io(e.to_string()))?;
-        let bye = self.request(
+        let bye = request(
             "BYE",
             call_id,
             2,
+            self.local,
+            self.proxy,
             to_tag.as_deref(),
             route.as_deref(),
             &format!("uac{}", b + 2),
