@@ -83,6 +83,15 @@ fn edited_config(name: &str, edits: &[(&str, &str)]) -> (PathBuf, PathBuf, Strin
     (dir, path, cfg)
 }
 
+/// `siplb balancer --config PATH`, once its admin API answers (bounded).
+fn balancer_with(path: &Path) -> Proc {
+    let p = siplb(&["balancer", "--config", path.to_str().unwrap()]);
+    wait(Duration::from_secs(10), "admin API", || {
+        admin("/servers").is_some()
+    });
+    p
+}
+
 fn sipp_available() -> bool {
     Command::new("sipp").arg("-v").output().is_ok()
 }
@@ -824,10 +833,7 @@ fn ipv6_calls_over_udp_and_tcp() {
     };
     let _u1 = v6uas(5081);
     let _u2 = v6uas(5082);
-    let _lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
-    wait(Duration::from_secs(10), "admin API", || {
-        admin("/servers").is_some()
-    });
+    let _lb = balancer_with(&cfg_path);
     both_up();
     for transport in ["u1", "t1"] {
         let port = free_port().to_string();
@@ -936,10 +942,7 @@ fn an_options_probe_takes_a_silent_server_out_and_back() {
     let _a2 = agent(7072, "cpu=10%,mem=1GB");
     let r1 = Responder::start(5081, "200");
     let _r2 = Responder::start(5082, "200");
-    let _lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
-    wait(Duration::from_secs(10), "admin API", || {
-        admin("/servers").is_some()
-    });
+    let _lb = balancer_with(&cfg_path);
     both_up();
     assert_eq!(server_field("s1", "probe_state"), "up");
     assert_eq!(server_field("s2", "probe_state"), "off");
@@ -997,10 +1000,7 @@ fn out_of_dialog_requests_fail_over_too() {
     let _a2 = agent(7072, "cpu=80%,mem=1GB");
     let r1 = Responder::start(5081, "all503");
     let r2 = Responder::start(5082, "200");
-    let _lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
-    wait(Duration::from_secs(10), "admin API", || {
-        admin("/servers").is_some()
-    });
+    let _lb = balancer_with(&cfg_path);
     both_up();
     let ua = Ua::new();
     // s1 refuses everything with 503: SUBSCRIBE and MESSAGE move to s2; the

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::demo::loopback_config;
-use crate::uac::request;
+use crate::uac::{dialog_of, request};
 
 /// One run.
 #[derive(Debug, Clone, Serialize)]
@@ -292,16 +292,7 @@ async fn one_call(
             if code == 200
                 && let Some(m) = m
             {
-                let tag = m
-                    .to()
-                    .ok()
-                    .and_then(|t| t.tag())
-                    .map(|t| String::from_utf8_lossy(t).into_owned());
-                let route = m
-                    .record_routes()
-                    .next()
-                    .and_then(Result::ok)
-                    .map(|r| String::from_utf8_lossy(r.raw).into_owned());
+                let (tag, route) = dialog_of(&m);
                 let ack = request(
                     "ACK",
                     &call_id,

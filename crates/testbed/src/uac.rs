@@ -45,6 +45,22 @@ pub fn request(
     .into_bytes()
 }
 
+/// The To tag and the first Record-Route of a 2xx: what the ACK and BYE need.
+#[must_use]
+pub fn dialog_of(m: &Message<'_>) -> (Option<String>, Option<String>) {
+    let to_tag = m
+        .to()
+        .ok()
+        .and_then(|t| t.tag())
+        .map(|t| String::from_utf8_lossy(t).into_owned());
+    let route = m
+        .record_routes()
+        .next()
+        .and_then(Result::ok)
+        .map(|r| String::from_utf8_lossy(r.raw).into_owned());
+    (to_tag, route)
+}
+
 /// A UAC bound to one local socket.
 #[derive(Debug)]
 pub struct Uac {
@@ -134,16 +150,7 @@ impl Uac {
         if code >= 300 {
             return Err(CallError::Status(code));
         }
-        let to_tag = m
-            .to()
-            .ok()
-            .and_then(|t| t.tag())
-            .map(|t| String::from_utf8_lossy(t).into_owned());
-        let route = m
-            .record_routes()
-            .next()
-            .and_then(Result::ok)
-            .map(|r| String::from_utf8_lossy(r.raw).into_owned());
+        let (to_tag, route) = dialog_of(&m);
         let ack = request(
             "ACK",
             call_id,
