@@ -176,6 +176,11 @@ impl Policy for Adaptive {
         let (a, b) = two_by_weight(&mut w, rng)?;
         Some(lighter(view.facts, a, b))
     }
+
+    fn weights(&self, view: &PoolView<'_>, out: &mut [f64]) -> bool {
+        adaptive_weights(view, out);
+        true
+    }
 }
 
 /// Each usable server in turn.
@@ -229,13 +234,16 @@ impl Policy for Static {
     }
 
     fn select(&self, view: &PoolView<'_>, rng: &mut dyn rand::RngCore) -> Option<usize> {
-        let w: Weights = view
-            .inputs
-            .iter()
-            .zip(view.facts)
-            .map(|(i, f)| if usable(i) { capacity(f) * f.ramp } else { 0.0 })
-            .collect();
+        let mut w: Weights = SmallVec::from_elem(0.0, view.inputs.len());
+        self.weights(view, &mut w);
         draw_weighted(&w, rng)
+    }
+
+    fn weights(&self, view: &PoolView<'_>, out: &mut [f64]) -> bool {
+        for ((o, i), f) in out.iter_mut().zip(view.inputs).zip(view.facts) {
+            *o = if usable(i) { capacity(f) * f.ramp } else { 0.0 };
+        }
+        true
     }
 }
 
@@ -435,6 +443,27 @@ mod tests {
         adaptive_weights(&view, &mut w);
         assert!((w[0] - 2.0 * w[1]).abs() < 1e-9, "{w:?}");
         assert!(w[2] < w[1] / 2.0, "{w:?}");
+    }
+
+    #[test]
+    fn weighted_policies_show_their_weights() {
+        let scoring = Scoring::default();
+        let inputs = [up(0.5), Input::Down];
+        let facts = [cap(3.0), cap(1.0)];
+        let view = PoolView {
+            inputs: &inputs,
+            facts: &facts,
+            scoring: &scoring,
+        };
+        let mut w = [0.0; 2];
+        assert!(Static.weights(&view, &mut w));
+        assert_eq!(w, [3.0, 0.0]);
+        assert!(Patent.weights(&view, &mut w));
+        assert_eq!(w, [75.0, 0.0], "FIG 8: (0.5 + 1) / 2");
+        assert!(Adaptive.weights(&view, &mut w));
+        assert!(w[0] > 0.0 && w[1] == 0.0);
+        assert!(!P2c.weights(&view, &mut w));
+        assert!(!RoundRobin::default().weights(&view, &mut w));
     }
 
     #[test]

@@ -848,35 +848,7 @@ impl Proxy {
                 input_of(&table, s, now, now_ms, cfg)
             })
             .collect();
-        let caps = capacities_of(pool);
-        let wall = wall_ms();
-        let facts: SmallVec<[Facts; 16]> = pool
-            .servers
-            .iter()
-            .zip(&caps)
-            .map(|(s, &cap)| {
-                let mut f = Facts {
-                    outstanding: s.stats.outstanding(),
-                    ramp: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
-                    capacity: Some(cap),
-                    ..Facts::default()
-                };
-                // In flight since the window of the sample in use ended;
-                // only when the count is anchored to that very sample.
-                if let Some(x) = table.get(&s.id).and_then(|e| e.sample)
-                    && x.seq == s.stats.anchor_seq.load(Ordering::Relaxed)
-                {
-                    let sent = s.stats.selected.load(Ordering::Relaxed);
-                    f.sent_since_window =
-                        sent.saturating_sub(s.stats.anchor_selected.load(Ordering::Relaxed)) as u32;
-                    f.window = Some((
-                        wall.saturating_sub(x.window_end_ms) as f64 / 1000.0,
-                        f64::from(x.window_ms) / 1000.0,
-                    ));
-                }
-                f
-            })
-            .collect();
+        let facts = facts_of(cfg, pool, &table, now_ms);
         let scoring = self.scoring.get();
         let view = PoolView {
             inputs: &inputs,
@@ -1695,9 +1667,21 @@ impl Proxy {
             .iter()
             .map(|s| input_of(&table, s, now, now_ms, &cfg))
             .collect();
+        let scoring = self.scoring.get();
         let mut scores = vec![0u32; inputs.len()];
-        crate::load::scores(&self.scoring.get(), &inputs, &mut scores);
+        crate::load::scores(&scoring, &inputs, &mut scores);
         let caps = capacities_of(&pool);
+        let facts = facts_of(&cfg, &pool, &table, now_ms);
+        let mut weights = vec![0.0; inputs.len()];
+        let weighted = self.policy.load().weights(
+            &PoolView {
+                inputs: &inputs,
+                facts: &facts,
+                scoring: &scoring,
+            },
+            &mut weights,
+        );
+        let total: f64 = weights.iter().sum();
         pool.servers
             .iter()
             .zip(inputs.iter().zip(&scores))
@@ -1764,6 +1748,7 @@ impl Proxy {
                     ejections_total: s.stats.tracker.lock().map_or(0, |t| t.ejections),
                     weight_factor: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
                     capacity: caps[k],
+                    policy_weight: (weighted && total > 0.0).then(|| weights[k] / total),
                     capacity_source: if s.cfg.capacity.is_some() {
                         "configured"
                     } else if s.stats.capacity_learned().is_some() {
@@ -1856,6 +1841,11 @@ pub struct ServerView {
     pub ejections_total: u64,
     /// Slow start factor of the weight, `slow_start_floor..=1` (1: full weight).
     pub weight_factor: f64,
+    /// The share of new sessions the policy in force gives this server now,
+    /// 0-1, for the weighted policies (`patent`: its score's share;
+    /// `adaptive`: its weight before the two-choice stage; `static`: its
+    /// capacity's share); `None` for `round-robin` and `p2c`.
+    pub policy_weight: Option<f64>,
     /// Capacity used by the policies, sessions/s (relative when nothing is known).
     pub capacity: f64,
     /// Where it comes from: `configured`, `learned` (from agent data), `mean` (of the others).
@@ -1980,6 +1970,44 @@ fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The balancer's own facts per server for the policies: outstanding
+/// transactions, slow-start ramp, capacity, and the sessions sent since the
+/// end of the agent window in use (only when the count is anchored to that
+/// very sample).
+fn facts_of(
+    cfg: &Config,
+    pool: &Pool,
+    table: &perf::server::Table,
+    now_ms: u64,
+) -> SmallVec<[Facts; 16]> {
+    let caps = capacities_of(pool);
+    let wall = wall_ms();
+    pool.servers
+        .iter()
+        .zip(&caps)
+        .map(|(s, &cap)| {
+            let mut f = Facts {
+                outstanding: s.stats.outstanding(),
+                ramp: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
+                capacity: Some(cap),
+                ..Facts::default()
+            };
+            if let Some(x) = table.get(&s.id).and_then(|e| e.sample)
+                && x.seq == s.stats.anchor_seq.load(Ordering::Relaxed)
+            {
+                let sent = s.stats.selected.load(Ordering::Relaxed);
+                f.sent_since_window =
+                    sent.saturating_sub(s.stats.anchor_selected.load(Ordering::Relaxed)) as u32;
+                f.window = Some((
+                    wall.saturating_sub(x.window_end_ms) as f64 / 1000.0,
+                    f64::from(x.window_ms) / 1000.0,
+                ));
+            }
+            f
+        })
+        .collect()
 }
 
 /// Capacity per server: configured, else learned, else the mean of the others.

@@ -78,6 +78,12 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
 
     /// Picks a server index of `view`, or `None` when no server may take it.
     fn select(&self, view: &PoolView<'_>, rng: &mut dyn rand::RngCore) -> Option<usize>;
+
+    /// The weight per server that drives the draw, into `out` (for the
+    /// admin API); `false` when the policy does not draw by weight.
+    fn weights(&self, _view: &PoolView<'_>, _out: &mut [f64]) -> bool {
+        false
+    }
 }
 
 /// Stack room for the scores of a pool this size; larger pools spill to the heap.
@@ -100,6 +106,16 @@ impl Policy for Patent {
         scores(view.scoring, view.inputs, &mut s);
         apply_ramp(&mut s, view.facts);
         draw(&s, rng)
+    }
+
+    fn weights(&self, view: &PoolView<'_>, out: &mut [f64]) -> bool {
+        let mut s: Scores = SmallVec::from_elem(0, view.inputs.len());
+        scores(view.scoring, view.inputs, &mut s);
+        apply_ramp(&mut s, view.facts);
+        for (o, v) in out.iter_mut().zip(&s) {
+            *o = f64::from(*v);
+        }
+        true
     }
 }
 

@@ -699,8 +699,12 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
     let (code, body) = http("PUT", "/policy", r#"{"policy": "fastest"}"#);
     assert_eq!(code, 400);
     assert!(body.contains("round-robin"), "{body}");
+    // Under a weighted policy /servers shows each server's share of the draw.
+    let share = |id| server_field(id, "policy_weight").as_f64().unwrap();
+    assert!((share("s1") + share("s2") - 1.0).abs() < 1e-9);
     let (code, body) = http("PUT", "/policy", r#"{"policy": "round-robin"}"#);
     assert_eq!(code, 200, "{body}");
+    assert!(server_field("s1", "policy_weight").is_null());
     let (ok, failed, _) = uac(&[], 100, 100);
     assert_eq!((ok, failed), (100, 0));
     assert_eq!(server_field("s1", "selected_total"), 50);
