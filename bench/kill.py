@@ -143,6 +143,12 @@ def main():
     d = dict(zip(rows[0], rows[-1]))
     reasons = {k: int(d[k]) for k in rows[0] if k.startswith("Failed") and k.endswith("(C)") and d.get(k, "0") not in ("0", "")}
     ok, failed, retrans = int(d["SuccessfulCall(C)"]), int(d["FailedCall(C)"]), int(d["Retransmissions(C)"])
+    # A call SIPp had not finished when it was stopped (or never placed) is
+    # a failed call too.
+    unfinished = a.rate * a.seconds - ok - failed
+    if unfinished:
+        reasons["unfinished"] = unfinished
+        failed += unfinished
     print(f"calls {a.rate * a.seconds}: successful {ok}, failed {failed}, retransmissions {retrans}")
     if reasons:
         print("  failed by reason:", reasons)
@@ -164,7 +170,7 @@ def main():
     print("\n".join("  " + l for l in line))
     if end_view:
         for s in end_view:
-            print(f"  {s['id']}: state {s['state']}, selected {s['selected_total']}, failovers {s['failovers_total']}, "
+            print(f"  {s['id']}: state {s['state']}, selected {s['selected_total']}, failovers {s['failovers_total']}, outstanding {s['outstanding']}, "
                   f"ejections {s['ejections_total']}, down_by {s['down_by']}")
     # What may fail: with the server killed, only calls it had already
     # answered (their BYE has nowhere to go): at most the calls it held,

@@ -90,6 +90,7 @@ def main():
     rows = [l.strip().split(";") for l in open(stat) if l.strip()]
     d = dict(zip(rows[0], rows[-1]))
     ok, failed = int(d["SuccessfulCall(C)"]), int(d["FailedCall(C)"])
+    failed += a.calls - ok - failed  # unfinished or never placed
     warm = [r for t, r in series if t <= max(seconds * 0.1, 2)]
     warm_rss = warm[-1] if warm else series[0][1]
     end_rss = series[-1][1]

@@ -1179,6 +1179,7 @@ impl Proxy {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     Some((n - 1).max(0))
                 });
+            s.stats.last_final.store(self.now_ms(), Ordering::Relaxed);
         }
         let method = msg.cseq().method;
         let now = self.now_ms();
@@ -1471,12 +1472,13 @@ impl Proxy {
 
     /// One health round (call every 100 ms): refreshes the failure ratios
     /// and starts the slow start of every server that came back.
-    pub fn health_round(&self) {
+    pub async fn health_round(&self) {
         let cfg = self.cfg.load();
         let pool = self.pool.load();
         let table = self.table.load();
         let now = Instant::now();
         let now_ms = self.now_ms();
+        let mut sip_down: SmallVec<[Arc<str>; 4]> = SmallVec::new();
         for s in &pool.servers {
             let ratio = s
                 .stats
@@ -1490,6 +1492,22 @@ impl Proxy {
             self.track_windows(s, table.get(&s.id).and_then(|e| e.sample));
             let up = matches!(input_of(&table, s, now, now_ms, &cfg), Input::Up(_));
             let was = s.stats.available.swap(up, Ordering::Relaxed);
+            if was
+                && !up
+                && (s.stats.ejected(now_ms)
+                    || s.cfg.probe.is_some() && s.stats.probe_down.load(Ordering::Relaxed))
+            {
+                sip_down.push(s.id.clone());
+            }
+            // Requests a server never answered (it died, or answers were
+            // lost) would count against it for ever: forget them when it
+            // comes back, and when it has sent no final response for a
+            // whole transaction timeout (64 x T1) while some are counted.
+            let quiet = now_ms.saturating_sub(s.stats.last_final.load(Ordering::Relaxed)) > 32_000;
+            if (up && !was || quiet) && s.stats.outstanding.swap(0, Ordering::Relaxed) > 0 {
+                s.stats.last_final.store(now_ms, Ordering::Relaxed);
+                debug!(server = %s.id, "outstanding count reset");
+            }
             // The first time up (balancer start) is no comeback: every
             // server would ramp alike.
             if up && !was && s.stats.ever_available.swap(true, Ordering::Relaxed) {
@@ -1498,6 +1516,30 @@ impl Proxy {
                     info!(server = %s.id, over_ms = cfg.outlier.slow_start.as_millis() as u64, "back: slow start");
                 }
             }
+        }
+        if !sip_down.is_empty() {
+            self.rescue_provisional(&sip_down).await;
+        }
+    }
+
+    /// New sessions whose server answered provisionally and then stopped
+    /// answering SIP (ejected, or its probes unanswered; not merely its agent
+    /// down: the server may still be ringing) go to another server: without
+    /// it they would wait for a final response that never comes.
+    async fn rescue_provisional(&self, down: &[Arc<str>]) {
+        let stuck: Vec<u64> = self
+            .attempts
+            .pin()
+            .iter()
+            .filter_map(|(id, a)| {
+                let a = a.lock().ok()?;
+                (!a.done && a.answered && a.tried.last().is_some_and(|t| down.contains(t)))
+                    .then_some(*id)
+            })
+            .collect();
+        for id in stuck {
+            self.failover(id, "server stopped answering after a provisional response")
+                .await;
         }
     }
 

@@ -130,7 +130,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
             loop {
                 tick.tick().await;
                 p.probe_round(&mut due).await;
-                p.health_round();
+                p.health_round().await;
             }
         });
     }

@@ -178,6 +178,8 @@ pub struct ServerStats {
     pub forwarded: AtomicU64,
     /// Requests sent and not yet answered with a final response.
     pub outstanding: AtomicI64,
+    /// When it last sent a final response (balancer clock, ms).
+    pub last_final: AtomicU64,
     /// Taken out by an operator.
     pub drained: AtomicBool,
     /// New sessions moved to another server after this one failed them.

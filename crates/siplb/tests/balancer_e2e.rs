@@ -316,6 +316,7 @@ impl Responder {
                     "ACK" => continue,
                     "INVITE" if register_reply == "invite503" => (503, "Service Unavailable"),
                     _ if register_reply == "all503" => (503, "Service Unavailable"),
+                    "INVITE" if register_reply == "ring" => (180, "Ringing"),
                     "REGISTER" => {
                         let (c, r, hdr) = match register_reply {
                             "200" => (200, "OK", None),
@@ -1112,4 +1113,42 @@ fn hang_an_agent_under_load() {
 #[test]
 fn restart_the_balancer_under_load() {
     kill_run("balancer");
+}
+
+#[test]
+fn a_server_that_dies_after_ringing_does_not_strand_the_call() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // s1 answers INVITE with 180 only, and OPTIONS probes; s2 answers 200.
+    let (dir, cfg_path, _) = edited_config(
+        "ring",
+        &[(
+            "agent = \"127.0.0.1:7071\"",
+            "agent = \"127.0.0.1:7071\"\nprobe = \"200ms\"",
+        )],
+    );
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    // s1 scores 70, s2 30: most calls start on s1.
+    let _a2 = agent(7072, "cpu=90%,mem=1GB");
+    let r1 = Responder::start(5081, "ring");
+    let _r2 = Responder::start(5082, "200");
+    let _lb = balancer_with(&cfg_path);
+    both_up();
+    let ua = Ua::new();
+    for i in 0..10 {
+        ua.send("INVITE", &format!("ring-{i}"), None, "");
+    }
+    let early = ua.responses(Duration::from_millis(600));
+    let ringing = early.iter().filter(|r| status_of(r) == 180).count();
+    assert!(ringing > 0, "s1 rang some calls");
+    let done_early = early.iter().filter(|r| status_of(r) == 200).count();
+    // s1 dies: its probes go unanswered, it is down by probe, and each call
+    // it was ringing goes to s2.
+    drop(r1);
+    let late = ua.responses(Duration::from_millis(2500));
+    let done_late = late.iter().filter(|r| status_of(r) == 200).count();
+    assert_eq!(done_early + done_late, 10, "every call answered");
+    assert_eq!(done_late, ringing, "each rung call rescued");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -414,7 +414,7 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                p.health_round();
+                p.health_round().await;
             }
         }));
         lbs.push((proxy, addr, ps));
