@@ -114,6 +114,7 @@ struct RoutingSection {
     max_sessions: usize,
     session_idle_timeout: String,
     failover_timeout: String,
+    invite_timeout: String,
     max_attempts: u8,
     failover_statuses: Vec<u16>,
     health: Health,
@@ -140,6 +141,7 @@ impl Default for RoutingSection {
             max_sessions: 100_000,
             session_idle_timeout: "1h".into(),
             failover_timeout: "500ms".into(),
+            invite_timeout: "181s".into(),
             max_attempts: 3,
             failover_statuses: vec![500, 503],
             health: Health::Both,
@@ -302,6 +304,9 @@ pub struct Config {
     pub session_idle_timeout: Duration,
     /// No response to a new INVITE within this: try another server.
     pub failover_timeout: Duration,
+    /// Timer C: a new INVITE with a provisional response but no final one
+    /// this long is CANCELled and answered 408.
+    pub invite_timeout: Duration,
     /// Servers tried for one new INVITE, at most.
     pub max_attempts: u8,
     /// Final responses that make us try another server.
@@ -454,6 +459,13 @@ impl Config {
             );
         }
 
+        let invite_timeout = duration("routing.invite_timeout", &r.invite_timeout)?;
+        if invite_timeout < Duration::from_secs(1) {
+            return err(
+                "routing.invite_timeout",
+                "at least 1s (RFC 3261 Timer C: more than 3 minutes)",
+            );
+        }
         let outlier = crate::outlier::OutlierConfig {
             consecutive: r.outlier_failures,
             base_ejection: duration("routing.ejection_time", &r.ejection_time)?,
@@ -604,6 +616,7 @@ impl Config {
                 &r.session_idle_timeout,
             )?,
             failover_timeout: duration("routing.failover_timeout", &r.failover_timeout)?,
+            invite_timeout,
             max_attempts: r.max_attempts,
             failover_statuses: r.failover_statuses,
             health: r.health,

@@ -104,6 +104,42 @@ struct TcpOut {
     tx: Mutex<Option<mpsc::Sender<Bytes>>>,
 }
 
+/// The balancer's timers of a new session's first transaction.
+#[derive(Debug, Clone, Copy)]
+enum TimerKind {
+    /// No response within `failover_timeout`: the next server.
+    Failover,
+    /// Provisional responses only, for `invite_timeout`: CANCEL and 408.
+    C,
+}
+
+/// A CANCEL for `invite` as its UA would send it (RFC 3261 §9.1): same
+/// Request-URI, top Via, Call-ID, From, To, Route, CSeq number.
+fn cancel_for(invite: &Message<'_>) -> Vec<u8> {
+    let mut c = Vec::with_capacity(512);
+    c.extend_from_slice(b"CANCEL ");
+    c.extend_from_slice(invite.request_uri().map_or(&b""[..], |u| u.raw));
+    c.extend_from_slice(b" SIP/2.0\r\nVia: ");
+    c.extend_from_slice(invite.top_via().raw);
+    c.extend_from_slice(b"\r\nMax-Forwards: 70\r\n");
+    for h in invite.headers() {
+        if matches!(
+            h.name,
+            HeaderName::From | HeaderName::To | HeaderName::CallId | HeaderName::Route
+        ) {
+            c.extend_from_slice(h.line);
+        }
+    }
+    c.extend_from_slice(
+        format!(
+            "CSeq: {} CANCEL\r\nContent-Length: 0\r\n\r\n",
+            invite.cseq().seq
+        )
+        .as_bytes(),
+    );
+    c
+}
+
 /// What our branch says besides the transaction: a fork leg or an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Branch {
@@ -164,6 +200,7 @@ pub struct Proxy {
     forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
     attempts: papaya::HashMap<u64, Arc<Mutex<Attempt>>>,
     failover_timers: mpsc::UnboundedSender<(Instant, u64, u8)>,
+    timer_c: mpsc::UnboundedSender<(Instant, u64, u8)>,
     clock: Instant,
     /// Set by SIGTERM: new sessions are refused.
     pub stopping: AtomicBool,
@@ -201,6 +238,7 @@ impl Proxy {
         let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
         let scoring = LiveScoring::new(cfg.scoring)?;
         let (timers_tx, timers_rx) = mpsc::unbounded_channel();
+        let (timer_c_tx, timer_c_rx) = mpsc::unbounded_channel();
         let p = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
             seeded: std::sync::OnceLock::new(),
@@ -218,6 +256,7 @@ impl Proxy {
             forks: papaya::HashMap::new(),
             attempts: papaya::HashMap::new(),
             failover_timers: timers_tx,
+            timer_c: timer_c_tx,
             clock: Instant::now(),
             stopping: AtomicBool::new(false),
             via_udp: format!("SIP/2.0/UDP {hostport};branch=z9hG4bK"),
@@ -227,7 +266,16 @@ impl Proxy {
             cfg: ArcSwap::from_pointee(cfg),
         });
         p.apply_servers(&p.cfg.load().servers.clone());
-        tokio::spawn(Proxy::failover_timer(Arc::downgrade(&p), timers_rx));
+        tokio::spawn(Proxy::timer_task(
+            Arc::downgrade(&p),
+            timers_rx,
+            TimerKind::Failover,
+        ));
+        tokio::spawn(Proxy::timer_task(
+            Arc::downgrade(&p),
+            timer_c_rx,
+            TimerKind::C,
+        ));
         Ok(p)
     }
 
@@ -638,7 +686,10 @@ impl Proxy {
                 if method == Method::Invite {
                     self.reply(msg, 100, "Trying", &[], src, out).await;
                 }
-                self.arm_failover(id, 0, cfg.failover_timeout);
+                self.arm(TimerKind::Failover, id, 0, cfg.failover_timeout);
+                if method == Method::Invite {
+                    self.arm(TimerKind::C, id, 0, cfg.invite_timeout);
+                }
             } else {
                 let found = self.attempts.pin().get(&id).cloned();
                 if let Some(a) = found {
@@ -671,34 +722,89 @@ impl Proxy {
         .await;
     }
 
-    /// After `after`, tries the next server if attempt `index` of `id` is
-    /// still unanswered.
-    fn arm_failover(&self, id: u64, index: u8, after: Duration) {
-        // One timer task serves every attempt: the deadlines come in order
-        // (same timeout), so a FIFO is a timer wheel; no task per INVITE.
-        let _ = self
-            .failover_timers
-            .send((Instant::now() + after, id, index));
+    /// Arms timer `kind` of attempt `index` of `id`: after the failover
+    /// timeout the next server is tried if the attempt is still unanswered;
+    /// after `invite_timeout` (Timer C) an INVITE with only provisional
+    /// responses is CANCELled and answered 408.
+    fn arm(&self, kind: TimerKind, id: u64, index: u8, after: Duration) {
+        // One task per kind serves every attempt: its deadlines come in
+        // order (one duration), so a FIFO is a timer wheel; no task per INVITE.
+        let tx = match kind {
+            TimerKind::Failover => &self.failover_timers,
+            TimerKind::C => &self.timer_c,
+        };
+        let _ = tx.send((Instant::now() + after, id, index));
     }
 
-    /// The failover timer task: fires each deadline in turn.
-    async fn failover_timer(
+    /// A timer task: fires each deadline in turn.
+    async fn timer_task(
         me: std::sync::Weak<Proxy>,
         mut rx: mpsc::UnboundedReceiver<(Instant, u64, u8)>,
+        kind: TimerKind,
     ) {
         while let Some((at, id, index)) = rx.recv().await {
             tokio::time::sleep_until(at).await;
             let Some(p) = me.upgrade() else { return };
-            let stale = {
+            let due = {
                 let m = p.attempts.pin();
                 let Some(a) = m.get(&id) else { continue };
                 let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                a.index != index || a.answered || a.done
+                match kind {
+                    TimerKind::Failover => a.index == index && !a.answered && !a.done,
+                    TimerKind::C => a.index == index && a.answered && !a.done,
+                }
             };
-            if !stale {
-                p.failover(id, "no response").await;
+            if due {
+                match kind {
+                    TimerKind::Failover => p.failover(id, "no response").await,
+                    TimerKind::C => p.timer_c_fired(id).await,
+                }
             }
         }
+    }
+
+    /// Timer C (RFC 3261 §16.8): CANCEL the server's branch, 408 to the UA.
+    async fn timer_c_fired(&self, id: u64) {
+        let found = self.attempts.pin().get(&id).cloned();
+        let Some(a) = found else { return };
+        let (request, reply_to, index, server) = {
+            let mut a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if a.done {
+                return;
+            }
+            a.done = true;
+            a.local_final = true;
+            (
+                a.request.clone(),
+                a.reply_to,
+                a.index,
+                a.tried.last().cloned(),
+            )
+        };
+        let Ok(invite) = Message::parse(&request) else {
+            return;
+        };
+        warn!(call_id = %String::from_utf8_lossy(invite.call_id()), "no final response within invite_timeout: CANCEL, 408");
+        let mut out = Vec::with_capacity(1024);
+        let cancel = cancel_for(&invite);
+        if let Ok(c) = Message::parse(&cancel)
+            && let Some(s) = server.and_then(|id| self.pool.load().by_id(&id).cloned())
+        {
+            self.forward_to_server(
+                &c,
+                &s,
+                false,
+                false,
+                self.loop_hash(&invite),
+                Branch::Attempt(index),
+                reply_to,
+                &mut out,
+            )
+            .await;
+        }
+        self.sessions.demote(invite.call_id(), self.now_ms());
+        self.reply(&invite, 408, "Request Timeout", &[], reply_to, &mut out)
+            .await;
     }
 
     /// Sends the INVITE of attempt `id` to the next server not tried, or gives
@@ -771,7 +877,10 @@ impl Proxy {
                     &mut out,
                 )
                 .await;
-                self.arm_failover(id, index, cfg.failover_timeout);
+                self.arm(TimerKind::Failover, id, index, cfg.failover_timeout);
+                if msg.method() == Method::Invite {
+                    self.arm(TimerKind::C, id, index, cfg.invite_timeout);
+                }
             }
             None => {
                 warn!(call_id = %call_id, why, "every attempt failed");
@@ -806,12 +915,18 @@ impl Proxy {
         let uri = msg.request_uri().map_or(&b""[..], |u| u.raw);
         let from_tag = msg.from().ok().and_then(|f| f.tag()).unwrap_or_default();
         let cseq = msg.cseq();
+        // A CANCEL and a non-2xx ACK carry the INVITE's branch (RFC 3261
+        // §9.1, §17.1.1.3): hash them as the INVITE they belong to.
+        let method = match cseq.method {
+            Method::Cancel | Method::Ack => &b"INVITE"[..],
+            m => m.as_bytes(),
+        };
         self.signer.hash(&[
             uri,
             from_tag,
             msg.call_id(),
             &cseq.seq.to_be_bytes(),
-            cseq.method.as_bytes(),
+            method,
         ]) as u32
     }
 
@@ -1211,6 +1326,14 @@ impl Proxy {
                     let mut a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if index != a.index {
                         // A late answer from a server we gave up on.
+                        if code >= 300 {
+                            Next::AckAndDrop
+                        } else {
+                            Next::Drop
+                        }
+                    } else if a.done && a.local_final {
+                        // We answered the UA ourselves (Timer C): whatever
+                        // the server says now stays here.
                         if code >= 300 {
                             Next::AckAndDrop
                         } else {

@@ -304,9 +304,11 @@ impl Responder {
                     let _ = sock.send_to(&out, peer);
                     continue;
                 }
-                g.lock()
-                    .unwrap()
-                    .push(format!("{method} {}", String::from_utf8_lossy(m.call_id())));
+                g.lock().unwrap().push(format!(
+                    "{method} {} {}",
+                    String::from_utf8_lossy(m.call_id()),
+                    String::from_utf8_lossy(m.top_via().branch.unwrap_or_default())
+                ));
                 let mut extra: Vec<Vec<u8>> = m
                     .headers()
                     .filter(|h| h.name == sip::HeaderName::RecordRoute)
@@ -344,6 +346,17 @@ impl Responder {
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// The lines logged so far that start with `prefix`.
+    fn lines(&self, prefix: &str) -> Vec<String> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 
     fn count(&self, prefix: &str) -> usize {
@@ -1150,5 +1163,63 @@ fn a_server_that_dies_after_ringing_does_not_strand_the_call() {
     let done_late = late.iter().filter(|r| status_of(r) == 200).count();
     assert_eq!(done_early + done_late, 10, "every call answered");
     assert_eq!(done_late, ringing, "each rung call rescued");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A CANCEL reaches the server with its INVITE's branch (RFC 3261 §9.1), so
+/// the server can match it; a call that rings for ever gets 408 from the
+/// balancer after `invite_timeout` (Timer C) and the server a CANCEL.
+#[test]
+fn cancel_matches_its_invite_and_timer_c_ends_a_call_that_rings_for_ever() {
+    let _g = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (dir, cfg_path, _) = edited_config(
+        "timerc",
+        &[("[routing]", "[routing]\ninvite_timeout = \"1s\"")],
+    );
+    let _a1 = agent(7071, "cpu=10%,mem=1GB");
+    let _a2 = agent(7072, "cpu=10%,mem=1GB");
+    let r1 = Responder::start(5081, "ring");
+    let r2 = Responder::start(5082, "ring");
+    let _lb = balancer_with(&cfg_path);
+    both_up();
+    let ua = Ua::new();
+    // The UA cancels a ringing call.
+    let invite = |m: &str| {
+        format!(
+            "{m} sip:svc@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bKcancelme;rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:ua@127.0.0.1>;tag=ua1\r\nTo: <sip:svc@127.0.0.1>\r\nCall-ID: cancel-1\r\nCSeq: 1 {m}\r\n\
+Contact: <sip:ua@127.0.0.1:{p}>\r\nContent-Length: 0\r\n\r\n",
+            p = ua.port
+        )
+    };
+    ua.send_raw(invite("INVITE").as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+    ua.send_raw(invite("CANCEL").as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    let seen: Vec<String> = [&r1, &r2]
+        .iter()
+        .flat_map(|r| [r.lines("INVITE cancel-1"), r.lines("CANCEL cancel-1")])
+        .flatten()
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let branch = |l: &String| l.rsplit(' ').next().unwrap().to_owned();
+    assert_eq!(branch(&seen[0]), branch(&seen[1]), "{seen:?}");
+
+    // A call nobody answers: 408 after invite_timeout, and a CANCEL to its server.
+    ua.send("INVITE", "rings-for-ever", None, "");
+    let got: Vec<u16> = ua
+        .responses(Duration::from_millis(2000))
+        .iter()
+        .map(|r| status_of(r))
+        .filter(|&c| c >= 180)
+        .collect();
+    assert!(got.contains(&180), "{got:?}");
+    assert!(got.contains(&408), "Timer C: {got:?}");
+    assert_eq!(
+        r1.count("CANCEL rings-for-ever") + r2.count("CANCEL rings-for-ever"),
+        1
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

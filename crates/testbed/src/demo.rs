@@ -230,6 +230,7 @@ pub fn loopback_config(
         max_sessions: 10_000,
         session_idle_timeout: Duration::from_secs(3600),
         failover_timeout: Duration::from_millis(500),
+        invite_timeout: Duration::from_secs(181),
         max_attempts: 3,
         failover_statuses: vec![500, 503],
         health: Health::Both,
