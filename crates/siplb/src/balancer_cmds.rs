@@ -89,9 +89,24 @@ pub fn status(admin: SocketAddr) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let policy = http_get(admin, "/policy")
+        .ok()
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["policy"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "?".into());
+    println!("policy: {policy}");
     println!(
-        "{:<10} {:<22} {:<8} {:>5} {:>6} {:>10} {:>6} {:>10} {:<}",
-        "SERVER", "ADDRESS", "STATE", "SCORE", "CPU%", "FREE MB", "CALLS", "SELECTED", "AGENT"
+        "{:<10} {:<22} {:<14} {:>5} {:>6} {:>6} {:>10} {:>6} {:>10} {:<}",
+        "SERVER",
+        "ADDRESS",
+        "STATE",
+        "SCORE",
+        "SHARE%",
+        "CPU%",
+        "FREE MB",
+        "CALLS",
+        "SELECTED",
+        "AGENT"
     );
     for s in servers {
         let cpu = s["cpu"]
@@ -104,12 +119,21 @@ pub fn status(admin: SocketAddr) -> ExitCode {
             Some(e) => format!("{} ({e})", s["agent_state"].as_str().unwrap_or("?")),
             None => s["agent_state"].as_str().unwrap_or("?").to_owned(),
         };
+        // "down:probe", "down:agent+outlier": which signal said so.
+        let state = match s["down_by"].as_str() {
+            Some(by) => format!("{}:{by}", s["state"].as_str().unwrap_or("?")),
+            None => s["state"].as_str().unwrap_or("?").to_owned(),
+        };
+        let share = s["policy_weight"]
+            .as_f64()
+            .map_or("-".into(), |w| format!("{:.1}", w * 100.0));
         println!(
-            "{:<10} {:<22} {:<8} {:>5} {:>6} {:>10} {:>6} {:>10} {}",
+            "{:<10} {:<22} {:<14} {:>5} {:>6} {:>6} {:>10} {:>6} {:>10} {}",
             s["id"].as_str().unwrap_or("?"),
             s["address"].as_str().unwrap_or("?"),
-            s["state"].as_str().unwrap_or("?"),
+            state,
             s["score"].as_u64().unwrap_or(0),
+            share,
             cpu,
             mem,
             s["active_calls"].as_u64().unwrap_or(0),

@@ -713,6 +713,18 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
     let (code, body) = http("PUT", "/policy", r#"{"policy": "fastest"}"#);
     assert_eq!(code, 400);
     assert!(body.contains("round-robin"), "{body}");
+    // `siplb status` shows the policy, each server's share and who said down.
+    let status = Command::new(env!("CARGO_BIN_EXE_siplb"))
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(text.starts_with("policy: patent\n"), "{text}");
+    assert!(
+        text.contains("SHARE%") && text.lines().count() == 4,
+        "{text}"
+    );
     // Under a weighted policy /servers shows each server's share of the draw.
     let share = |id| server_field(id, "policy_weight").as_f64().unwrap();
     assert!((share("s1") + share("s2") - 1.0).abs() < 1e-9);
