@@ -104,15 +104,6 @@ struct TcpOut {
     tx: Mutex<Option<mpsc::Sender<Bytes>>>,
 }
 
-/// The balancer's timers of a new session's first transaction.
-#[derive(Debug, Clone, Copy)]
-enum TimerKind {
-    /// No response within `failover_timeout`: the next server.
-    Failover,
-    /// Provisional responses only, for `invite_timeout`: CANCEL and 408.
-    C,
-}
-
 /// A CANCEL for `invite` as its UA would send it (RFC 3261 §9.1): same
 /// Request-URI, top Via, Call-ID, From, To, Route, CSeq number.
 fn cancel_for(invite: &Message<'_>) -> Vec<u8> {
@@ -200,7 +191,6 @@ pub struct Proxy {
     forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
     attempts: papaya::HashMap<u64, Arc<Mutex<Attempt>>>,
     failover_timers: mpsc::UnboundedSender<(Instant, u64, u8)>,
-    timer_c: mpsc::UnboundedSender<(Instant, u64, u8)>,
     clock: Instant,
     /// Set by SIGTERM: new sessions are refused.
     pub stopping: AtomicBool,
@@ -238,7 +228,6 @@ impl Proxy {
         let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
         let scoring = LiveScoring::new(cfg.scoring)?;
         let (timers_tx, timers_rx) = mpsc::unbounded_channel();
-        let (timer_c_tx, timer_c_rx) = mpsc::unbounded_channel();
         let p = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
             seeded: std::sync::OnceLock::new(),
@@ -256,7 +245,6 @@ impl Proxy {
             forks: papaya::HashMap::new(),
             attempts: papaya::HashMap::new(),
             failover_timers: timers_tx,
-            timer_c: timer_c_tx,
             clock: Instant::now(),
             stopping: AtomicBool::new(false),
             via_udp: format!("SIP/2.0/UDP {hostport};branch=z9hG4bK"),
@@ -266,16 +254,7 @@ impl Proxy {
             cfg: ArcSwap::from_pointee(cfg),
         });
         p.apply_servers(&p.cfg.load().servers.clone());
-        tokio::spawn(Proxy::timer_task(
-            Arc::downgrade(&p),
-            timers_rx,
-            TimerKind::Failover,
-        ));
-        tokio::spawn(Proxy::timer_task(
-            Arc::downgrade(&p),
-            timer_c_rx,
-            TimerKind::C,
-        ));
+        tokio::spawn(Proxy::failover_timer(Arc::downgrade(&p), timers_rx));
         Ok(p)
     }
 
@@ -686,10 +665,7 @@ impl Proxy {
                 if method == Method::Invite {
                     self.reply(msg, 100, "Trying", &[], src, out).await;
                 }
-                self.arm(TimerKind::Failover, id, 0, cfg.failover_timeout);
-                if method == Method::Invite {
-                    self.arm(TimerKind::C, id, 0, cfg.invite_timeout);
-                }
+                self.arm_failover(id, 0, cfg.failover_timeout);
             } else {
                 let found = self.attempts.pin().get(&id).cloned();
                 if let Some(a) = found {
@@ -722,25 +698,20 @@ impl Proxy {
         .await;
     }
 
-    /// Arms timer `kind` of attempt `index` of `id`: after the failover
-    /// timeout the next server is tried if the attempt is still unanswered;
-    /// after `invite_timeout` (Timer C) an INVITE with only provisional
-    /// responses is CANCELled and answered 408.
-    fn arm(&self, kind: TimerKind, id: u64, index: u8, after: Duration) {
-        // One task per kind serves every attempt: its deadlines come in
-        // order (one duration), so a FIFO is a timer wheel; no task per INVITE.
-        let tx = match kind {
-            TimerKind::Failover => &self.failover_timers,
-            TimerKind::C => &self.timer_c,
-        };
-        let _ = tx.send((Instant::now() + after, id, index));
+    /// After `after`, tries the next server if attempt `index` of `id` is
+    /// still unanswered.
+    fn arm_failover(&self, id: u64, index: u8, after: Duration) {
+        // One timer task serves every attempt: the deadlines come in order
+        // (same timeout), so a FIFO is a timer wheel; no task per INVITE.
+        let _ = self
+            .failover_timers
+            .send((Instant::now() + after, id, index));
     }
 
-    /// A timer task: fires each deadline in turn.
-    async fn timer_task(
+    /// The failover timer task: fires each deadline in turn.
+    async fn failover_timer(
         me: std::sync::Weak<Proxy>,
         mut rx: mpsc::UnboundedReceiver<(Instant, u64, u8)>,
-        kind: TimerKind,
     ) {
         while let Some((at, id, index)) = rx.recv().await {
             tokio::time::sleep_until(at).await;
@@ -749,17 +720,35 @@ impl Proxy {
                 let m = p.attempts.pin();
                 let Some(a) = m.get(&id) else { continue };
                 let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                match kind {
-                    TimerKind::Failover => a.index == index && !a.answered && !a.done,
-                    TimerKind::C => a.index == index && a.answered && !a.done,
-                }
+                a.index == index && !a.answered && !a.done
             };
             if due {
-                match kind {
-                    TimerKind::Failover => p.failover(id, "no response").await,
-                    TimerKind::C => p.timer_c_fired(id).await,
-                }
+                p.failover(id, "no response").await;
             }
+        }
+    }
+
+    /// Timer C round (call every second): every new INVITE that has had
+    /// provisional responses only for `invite_timeout` since it was first
+    /// forwarded. A scan of the transactions in flight, not a timer per
+    /// INVITE: nearly every INVITE is answered long before.
+    pub async fn timer_c_round(&self) {
+        let limit = self.cfg.load().invite_timeout;
+        let due: Vec<u64> = self
+            .attempts
+            .pin()
+            .iter()
+            .filter_map(|(id, a)| {
+                let a = a.lock().ok()?;
+                (!a.done
+                    && a.answered
+                    && a.request.starts_with(b"INVITE ")
+                    && a.created.elapsed() >= limit)
+                    .then_some(*id)
+            })
+            .collect();
+        for id in due {
+            self.timer_c_fired(id).await;
         }
     }
 
@@ -877,10 +866,7 @@ impl Proxy {
                     &mut out,
                 )
                 .await;
-                self.arm(TimerKind::Failover, id, index, cfg.failover_timeout);
-                if msg.method() == Method::Invite {
-                    self.arm(TimerKind::C, id, index, cfg.invite_timeout);
-                }
+                self.arm_failover(id, index, cfg.failover_timeout);
             }
             None => {
                 warn!(call_id = %call_id, why, "every attempt failed");
@@ -1808,9 +1794,19 @@ impl Proxy {
         if gone > 0 {
             debug!(gone, "idle sessions removed");
         }
+        // Over, or never answered: 64 s (the ACK of a failure may still
+        // come); ringing: until Timer C has had its say.
+        let ringing = cfg.invite_timeout + Duration::from_secs(64);
         self.attempts.pin().retain(|_, a| {
             a.lock()
-                .map(|a| a.created.elapsed() < Duration::from_secs(64))
+                .map(|a| {
+                    let keep = if a.answered && !a.done {
+                        ringing
+                    } else {
+                        Duration::from_secs(64)
+                    };
+                    a.created.elapsed() < keep
+                })
                 .unwrap_or(false)
         });
         self.forks

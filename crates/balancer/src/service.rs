@@ -141,6 +141,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
             loop {
                 tick.tick().await;
                 p.sweep();
+                p.timer_c_round().await;
             }
         });
     }

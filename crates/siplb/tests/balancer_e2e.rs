@@ -1222,7 +1222,7 @@ Contact: <sip:ua@127.0.0.1:{p}>\r\nContent-Length: 0\r\n\r\n",
     // A call nobody answers: 408 after invite_timeout, and a CANCEL to its server.
     ua.send("INVITE", "rings-for-ever", None, "");
     let got: Vec<u16> = ua
-        .responses(Duration::from_millis(2000))
+        .responses(Duration::from_millis(3000))
         .iter()
         .map(|r| status_of(r))
         .filter(|&c| c >= 180)
