@@ -168,7 +168,9 @@ struct Attempt {
     local_final: bool,
     /// The best failure so far, our Via removed.
     best: Option<(u16, Vec<u8>)>,
-    created: Instant,
+    /// Timer C runs from here: the INVITE's forwarding to the current
+    /// server, or its last provisional response above 100.
+    timer_c_from: Instant,
 }
 
 /// The running balancer.
@@ -656,7 +658,7 @@ impl Proxy {
                         done: false,
                         local_final: false,
                         best: None,
-                        created: Instant::now(),
+                        timer_c_from: Instant::now(),
                     })),
                 );
                 // We hold the transaction now: stop the UA's retransmissions.
@@ -729,8 +731,8 @@ impl Proxy {
     }
 
     /// Timer C round (call every second): every new INVITE that has had
-    /// provisional responses only for `invite_timeout` since it was first
-    /// forwarded. A scan of the transactions in flight, not a timer per
+    /// provisional responses only, and none above 100 for `invite_timeout`
+    /// (RFC 3261 §16.6 step 11, §16.7 step 2). A scan of the transactions in flight, not a timer per
     /// INVITE: nearly every INVITE is answered long before.
     pub async fn timer_c_round(&self) {
         let limit = self.cfg.load().invite_timeout;
@@ -743,7 +745,7 @@ impl Proxy {
                 (!a.done
                     && a.answered
                     && a.request.starts_with(b"INVITE ")
-                    && a.created.elapsed() >= limit)
+                    && a.timer_c_from.elapsed() >= limit)
                     .then_some(*id)
             })
             .collect();
@@ -830,6 +832,7 @@ impl Proxy {
                     a.tried.push(n.id.clone());
                     a.index += 1;
                     a.answered = false;
+                    a.timer_c_from = Instant::now();
                     (a.request.clone(), a.reply_to, Some(n), a.index, None)
                 }
                 None => {
@@ -1329,6 +1332,9 @@ impl Proxy {
                         if !a.answered {
                             self.record_attempt_success(&a);
                         }
+                        if code > 100 {
+                            a.timer_c_from = Instant::now();
+                        }
                         a.answered = true;
                         Next::Relay
                     } else if code >= 300 && !a.done && cfg.failover_statuses.contains(&code) {
@@ -1805,7 +1811,7 @@ impl Proxy {
                     } else {
                         Duration::from_secs(64)
                     };
-                    a.created.elapsed() < keep
+                    a.timer_c_from.elapsed() < keep
                 })
                 .unwrap_or(false)
         });
