@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--back-at", type=float, default=40)
     ap.add_argument("--hold", type=int, default=1000, help="ms between ACK and BYE")
     ap.add_argument("--json", action="store_true", help="print one JSON result line at the end")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="s after the kill before s1 counts as out (a hung agent is noticed within a poll + the timeout)")
     ap.add_argument("--siplb", help="the siplb binary (default: target/release/siplb, built if missing)")
     a = ap.parse_args()
     global SIPLB
@@ -178,13 +180,13 @@ def main():
     # restarted, nothing.
     allowed = (a.rate * a.hold // 2000 + a.rate // 10) if a.mode == "server" else 0
     print(f"failed {failed}, allowed {allowed} ({'ok' if failed <= allowed else 'TOO MANY'}); logs in {work}")
-    # s1's new calls while it is out (from 2 s after the kill -- a hung
-    # agent is noticed within a poll interval + the timeout -- to the
+    # s1's new calls while it is out (from --settle s after the kill -- a
+    # hung agent is noticed within a poll interval + the timeout -- to the
     # restart) and after it is back.
     def s1_at(t):
         before = [v["s1"][0] for (ts, v) in samples if ts <= t]
         return before[-1] if before else 0
-    while_out = s1_at(a.back_at) - s1_at(a.kill_at + 2.0)
+    while_out = s1_at(a.back_at) - s1_at(a.kill_at + a.settle)
     after_back = s1_at(a.seconds + 70) - s1_at(a.back_at)
     if a.mode != "balancer":
         print(f"s1 new calls while out: {while_out}; after it is back: {after_back}")
