@@ -479,4 +479,90 @@ mod tests {
         assert_eq!(c.as_slice(), &[10.0, 30.0, 20.0]);
         assert_eq!(capacities(&[None], &[None]).as_slice(), &[1.0]);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn input() -> impl Strategy<Value = Input> {
+            prop_oneof![
+                (0.0f64..1.2, 0u64..(8 << 30)).prop_map(|(cpu, mem)| Input::Up(Load {
+                    cpu,
+                    mem_available: mem,
+                    ..Load::default()
+                })),
+                Just(Input::NoData),
+                Just(Input::Down),
+                Just(Input::Drained),
+            ]
+        }
+
+        fn facts() -> impl Strategy<Value = Facts> {
+            (
+                0u32..500,
+                proptest::option::of((0.0f64..3.0, 0.1f64..1.0)),
+                0u32..100,
+                proptest::option::of(1.0f64..1000.0),
+                0.1f64..=1.0,
+            )
+                .prop_map(|(sent, window, outstanding, capacity, ramp)| Facts {
+                    sent_since_window: sent,
+                    window,
+                    outstanding,
+                    capacity,
+                    ramp,
+                })
+        }
+
+        proptest! {
+            /// Whatever the data: no policy but `patent` refuses while a
+            /// server is usable, none picks a server that is down or
+            /// drained, and `patent` picks only a server with a score.
+            #[test]
+            fn policies_pick_only_usable_servers(
+                pool in proptest::collection::vec((input(), facts()), 1..12),
+                seed in any::<u64>(),
+            ) {
+                let (inputs, facts): (Vec<Input>, Vec<Facts>) = pool.into_iter().unzip();
+                let scoring = Scoring::default();
+                let view = PoolView { inputs: &inputs, facts: &facts, scoring: &scoring };
+                let any_usable = inputs.iter().any(usable);
+                for name in NAMES {
+                    let p = by_name(name).unwrap();
+                    let mut rng = StdRng::seed_from_u64(seed);
+                    for _ in 0..5 {
+                        let pick = p.select(&view, &mut rng);
+                        if let Some(i) = pick {
+                            prop_assert!(usable(&inputs[i]), "{name} picked {:?}", inputs[i]);
+                        }
+                        if name == "patent" {
+                            if let Some(i) = pick {
+                                prop_assert!(matches!(inputs[i], Input::Up(_)));
+                            }
+                        } else {
+                            prop_assert_eq!(pick.is_some(), any_usable, "{}", name);
+                        }
+                    }
+                    let mut w = vec![0.0; inputs.len()];
+                    if p.weights(&view, &mut w) {
+                        for (x, i) in w.iter().zip(&inputs) {
+                            prop_assert!(x.is_finite() && *x >= 0.0);
+                            if !usable(i) {
+                                prop_assert_eq!(*x, 0.0);
+                            }
+                        }
+                    }
+                }
+            }
+
+            /// The in-flight estimate never goes negative and grows with what was sent.
+            #[test]
+            fn cpu_now_is_monotone_in_sent(cpu in 0.0f64..1.0, f in facts(), more in 1u32..100) {
+                let a = cpu_now(cpu, &f);
+                let b = cpu_now(cpu, &Facts { sent_since_window: f.sent_since_window + more, ..f });
+                prop_assert!(a >= 0.0 && a.is_finite());
+                prop_assert!(b >= a);
+            }
+        }
+    }
 }

@@ -266,3 +266,42 @@ impl ServerStats {
         self.ramp_from.load(Ordering::Relaxed).checked_sub(1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selected_at_reads_the_last_snapshot_at_or_before() {
+        let mut h = History::default();
+        assert_eq!(h.selected_at(5), None);
+        h.ring.extend([(1000, 10), (1100, 15), (1200, 30)]);
+        assert_eq!(h.selected_at(1150), Some(15));
+        assert_eq!(h.selected_at(1200), Some(30));
+        assert_eq!(h.selected_at(5000), Some(30));
+        // Older than every snapshot: the oldest (the count can only be lower).
+        assert_eq!(h.selected_at(10), Some(10));
+    }
+
+    #[test]
+    fn counters_and_drops() {
+        let s = Stats::default();
+        s.request(Method::Invite);
+        s.response(200);
+        s.response(700);
+        s.drop(Drop::StrayAck);
+        assert_eq!(s.requests().next(), Some(("INVITE", 1)));
+        assert_eq!(s.responses().collect::<Vec<_>>(), [(200, 1)]);
+        assert_eq!(s.drops_of(Drop::StrayAck), 1);
+        let st = ServerStats::default();
+        st.outstanding.store(-3, Ordering::Relaxed);
+        assert_eq!(st.outstanding(), 0);
+        assert_eq!(st.capacity_learned(), None);
+        st.capacity_learned
+            .store(250.0f64.to_bits(), Ordering::Relaxed);
+        assert_eq!(st.capacity_learned(), Some(250.0));
+        assert_eq!(st.ramp_from(), None);
+        st.ramp_from.store(11, Ordering::Relaxed);
+        assert_eq!(st.ramp_from(), Some(10));
+    }
+}
