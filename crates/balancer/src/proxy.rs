@@ -45,6 +45,9 @@ pub struct Server {
     /// Counters and drain state (kept across reloads).
     pub stats: Arc<ServerStats>,
     tcp: Arc<TcpOut>,
+    /// Where its entry is expected in the performance table (the order of
+    /// the servers with an agent).
+    slot: usize,
 }
 
 /// The pool: servers in configured order.
@@ -285,9 +288,12 @@ impl Proxy {
     /// state; new ids start fresh; removed ids go (their sessions idle out).
     pub fn apply_servers(&self, servers: &[ServerConfig]) {
         let old = self.pool.load_full();
+        let mut slot = 0;
         let servers = servers
             .iter()
             .map(|c| {
+                let this_slot = slot;
+                slot += usize::from(c.agent.is_some());
                 let prev = old.by_id(&c.id);
                 let same = prev.filter(|p| p.cfg == *c);
                 Arc::new(Server {
@@ -296,6 +302,7 @@ impl Proxy {
                     stats: prev.map_or_else(Arc::default, |p| p.stats.clone()),
                     tcp: same.map_or_else(Arc::default, |p| p.tcp.clone()),
                     cfg: c.clone(),
+                    slot: this_slot,
                 })
             })
             .collect();
@@ -345,14 +352,7 @@ impl Proxy {
             Err(sip::Error::Empty) => return,
             Err(e) => {
                 debug!(error = %e, peer = %src.peer(), "unparseable message");
-                let reason = format!(
-                    "{} ({e})",
-                    if e.status() == 505 {
-                        "Version Not Supported"
-                    } else {
-                        "Bad Request"
-                    }
-                );
+                let reason = refusal_reason(&e);
                 self.refuse_raw(data, e.status(), &reason, src).await;
                 return;
             }
@@ -360,14 +360,7 @@ impl Proxy {
         if msg.is_request() {
             if let Err(e) = msg.validate() {
                 debug!(error = %e, call_id = %String::from_utf8_lossy(msg.call_id()), "invalid request");
-                let reason = format!(
-                    "{} ({e})",
-                    if e.status() == 505 {
-                        "Version Not Supported"
-                    } else {
-                        "Bad Request"
-                    }
-                );
+                let reason = refusal_reason(&e);
                 self.reply(&msg, e.status(), &reason, &[], src, out).await;
                 return;
             }
@@ -1604,7 +1597,7 @@ impl Proxy {
             s.stats
                 .failure_permille
                 .store((ratio * 1000.0).round() as u32, Ordering::Relaxed);
-            self.track_windows(s, table.get(&s.id).and_then(|e| e.sample));
+            self.track_windows(s, table.get_at(s.slot, &s.id).and_then(|e| e.sample));
             let up = matches!(input_of(&table, s, now, now_ms, &cfg), Input::Up(_));
             let was = s.stats.available.swap(up, Ordering::Relaxed);
             if was
@@ -1854,7 +1847,7 @@ impl Proxy {
             .zip(inputs.iter().zip(&scores))
             .enumerate()
             .map(|(k, (s, (input, &score)))| {
-                let e = table.get(&s.id);
+                let e = table.get_at(s.slot, &s.id);
                 ServerView {
                     id: s.id.to_string(),
                     address: s.cfg.address.to_string(),
@@ -2085,7 +2078,7 @@ fn input_of(
     cfg: &Config,
 ) -> Input {
     let input = input_for(
-        table.get(&s.id),
+        table.get_at(s.slot, &s.id),
         s.stats.drained.load(Ordering::Relaxed),
         now,
         cfg.stale_after,
@@ -2161,7 +2154,7 @@ fn facts_of(
                 capacity: Some(cap),
                 ..Facts::default()
             };
-            if let Some(x) = table.get(&s.id).and_then(|e| e.sample)
+            if let Some(x) = table.get_at(s.slot, &s.id).and_then(|e| e.sample)
                 && x.seq == s.stats.anchor_seq.load(Ordering::Relaxed)
             {
                 let sent = s.stats.selected.load(Ordering::Relaxed);
@@ -2187,6 +2180,17 @@ fn capacities_of(pool: &Pool) -> SmallVec<[f64; 16]> {
         .map(|s| s.stats.capacity_learned())
         .collect();
     crate::policy::capacities(&configured, &learned)
+}
+
+/// The reason phrase of our answer to a message that does not parse or
+/// validate: the status's phrase with the parse error.
+fn refusal_reason(e: &sip::Error) -> String {
+    let phrase = if e.status() == 505 {
+        "Version Not Supported"
+    } else {
+        "Bad Request"
+    };
+    format!("{phrase} ({e})")
 }
 
 /// `n` as 8 lower-case hex digits, on the stack.

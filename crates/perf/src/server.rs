@@ -112,6 +112,17 @@ impl Table {
     pub fn get(&self, id: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| &*e.id == id)
     }
+
+    /// The entry of a server id, looked for first at `slot` (where the
+    /// caller expects it: the table keeps the order of the agents given),
+    /// then everywhere: O(1) per lookup when the orders agree.
+    #[must_use]
+    pub fn get_at(&self, slot: usize, id: &str) -> Option<&Entry> {
+        match self.entries.get(slot) {
+            Some(e) if &*e.id == id => Some(e),
+            _ => self.get(id),
+        }
+    }
 }
 
 /// The shared, lock-free-to-read table and its change counter.
@@ -449,5 +460,26 @@ async fn subscription<C: Connector>(
             Some(_) => return Error::Unexpected("a performance server sends table or error"),
             None => return Error::Closed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_at_looks_at_the_slot_first_then_everywhere() {
+        let t = Table {
+            entries: vec![
+                Entry::new("a", "x:1"),
+                Entry::new("b", "x:2"),
+                Entry::new("c", "x:3"),
+            ],
+        };
+        assert_eq!(t.get_at(1, "b").map(|e| &*e.id), Some("b"));
+        // A stale slot still finds the id.
+        assert_eq!(t.get_at(0, "c").map(|e| &*e.id), Some("c"));
+        assert_eq!(t.get_at(9, "a").map(|e| &*e.id), Some("a"));
+        assert!(t.get_at(1, "z").is_none());
     }
 }
