@@ -1561,12 +1561,10 @@ impl Proxy {
             .tracker
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The failure ratio is refreshed by the health round (every 100 ms),
+        // not here on every new call.
         let verdict = t.record(now, ok, &cfg.outlier, may);
-        let ratio = t.failure_ratio(now, cfg.outlier.window);
         drop(t);
-        s.stats
-            .failure_permille
-            .store((ratio * 1000.0).round() as u32, Ordering::Relaxed);
         if let crate::outlier::Verdict::Ejected(until) = verdict {
             s.stats.ejected_until.store(until, Ordering::Relaxed);
             warn!(
