@@ -23,6 +23,9 @@ are within what the mode allows (see `allowed` below), else 1.
 """
 import argparse, json, os, signal, subprocess, sys, tempfile, time, urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import sipp_totals, stop_all  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIPLB = os.path.join(ROOT, "target/release/siplb")
 
@@ -130,20 +133,12 @@ def main():
         uac.wait()
         end_view = servers()
     finally:
-        for name, p in procs.items():
-            if p.poll() is None:
-                if a.mode == "hang" and name == "agent1":
-                    os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if a.mode == "hang" and procs["agent1"].poll() is None:
+            os.kill(procs["agent1"].pid, signal.SIGCONT)
+        stop_all(procs.values())
 
-    rows = [l.strip().split(";") for l in open(stat) if l.strip()]
-    d = dict(zip(rows[0], rows[-1]))
-    reasons = {k: int(d[k]) for k in rows[0] if k.startswith("Failed") and k.endswith("(C)") and d.get(k, "0") not in ("0", "")}
+    d = sipp_totals(stat)
+    reasons = {k: int(d[k]) for k in d if k.startswith("Failed") and k.endswith("(C)") and d.get(k, "0") not in ("0", "")}
     ok, failed, retrans = int(d["SuccessfulCall(C)"]), int(d["FailedCall(C)"]), int(d["Retransmissions(C)"])
     # A call SIPp had not finished when it was stopped (or never placed) is
     # a failed call too.

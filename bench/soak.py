@@ -13,6 +13,9 @@ Every process is started here and stopped by its PID; bounded in calls and time.
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time, urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import sipp_totals, stop_all  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,16 +82,8 @@ def main():
         series.append((time.time() - t0, rss_kb(lb.pid)))
         sessions, transactions = metric("siplb_sessions"), metric("siplb_transactions")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    rows = [l.strip().split(";") for l in open(stat) if l.strip()]
-    d = dict(zip(rows[0], rows[-1]))
+        stop_all(procs)
+    d = sipp_totals(stat)
     ok, failed = int(d["SuccessfulCall(C)"]), int(d["FailedCall(C)"])
     failed += a.calls - ok - failed  # unfinished or never placed
     warm = [r for t, r in series if t <= max(seconds * 0.1, 2)]
