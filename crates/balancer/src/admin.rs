@@ -12,14 +12,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::proxy::Proxy;
 use crate::query::ScoringPatch;
+use crate::router::{Router as Core, ServerView};
 
-/// What the admin API needs besides the proxy: how to reload.
+/// What the admin API needs besides the routing core: how to reload.
 #[allow(missing_debug_implementations)]
 pub struct AdminState {
-    /// The running balancer.
-    pub proxy: Arc<Proxy>,
+    /// The running balancer's routing core.
+    pub router: Arc<Core>,
     /// Re-reads the config file and applies it; the error names the field.
     pub reload: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
@@ -38,12 +38,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-async fn servers(State(s): State<Arc<AdminState>>) -> Json<Vec<crate::proxy::ServerView>> {
-    Json(s.proxy.servers_view())
+async fn servers(State(s): State<Arc<AdminState>>) -> Json<Vec<ServerView>> {
+    Json(s.router.servers_view(crate::forwarding::now()))
 }
 
 fn set_drain(s: &AdminState, id: &str, drained: bool) -> Response {
-    if s.proxy.set_drained(id, drained) {
+    if s.router.set_drained(id, drained) {
         Json(json!({"id": id, "drained": drained})).into_response()
     } else {
         (
@@ -63,7 +63,7 @@ async fn undrain(State(s): State<Arc<AdminState>>, Path(id): Path<String>) -> Re
 }
 
 async fn get_scoring(State(s): State<Arc<AdminState>>) -> Json<crate::load::Scoring> {
-    Json(*s.proxy.scoring.get())
+    Json(*s.router.scoring.get())
 }
 
 async fn put_scoring(State(s): State<Arc<AdminState>>, body: axum::body::Bytes) -> Response {
@@ -77,7 +77,7 @@ async fn put_scoring(State(s): State<Arc<AdminState>>, body: axum::body::Bytes) 
                 .into_response();
         }
     };
-    match s.proxy.scoring.patch(&patch) {
+    match s.router.scoring.patch(&patch) {
         Ok(new) => Json(new).into_response(),
         Err(e) => (
             StatusCode::BAD_REQUEST,
@@ -88,7 +88,7 @@ async fn put_scoring(State(s): State<Arc<AdminState>>, body: axum::body::Bytes) 
 }
 
 async fn get_policy(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
-    Json(json!({"policy": s.proxy.policy_name(), "available": crate::policy::NAMES}))
+    Json(json!({"policy": s.router.policy_name(), "available": crate::policy::NAMES}))
 }
 
 /// `PUT /policy` with `{"policy": "p2c"}`.
@@ -108,8 +108,8 @@ async fn put_policy(State(s): State<Arc<AdminState>>, body: axum::body::Bytes) -
                 .into_response();
         }
     };
-    match s.proxy.set_policy(&b.policy) {
-        Ok(()) => Json(json!({"policy": s.proxy.policy_name()})).into_response(),
+    match s.router.set_policy(&b.policy) {
+        Ok(()) => Json(json!({"policy": s.router.policy_name()})).into_response(),
         Err(e) => (
             StatusCode::BAD_REQUEST,
             Json(json!({"error": e, "field": "policy"})),
@@ -126,7 +126,7 @@ async fn reload(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
-    let p = &s.proxy;
+    let p = &s.router;
     let mut o = String::with_capacity(4096);
     let _ = writeln!(
         o,
@@ -163,11 +163,11 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     );
     let _ = writeln!(
         o,
-        "# HELP siplb_transactions New-session INVITE transactions held for failover.\n# TYPE siplb_transactions gauge\nsiplb_transactions {}",
+        "# HELP siplb_transactions Client transactions of new sessions held for failover.\n# TYPE siplb_transactions gauge\nsiplb_transactions {}",
         p.transactions()
     );
-    let servers = p.servers_view();
-    type Per = fn(&crate::proxy::ServerView) -> Option<f64>;
+    let servers = p.servers_view(crate::forwarding::now());
+    type Per = fn(&ServerView) -> Option<f64>;
     let _ = writeln!(
         o,
         "# HELP siplb_policy The routing policy in force (1).\n# TYPE siplb_policy gauge\nsiplb_policy{{name=\"{}\"}} 1",

@@ -10,14 +10,16 @@
 //! forwarding and routing boxes (402, 404) join them with the balancer issue.
 
 pub mod admin;
-pub mod affinity;
+pub mod codec;
 pub mod config;
+pub mod forwarding;
 pub mod load;
 pub mod merge;
 pub mod outlier;
 pub mod policy;
-pub mod proxy;
+pub mod pool;
 pub mod query;
+pub mod router;
 pub mod select;
 pub mod service;
 pub mod sessions;

@@ -186,9 +186,58 @@ pub fn ramp(now: u64, from: Option<u64>, cfg: &OutlierConfig) -> f64 {
     }
 }
 
+/// Up/down with hysteresis, in the shape of pingora's `observe_health`: a
+/// result against the current state counts towards a flip; `needed` of them
+/// in a row flip it; a result that agrees resets the count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hysteresis {
+    /// Down now.
+    pub down: bool,
+    /// Results in a row against the current state.
+    pub streak: u32,
+}
+
+impl Hysteresis {
+    /// Takes one result (`ok`: the check passed); `to_down` failures in a
+    /// row take an up server down, `to_up` successes bring it back.
+    /// Returns whether the state flipped.
+    pub fn observe(&mut self, ok: bool, to_down: u32, to_up: u32) -> bool {
+        if ok != self.down {
+            self.streak = 0;
+            return false;
+        }
+        self.streak += 1;
+        let needed = if self.down { to_up } else { to_down };
+        if self.streak >= needed.max(1) {
+            self.down = !self.down;
+            self.streak = 0;
+            return true;
+        }
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hysteresis_flips_after_a_streak_only() {
+        let mut h = Hysteresis::default();
+        assert!(!h.observe(false, 2, 3));
+        assert!(!h.observe(true, 2, 3), "a success resets the streak");
+        assert!(!h.observe(false, 2, 3));
+        assert!(h.observe(false, 2, 3), "two failures in a row: down");
+        assert!(h.down);
+        assert!(!h.observe(true, 2, 3));
+        assert!(!h.observe(true, 2, 3));
+        assert!(!h.observe(false, 2, 3), "a failure while down resets");
+        for _ in 0..2 {
+            assert!(!h.observe(true, 2, 3));
+        }
+        assert!(h.observe(true, 2, 3), "three successes: up");
+        assert!(!h.down);
+    }
 
     fn cfg() -> OutlierConfig {
         OutlierConfig::default()

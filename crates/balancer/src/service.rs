@@ -5,17 +5,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use perf::client::TcpConnector;
 use perf::server::{AgentSpec, PerfServer, SharedTable};
 use tokio::net::{TcpListener, UdpSocket};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::admin::{AdminState, router};
 use crate::config::{Config, Transport};
-use crate::proxy::{Proxy, tcp_conn, udp_loop};
+use crate::forwarding::{Balancer, Sockets};
 
 /// How long a graceful stop waits for outstanding transactions.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -100,51 +99,9 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
     };
 
     let admin_addr = cfg.admin;
-    let proxy = Proxy::new(cfg, udp.clone(), table).map_err(|e| e.to_string())?;
-    wait_for_first_data(&proxy).await;
+    let balancer = Balancer::start(cfg, Sockets { udp, tcp }, table, None).await?;
+    let proxy = balancer.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..udp.len() {
-        tasks.spawn(udp_loop(proxy.clone(), i));
-    }
-    for l in tcp {
-        let p = proxy.clone();
-        tasks.spawn(async move {
-            loop {
-                match l.accept().await {
-                    Ok((s, peer)) => {
-                        tokio::spawn(tcp_conn(p.clone(), s, peer));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "tcp accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
-    }
-    {
-        let p = proxy.clone();
-        tasks.spawn(async move {
-            let mut due = std::collections::HashMap::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                p.probe_round(&mut due).await;
-                p.health_round().await;
-            }
-        });
-    }
-    {
-        let p = proxy.clone();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                p.sweep();
-                p.timer_c_round().await;
-            }
-        });
-    }
 
     let reload = {
         let p = proxy.clone();
@@ -160,7 +117,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         }
     };
     let state = Arc::new(AdminState {
-        proxy: proxy.clone(),
+        router: proxy.clone(),
         reload: Box::new(reload.clone()),
     });
     if let Some(a) = admin_addr {
@@ -197,52 +154,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         }
     }
     // Graceful stop: no new sessions; wait for what is in flight.
-    proxy.stopping.store(true, Ordering::Relaxed);
-    info!(
-        outstanding = proxy.outstanding(),
-        "stopping: refusing new sessions, finishing transactions"
-    );
-    let start = tokio::time::Instant::now();
-    while proxy.outstanding() > 0 && start.elapsed() < GRACE {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    info!(outstanding = proxy.outstanding(), "stopped");
+    balancer.stop(GRACE).await;
     tasks.abort_all();
     drop(perf_server);
     Ok(())
-}
-
-/// Waits (bounded by the agent timeout + 1 s) until every server's agent has
-/// answered or failed once. A balancer (re)started under load would
-/// otherwise refuse the first new calls for lack of data; meanwhile the
-/// sockets are bound and the kernel holds datagrams and connections.
-async fn wait_for_first_data(proxy: &Proxy) {
-    let cfg = proxy.config();
-    let start = tokio::time::Instant::now();
-    let limit = cfg.poll.timeout + Duration::from_secs(1);
-    loop {
-        let table = proxy.table.load();
-        let ready = cfg.servers.iter().filter(|s| s.agent.is_some()).all(|s| {
-            table.get(&s.id).is_some_and(|e| match e.state {
-                perf::AgentState::Up => e.sample.is_some(),
-                perf::AgentState::Down => true,
-                perf::AgentState::Connecting => false,
-            })
-        });
-        if ready {
-            info!(
-                after_ms = start.elapsed().as_millis() as u64,
-                "agents answered: serving SIP"
-            );
-            return;
-        }
-        if start.elapsed() >= limit {
-            warn!(
-                after_ms = limit.as_millis() as u64,
-                "not every agent answered: serving SIP anyway"
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }

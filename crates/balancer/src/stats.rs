@@ -47,7 +47,7 @@ pub fn method_index(m: Method<'_>) -> usize {
 
 /// Why a message was dropped without an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     /// Not SIP, or a request too broken to answer.
     Unparseable,
     /// A response whose top Via is not ours.
@@ -64,18 +64,23 @@ pub enum Drop {
     Merged,
     /// Session table full (the request was still routed).
     SessionTableFull,
+    /// A response that ends here by design: a server's `100 Trying` (hop by
+    /// hop), the answer to a CANCEL we answered ourselves, late answers of
+    /// an attempt given up, answers to our own ACK/BYE.
+    Absorbed,
 }
 
 /// All drop reasons, with their metric labels.
-pub const DROPS: [(Drop, &str); 8] = [
-    (Drop::Unparseable, "unparseable"),
-    (Drop::ViaNotOurs, "via_not_ours"),
-    (Drop::NoRoute, "no_route"),
-    (Drop::NoServer, "no_server"),
-    (Drop::StrayAck, "stray_ack"),
-    (Drop::SendFailed, "send_failed"),
-    (Drop::Merged, "merged"),
-    (Drop::SessionTableFull, "session_table_full"),
+pub const DROPS: [(DropReason, &str); 9] = [
+    (DropReason::Unparseable, "unparseable"),
+    (DropReason::ViaNotOurs, "via_not_ours"),
+    (DropReason::NoRoute, "no_route"),
+    (DropReason::NoServer, "no_server"),
+    (DropReason::StrayAck, "stray_ack"),
+    (DropReason::SendFailed, "send_failed"),
+    (DropReason::Merged, "merged"),
+    (DropReason::SessionTableFull, "session_table_full"),
+    (DropReason::Absorbed, "absorbed"),
 ];
 
 /// Balancer-wide counters.
@@ -120,7 +125,7 @@ impl Stats {
     }
 
     /// Counts a drop.
-    pub fn drop(&self, d: Drop) {
+    pub fn drop(&self, d: DropReason) {
         if let Some(i) = DROPS.iter().position(|(x, _)| *x == d) {
             self.drops[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -154,7 +159,7 @@ impl Stats {
 
     /// Count of one drop reason.
     #[must_use]
-    pub fn drops_of(&self, d: Drop) -> u64 {
+    pub fn drops_of(&self, d: DropReason) -> u64 {
         DROPS
             .iter()
             .position(|(x, _)| *x == d)
@@ -176,10 +181,10 @@ pub struct ServerStats {
     pub selected: AtomicU64,
     /// Requests forwarded to it.
     pub forwarded: AtomicU64,
-    /// Requests sent and not yet answered with a final response.
+    /// Attempts of client transactions and fork legs sent to it and not yet
+    /// answered with a final response (owned by the transactions: each
+    /// increments it once and decrements it once).
     pub outstanding: AtomicI64,
-    /// When it last sent a final response (balancer clock, ms).
-    pub last_final: AtomicU64,
     /// Taken out by an operator.
     pub drained: AtomicBool,
     /// New sessions moved to another server after this one failed them.
@@ -289,10 +294,10 @@ mod tests {
         s.request(Method::Invite);
         s.response(200);
         s.response(700);
-        s.drop(Drop::StrayAck);
+        s.drop(DropReason::StrayAck);
         assert_eq!(s.requests().next(), Some(("INVITE", 1)));
         assert_eq!(s.responses().collect::<Vec<_>>(), [(200, 1)]);
-        assert_eq!(s.drops_of(Drop::StrayAck), 1);
+        assert_eq!(s.drops_of(DropReason::StrayAck), 1);
         let st = ServerStats::default();
         st.outstanding.store(-3, Ordering::Relaxed);
         assert_eq!(st.outstanding(), 0);

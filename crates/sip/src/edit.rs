@@ -77,19 +77,22 @@ impl<'a> Message<'a> {
         let first_line_of = |name| heads.iter().find(|h| h.name == name).map(|h| h.line_at.0);
         let first_via_line = first_line_of(HeaderName::Via).unwrap_or(self.headers_end());
 
-        if let Some(v) = edits.prepend_via {
-            splices.push(Splice {
-                start: first_via_line,
-                end: first_via_line,
-                ins: Ins::Line("Via", v),
-            });
-        }
+        // Record-Route first: where it goes at the first Via line (no
+        // Record-Route yet), it must come before our Via, so that the Via
+        // rows stay together (the sort below is stable).
         if let Some(rr) = edits.record_route {
             let at = first_line_of(HeaderName::RecordRoute).unwrap_or(first_via_line);
             splices.push(Splice {
                 start: at,
                 end: at,
                 ins: Ins::Line("Record-Route", rr),
+            });
+        }
+        if let Some(v) = edits.prepend_via {
+            splices.push(Splice {
+                start: first_via_line,
+                end: first_via_line,
+                ins: Ins::Line("Via", v),
             });
         }
         if let Some((start, end)) = edits
@@ -287,8 +290,8 @@ CSeq: 1 INVITE\r\n\
         assert_eq!(
             text,
             "INVITE sip:bob@example.com SIP/2.0\r\n\
-Via: SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKlb\r\n\
 Record-Route: <sip:192.0.2.9;lr;sb=s1.x>\r\n\
+Via: SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKlb\r\n\
 Via: SIP/2.0/UDP 192.0.2.1:5060;rport=40000;branch=z9hG4bKa;received=192.0.2.100, SIP/2.0/UDP 192.0.2.7;branch=z9hG4bKb\r\n\
 Route: <sip:p2.example.com;lr>\r\n\
 Max-Forwards: 69\r\n\

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use balancer::config::{Config, Health, OnNoServer, RegisterMode, ServerConfig, Transport};
+use balancer::forwarding::{Balancer, Sockets, now};
 use balancer::load::Scoring;
-use balancer::proxy::{Proxy, udp_loop};
 use perf::agent::AgentConfig;
 use perf::client::PollConfig;
 use perf::collect::Synthetic;
@@ -143,14 +143,17 @@ async fn scenario(
         "patent",
         servers,
     );
-    let proxy = Proxy::new(cfg, vec![sock], ps.shared().clone()).map_err(|e| e.to_string())?;
-    proxy.seed_selection(seed);
-    let lb = tokio::spawn(udp_loop(proxy.clone(), 0));
+    let sockets = Sockets {
+        udp: vec![sock],
+        tcp: Vec::new(),
+    };
+    let lb = Balancer::start(cfg, sockets, ps.shared().clone(), Some(seed)).await?;
+    let proxy = lb.router().clone();
 
     // Wait (bounded) until the balancer has both agents' data.
     let ready = async {
         loop {
-            let v = proxy.servers_view();
+            let v = proxy.servers_view(now());
             if v.iter().all(|s| s.cpu.is_some() && s.agent_state == "up") {
                 return v;
             }
@@ -189,7 +192,7 @@ async fn scenario(
             selected: u.invites(),
         })
         .collect();
-    lb.abort();
+    drop(lb);
     for a in agents {
         a.abort();
     }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use balancer::config::{ServerConfig, Transport};
-use balancer::proxy::{Proxy, udp_loop};
+use balancer::forwarding::{Balancer, Sockets, now};
 use perf::agent::AgentConfig;
 use perf::client::PollConfig;
 use perf::collect::{Collector, Reading};
@@ -407,24 +407,21 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
             pool.clone(),
         );
         c.secret.clone_from(&secret);
-        let proxy = Proxy::new(c, vec![sock], ps.shared().clone()).map_err(|e| e.to_string())?;
-        tasks.push(tokio::spawn(udp_loop(proxy.clone(), 0)));
-        let p = proxy.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                p.health_round().await;
-            }
-        }));
-        lbs.push((proxy, addr, ps));
+        let sockets = Sockets {
+            udp: vec![sock],
+            tcp: Vec::new(),
+        };
+        let lb = Balancer::start(c, sockets, ps.shared().clone(), None).await?;
+        lbs.push((lb, addr, ps));
     }
     // Every balancer has every agent's data (bounded).
     let ready = async {
-        while !lbs
-            .iter()
-            .all(|(p, _, _)| p.servers_view().iter().all(|s| s.cpu.is_some()))
-        {
+        while !lbs.iter().all(|(p, _, _)| {
+            p.router()
+                .servers_view(now())
+                .iter()
+                .all(|s| s.cpu.is_some())
+        }) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };

@@ -1,0 +1,526 @@
+//! The forwarding shell (FIG 4 box 402): sockets, connections, timers and
+//! name resolution around the routing core ([`crate::router`]), and
+//! [`Balancer::start`], the one entry point that `siplb balancer`, `siplb
+//! demo` and `siplb experiment` share.
+//!
+//! Each UDP socket (several on one port with SO_REUSEPORT) and each TCP
+//! connection has one task: it receives a message, reads the clock once,
+//! calls the core, and performs the core's sends in the order they were
+//! queued before it receives the next, so the messages of one flow leave
+//! in the order they came. One timer task holds every timer the core asks
+//! for in a heap (a shortened `failover_timeout` after a reload fires on
+//! time); one task ticks the core every 100 ms. Names (a Request-URI or
+//! Via with a host name) are resolved by a resolver task with a cache, so a
+//! slow resolver never stalls a socket.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use perf::server::SharedTable;
+use rand::{RngCore, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::router::{ConnId, Dest, Now, Origin, Outbox, Router, TimerKey};
+use crate::stats::DropReason;
+
+/// Largest datagram we read.
+const MAX_DATAGRAM: usize = 65_535;
+/// How long a resolved name is kept (the system resolver gives no TTL).
+const RESOLVED_FOR: Duration = Duration::from_secs(30);
+/// How long a name that did not resolve is kept as such.
+const UNRESOLVED_FOR: Duration = Duration::from_secs(5);
+/// Lookups in flight at most; past it, datagrams to new names are dropped.
+const MAX_LOOKUPS: usize = 64;
+/// Messages queued per connection before sends to it fail.
+const CONN_QUEUE: usize = 1024;
+
+/// The time now, read once per input.
+#[must_use]
+pub fn now() -> Now {
+    Now {
+        at: Instant::now(),
+        wall_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// The bound sockets the balancer serves.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// UDP sockets (at least one: servers are reached from it).
+    pub udp: Vec<Arc<UdpSocket>>,
+    /// TCP listeners.
+    pub tcp: Vec<TcpListener>,
+}
+
+/// Where selection draws its randomness.
+enum Rng {
+    /// The thread's generator, seeded by the OS (production; no lock).
+    Os,
+    /// One seeded generator (test beds' `--seed`), behind a lock.
+    Seeded(Box<Mutex<rand::rngs::StdRng>>),
+}
+
+/// What every task of the shell shares.
+struct Net {
+    router: Arc<Router>,
+    udp: Vec<Arc<UdpSocket>>,
+    conns: papaya::HashMap<ConnId, mpsc::Sender<Bytes>>,
+    /// Our persistent connection to each TCP server.
+    servers: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
+    next_conn: AtomicU64,
+    timers: mpsc::UnboundedSender<(Instant, TimerKey)>,
+    resolve: mpsc::Sender<(Box<str>, u16, Bytes)>,
+    rng: Rng,
+    me: std::sync::Weak<Net>,
+}
+
+impl Net {
+    /// Runs `f` with the generator in use.
+    fn with_rng<R>(&self, f: impl FnOnce(&mut dyn RngCore) -> R) -> R {
+        match &self.rng {
+            Rng::Os => f(&mut rand::rng()),
+            Rng::Seeded(m) => f(&mut *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
+        }
+    }
+
+    /// Hands one message to the core and performs what it asks.
+    async fn handle(&self, data: &[u8], origin: Origin, out: &mut Outbox) {
+        self.with_rng(|rng| self.router.on_message(data, origin, now(), rng, out));
+        self.perform(out).await;
+    }
+
+    /// Performs the outbox in order and empties it.
+    async fn perform(&self, out: &mut Outbox) {
+        for (dest, bytes) in out.sends() {
+            let ok = match dest {
+                Dest::Udp(to) => self.udp_for(*to).send_to(bytes, *to).await.is_ok(),
+                Dest::Conn(id) => self
+                    .conns
+                    .pin()
+                    .get(id)
+                    .is_some_and(|tx| tx.try_send(Bytes::copy_from_slice(bytes)).is_ok()),
+                Dest::Tcp(to) => self.send_tcp_server(*to, bytes),
+                Dest::Resolve { host, port } => self
+                    .resolve
+                    .try_send((host.clone(), *port, Bytes::copy_from_slice(bytes)))
+                    .is_ok(),
+            };
+            if !ok {
+                self.router.stats.drop(DropReason::SendFailed);
+            }
+        }
+        for &(at, key) in out.timers() {
+            let _ = self.timers.send((at, key));
+        }
+        out.clear();
+    }
+
+    fn udp_for(&self, dest: SocketAddr) -> &UdpSocket {
+        // Any of our sockets will do (they share the port); keep one per
+        // destination so one flow keeps its order.
+        let i = (dest.port() as usize) % self.udp.len().max(1);
+        &self.udp[i]
+    }
+
+    fn send_tcp_server(self: &Net, addr: SocketAddr, bytes: &[u8]) -> bool {
+        let mut m = self
+            .servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = match m.get(&addr) {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let tx = self.open_server_conn(addr);
+                m.insert(addr, tx.clone());
+                tx
+            }
+        };
+        tx.try_send(Bytes::copy_from_slice(bytes)).is_ok()
+    }
+
+    /// Opens a connection to a TCP server; messages queue until it is up.
+    fn open_server_conn(&self, addr: SocketAddr) -> mpsc::Sender<Bytes> {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.conns.pin().insert(id, tx.clone());
+        let net = self.me();
+        tokio::spawn(async move {
+            let connected =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await;
+            let Ok(Ok(stream)) = connected else {
+                warn!(%addr, "cannot connect to server over TCP");
+                if let Some(n) = net.upgrade() {
+                    n.conns.pin().remove(&id);
+                }
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let (r, mut w) = stream.into_split();
+            let origin = Origin::Conn {
+                peer: addr,
+                conn: id,
+                inbound: false,
+            };
+            let reader = net
+                .upgrade()
+                .map(|n| tokio::spawn(read_stream(n, r, origin)));
+            while let Some(b) = rx.recv().await {
+                if w.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            if let Some(r) = reader {
+                r.abort();
+            }
+            if let Some(n) = net.upgrade() {
+                n.conns.pin().remove(&id);
+            }
+        });
+        tx
+    }
+
+    fn me(&self) -> std::sync::Weak<Net> {
+        self.me.clone()
+    }
+}
+
+/// A running balancer: the routing core and the shell's tasks.
+pub struct Balancer {
+    router: Arc<Router>,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Balancer {
+    /// Starts the balancer for `cfg` on `sockets`, reading performance data
+    /// from `table`: waits (bounded) until every agent answered once, then
+    /// serves SIP. `seed` makes selection repeatable (test beds).
+    ///
+    /// # Errors
+    /// An invalid scoring config, or no UDP socket.
+    pub async fn start(
+        cfg: Config,
+        sockets: Sockets,
+        table: SharedTable,
+        seed: Option<u64>,
+    ) -> Result<Balancer, String> {
+        if sockets.udp.is_empty() {
+            return Err("the balancer needs at least one UDP socket".into());
+        }
+        wait_for_first_data(&cfg, &table).await;
+        let router = Arc::new(Router::new(cfg, table, Instant::now()).map_err(|e| e.to_string())?);
+        let (timers_tx, timers_rx) = mpsc::unbounded_channel();
+        let (resolve_tx, resolve_rx) = mpsc::channel(4096);
+        let net = Arc::new_cyclic(|me: &std::sync::Weak<Net>| Net {
+            me: me.clone(),
+            router: router.clone(),
+            udp: sockets.udp.clone(),
+            conns: papaya::HashMap::new(),
+            servers: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            timers: timers_tx,
+            resolve: resolve_tx,
+            rng: match seed {
+                Some(s) => Rng::Seeded(Box::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(s)))),
+                None => Rng::Os,
+            },
+        });
+        let mut tasks = JoinSet::new();
+        for sock in sockets.udp {
+            tasks.spawn(udp_loop(net.clone(), sock));
+        }
+        for l in sockets.tcp {
+            tasks.spawn(accept_loop(net.clone(), l));
+        }
+        tasks.spawn(timer_task(net.clone(), timers_rx));
+        tasks.spawn(tick_task(net.clone()));
+        tasks.spawn(resolver_task(net.clone(), resolve_rx));
+        Ok(Balancer { router, tasks })
+    }
+
+    /// The routing core (for the admin API and the test beds).
+    #[must_use]
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Stops gracefully: new sessions are refused with 503 while what is in
+    /// flight finishes (at most `grace`); then every task ends.
+    pub async fn stop(mut self, grace: Duration) {
+        self.router.stopping.store(true, Ordering::Relaxed);
+        info!(
+            outstanding = self.router.outstanding(),
+            "stopping: refusing new sessions, finishing transactions"
+        );
+        let start = Instant::now();
+        while self.router.outstanding() > 0 && start.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info!(outstanding = self.router.outstanding(), "stopped");
+        self.tasks.abort_all();
+    }
+}
+
+/// Waits (bounded by the agent timeout + 1 s) until every server's agent has
+/// answered or failed once. A balancer (re)started under load would
+/// otherwise refuse the first new calls for lack of data; meanwhile the
+/// sockets are bound and the kernel holds datagrams and connections.
+async fn wait_for_first_data(cfg: &Config, table: &SharedTable) {
+    let start = Instant::now();
+    let limit = cfg.poll.timeout + Duration::from_secs(1);
+    loop {
+        let t = table.load();
+        let ready = cfg.servers.iter().filter(|s| s.agent.is_some()).all(|s| {
+            t.get(&s.id).is_some_and(|e| match e.state {
+                perf::AgentState::Up => e.sample.is_some(),
+                perf::AgentState::Down => true,
+                perf::AgentState::Connecting => false,
+            })
+        });
+        if ready {
+            info!(
+                after_ms = start.elapsed().as_millis() as u64,
+                "agents answered: serving SIP"
+            );
+            return;
+        }
+        if start.elapsed() >= limit {
+            warn!(
+                after_ms = limit.as_millis() as u64,
+                "not every agent answered: serving SIP anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One UDP socket's receive loop.
+async fn udp_loop(net: Arc<Net>, socket: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut out = Outbox::new();
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "udp receive error");
+                continue;
+            }
+        };
+        net.handle(&buf[..n], Origin::Udp { peer }, &mut out).await;
+    }
+}
+
+async fn accept_loop(net: Arc<Net>, l: TcpListener) {
+    loop {
+        match l.accept().await {
+            Ok((s, peer)) => {
+                tokio::spawn(tcp_conn(net.clone(), s, peer));
+            }
+            Err(e) => {
+                warn!(error = %e, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves one inbound TCP connection.
+async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let id = net.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
+    net.conns.pin().insert(id, tx);
+    let (r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let origin = Origin::Conn {
+        peer,
+        conn: id,
+        inbound: true,
+    };
+    read_stream(net.clone(), r, origin).await;
+    // Dropping the registry's sender lets the writer flush what is queued
+    // (e.g. our 400/513 before the close), then end.
+    net.conns.pin().remove(&id);
+    if tokio::time::timeout(Duration::from_secs(1), writer)
+        .await
+        .is_err()
+    {
+        debug!(%peer, "tcp writer did not finish in time");
+    }
+}
+
+/// Reads framed messages from a stream and hands them to the core.
+async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, origin: Origin) {
+    let max = net.router.config().max_message_size;
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut out = Outbox::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        // Hand over every whole message already buffered.
+        let mut consumed = 0;
+        loop {
+            match sip::framing::check(&buf[consumed..], max) {
+                Ok(sip::Frame::Message(n)) => {
+                    net.handle(&buf[consumed..consumed + n], origin, &mut out)
+                        .await;
+                    consumed += n;
+                }
+                Ok(sip::Frame::KeepAlive(n)) => consumed += n,
+                Ok(sip::Frame::Incomplete) => break,
+                Err(e) => {
+                    debug!(error = %e, ?origin, "stream framing error; closing");
+                    let answer = e.status() == 513 || matches!(e, sip::Error::StreamWithoutLength);
+                    if answer
+                        && let Some(resp) = sip::reply::error_response(
+                            &buf[consumed..],
+                            e.status(),
+                            &format!("Bad Request ({e})"),
+                        )
+                    {
+                        net.router.stats.refusal(e.status());
+                        out.send(origin.reply_dest(), &resp);
+                        net.perform(&mut out).await;
+                    }
+                    return;
+                }
+            }
+        }
+        buf.drain(..consumed);
+        let n = match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Every timer the core asks for, in one heap.
+async fn timer_task(net: Arc<Net>, mut rx: mpsc::UnboundedReceiver<(Instant, TimerKey)>) {
+    let mut heap: BinaryHeap<Reverse<(Instant, TimerKey)>> = BinaryHeap::new();
+    let mut out = Outbox::new();
+    loop {
+        let next = heap.peek().map(|Reverse((at, _))| *at);
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(t) => {
+                    heap.push(Reverse(t));
+                    while let Ok(t) = rx.try_recv() {
+                        heap.push(Reverse(t));
+                    }
+                }
+                None => return,
+            },
+            () = sleep => {
+                let now = Instant::now();
+                while let Some(&Reverse((at, key))) = heap.peek() {
+                    if at > now {
+                        break;
+                    }
+                    heap.pop();
+                    net.with_rng(|rng| net.router.on_timer(key, self::now(), rng, &mut out));
+                    net.perform(&mut out).await;
+                }
+            }
+        }
+    }
+}
+
+/// The core's housekeeping tick, every 100 ms.
+async fn tick_task(net: Arc<Net>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Outbox::new();
+    loop {
+        tick.tick().await;
+        net.with_rng(|rng| net.router.tick(now(), rng, &mut out));
+        net.perform(&mut out).await;
+    }
+}
+
+/// Sends datagrams to host names: from the cache, else after a lookup in a
+/// task of its own (bounded in number and time).
+async fn resolver_task(net: Arc<Net>, mut rx: mpsc::Receiver<(Box<str>, u16, Bytes)>) {
+    type Cache = Mutex<HashMap<(Box<str>, u16), (Option<SocketAddr>, Instant)>>;
+    let cache: Arc<Cache> = Arc::default();
+    let lookups = Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS));
+    while let Some((host, port, bytes)) = rx.recv().await {
+        let hit = cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(host.clone(), port))
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(a, _)| *a);
+        match hit {
+            Some(Some(a)) => {
+                let _ = net.udp_for(a).send_to(&bytes, a).await;
+            }
+            Some(None) => net.router.stats.drop(DropReason::NoRoute),
+            None => {
+                let Ok(permit) = lookups.clone().try_acquire_owned() else {
+                    net.router.stats.drop(DropReason::NoRoute);
+                    continue;
+                };
+                let (net, cache) = (net.clone(), cache.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let found = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        tokio::net::lookup_host((&*host, port)),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|mut it| it.next());
+                    let until = Instant::now()
+                        + if found.is_some() {
+                            RESOLVED_FOR
+                        } else {
+                            UNRESOLVED_FOR
+                        };
+                    cache
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert((host, port), (found, until));
+                    match found {
+                        Some(a) => {
+                            let _ = net.udp_for(a).send_to(&bytes, a).await;
+                        }
+                        None => net.router.stats.drop(DropReason::NoRoute),
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The pool of SIP servers as the running balancer holds it: each server's
+//! configuration, its signed Record-Route token and its counters, kept by id
+//! across reloads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::codec::Keys;
+use crate::config::{ServerConfig, Transport};
+use crate::router::outbox::Dest;
+use crate::stats::ServerStats;
+
+/// One server of the pool.
+#[derive(Debug)]
+pub struct Server {
+    /// Its configuration.
+    pub cfg: ServerConfig,
+    /// Its id, shared with the session table.
+    pub id: Arc<str>,
+    /// `sb` value of our Record-Route for it.
+    pub sb: String,
+    /// Counters, health and drain state (kept across reloads).
+    pub stats: Arc<ServerStats>,
+    /// Where its entry is expected in the performance table (the order of
+    /// the servers with an agent).
+    pub slot: usize,
+}
+
+impl Server {
+    /// Where requests to it go.
+    #[must_use]
+    pub fn dest(&self) -> Dest {
+        match self.cfg.transport {
+            Transport::Udp => Dest::Udp(self.cfg.address),
+            Transport::Tcp => Dest::Tcp(self.cfg.address),
+        }
+    }
+}
+
+/// The servers in configured order.
+#[derive(Debug, Default)]
+pub struct Pool {
+    /// The servers.
+    pub servers: Vec<Arc<Server>>,
+}
+
+impl Pool {
+    /// Builds the pool for `servers`, keeping the counters and drain state of
+    /// every id that `old` has; new ids start fresh.
+    #[must_use]
+    pub fn build(servers: &[ServerConfig], old: &Pool, keys: &Keys) -> Pool {
+        let mut slot = 0;
+        let servers = servers
+            .iter()
+            .map(|c| {
+                let this_slot = slot;
+                slot += usize::from(c.agent.is_some());
+                let prev = old.by_id(&c.id);
+                Arc::new(Server {
+                    id: c.id.as_str().into(),
+                    sb: keys.sb(&c.id),
+                    stats: prev.map_or_else(Arc::default, |p| p.stats.clone()),
+                    cfg: c.clone(),
+                    slot: this_slot,
+                })
+            })
+            .collect();
+        Pool { servers }
+    }
+
+    /// The server with this id.
+    #[must_use]
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Server>> {
+        self.servers.iter().find(|s| &*s.id == id)
+    }
+
+    /// The server at this SIP address.
+    #[must_use]
+    pub fn by_addr(&self, a: SocketAddr) -> Option<&Arc<Server>> {
+        self.servers.iter().find(|s| s.cfg.address == a)
+    }
+}

@@ -1,0 +1,231 @@
+//! REGISTER forked to every server (RFC 3261 §16.7 with the patent's
+//! registration to all servers): each leg built from the request as
+//! processed once, the finals merged ([`crate::merge`]), a 2xx passed at once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use sip::Message;
+use smallvec::SmallVec;
+
+use super::request::Hop;
+use super::{Dest, Now, Origin, Outbox, Router, TimerKey};
+use crate::codec::Leg;
+use crate::config::{Config, RegisterMode};
+use crate::merge;
+use crate::pool::{Pool, Server};
+use crate::stats::{DropReason, ServerStats};
+
+/// A REGISTER sent to several servers.
+#[derive(Debug)]
+pub(super) struct Fork {
+    /// The REGISTER as processed once (for our 408).
+    request: Vec<u8>,
+    reply_to: Dest,
+    /// Each leg's server counters, and whether it still owes a final.
+    legs: SmallVec<[(Arc<ServerStats>, bool); 4]>,
+    finals: Vec<(u16, Vec<u8>)>,
+    done: bool,
+}
+
+impl Fork {
+    fn pending(&self) -> usize {
+        self.legs.iter().filter(|(_, p)| *p).count()
+    }
+
+    /// Leg `i` owes nothing more.
+    fn settle(&mut self, i: usize) {
+        if let Some((stats, pending)) = self.legs.get_mut(i)
+            && std::mem::take(pending)
+        {
+            stats.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Router {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn register(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        pool: &Pool,
+        pop_route: bool,
+        origin: Origin,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let back = origin.reply_dest();
+        let targets: SmallVec<[Arc<Server>; 8]> = match cfg.register {
+            RegisterMode::Registrar => cfg
+                .registrar
+                .as_deref()
+                .and_then(|id| pool.by_id(id))
+                .filter(|s| !s.stats.drained.load(Ordering::Relaxed))
+                .into_iter()
+                .cloned()
+                .collect(),
+            RegisterMode::Fork => pool
+                .servers
+                .iter()
+                .filter(|s| self.usable(cfg, s, now))
+                .cloned()
+                .collect(),
+        };
+        if targets.is_empty() {
+            let ra = format!("Retry-After: {}", cfg.retry_after);
+            return self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
+        }
+        let id = self.txn_id(msg);
+        let loop_hash = self.loop_hash(msg);
+        if targets.len() == 1 {
+            let branch = Self::branch(id, Leg::Attempt(0), loop_hash);
+            return self.forward_to_server(
+                msg,
+                &targets[0],
+                Hop::stateless(pop_route),
+                branch,
+                origin,
+                out,
+            );
+        }
+        if self.forks.pin().get(&id).is_some() {
+            // A retransmission while the fork runs: the servers were asked.
+            return self.drop_counted(DropReason::Merged, out);
+        }
+        let mut base = Vec::with_capacity(msg.as_bytes().len() + 64);
+        self.write_processed(msg, pop_route, origin, &mut base);
+        let Ok(processed) = Message::parse(&base) else {
+            return;
+        };
+        let fork = Fork {
+            request: Vec::new(),
+            reply_to: back,
+            legs: targets.iter().map(|s| (s.stats.clone(), true)).collect(),
+            finals: Vec::new(),
+            done: false,
+        };
+        let fork = Arc::new(std::sync::Mutex::new(fork));
+        let mut guard = fork
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.forks.pin().try_insert(id, fork.clone()).is_err() {
+            return self.drop_counted(DropReason::Merged, out);
+        }
+        for (i, s) in targets.iter().enumerate() {
+            s.stats.outstanding.fetch_add(1, Ordering::Relaxed);
+            let branch = Self::branch(id, Leg::Fork(i as u16), loop_hash);
+            let hop = Hop {
+                pop_route: false,
+                record_route: false,
+                fresh: false,
+            };
+            self.forward_to_server(&processed, s, hop, branch, origin, out);
+        }
+        drop(processed);
+        guard.request = base;
+        // Whatever has not answered by the timeout does not hold the UA up.
+        out.arm(now.at + cfg.register_timeout, TimerKey::Fork { fork: id });
+    }
+
+    pub(super) fn fork_response(
+        &self,
+        id: u64,
+        leg: u16,
+        msg: &Message<'_>,
+        code: u16,
+        _now: Now,
+        out: &mut Outbox,
+    ) {
+        if code < 200 {
+            return self.drop_counted(DropReason::Merged, out);
+        }
+        let Some(f) = self.forks.pin().get(&id).cloned() else {
+            return self.drop_counted(DropReason::Merged, out);
+        };
+        let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.settle(usize::from(leg));
+        if f.done {
+            return self.drop_counted(DropReason::Merged, out);
+        }
+        if (200..300).contains(&code) {
+            f.done = true;
+            self.stats.response(code);
+            return out.send_with(f.reply_to.clone(), |b| super::txn::without_top_via(msg, b));
+        }
+        let mut without = Vec::with_capacity(msg.as_bytes().len());
+        super::txn::without_top_via(msg, &mut without);
+        f.finals.push((code, without));
+        self.drop_counted(DropReason::Merged, out);
+        if f.pending() == 0 {
+            drop(f);
+            self.finish_fork(id, false, out);
+        }
+    }
+
+    /// Sends the merged answer once every server answered (or at the
+    /// timeout, which also ends the fork).
+    pub(super) fn finish_fork(&self, id: u64, timed_out: bool, out: &mut Outbox) {
+        let Some(f) = self.forks.pin().get(&id).cloned() else {
+            return;
+        };
+        let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !f.done && (timed_out || f.pending() == 0) {
+            f.done = true;
+            let codes: SmallVec<[u16; 8]> = f.finals.iter().map(|(c, _)| *c).collect();
+            match merge::best(&codes) {
+                Some(i) => {
+                    let bytes = merge_challenges(&f.finals, i);
+                    self.stats.response(merge::outgoing_status(f.finals[i].0));
+                    out.send(f.reply_to.clone(), &bytes);
+                }
+                None => {
+                    // Nobody answered: 408.
+                    if let Ok(req) = Message::parse(&f.request) {
+                        let tag = self.to_tag(&req);
+                        out.send_with(f.reply_to.clone(), |b| {
+                            sip::reply::response_for(&req, 408, "Request Timeout", &tag, &[], b);
+                        });
+                        self.stats.refusal(408);
+                    }
+                }
+            }
+        }
+        if timed_out || f.pending() == 0 {
+            for i in 0..f.legs.len() {
+                f.settle(i);
+            }
+            drop(f);
+            self.forks.pin().remove(&id);
+        }
+    }
+}
+
+/// The chosen final with every other 401/407's challenges added (§16.7 step 7).
+fn merge_challenges(finals: &[(u16, Vec<u8>)], chosen: usize) -> Vec<u8> {
+    let (code, bytes) = &finals[chosen];
+    let mut out = bytes.clone();
+    merge::set_outgoing_status(&mut out, *code);
+    if !matches!(code, 401 | 407) {
+        return out;
+    }
+    let mut extra = Vec::new();
+    for (i, (c, b)) in finals.iter().enumerate() {
+        if i == chosen || !matches!(c, 401 | 407) {
+            continue;
+        }
+        if let Ok(m) = Message::parse(b) {
+            for h in m.headers() {
+                if h.raw_name.eq_ignore_ascii_case(b"WWW-Authenticate")
+                    || h.raw_name.eq_ignore_ascii_case(b"Proxy-Authenticate")
+                {
+                    extra.extend_from_slice(h.line);
+                }
+            }
+        }
+    }
+    if let Some(pos) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+        out.splice(pos + 2..pos + 2, extra);
+    }
+    out
+}

@@ -1,0 +1,547 @@
+//! The routing core (FIG 4 box 404): what happens to each SIP message, with
+//! no I/O. There is no socket, no `Instant::now()`, no global RNG here:
+//! the shell ([`crate::forwarding`]) hands in each message with where it
+//! came from, the time ([`Now`]) and a random generator, and performs what
+//! the core put into the [`Outbox`] — sends in the order they were queued,
+//! timers, drops — before it reads the next message of that socket or
+//! connection, so the messages of one flow leave in the order they came.
+//!
+//! **Shared, not single-owner.** One [`Router`] serves every UDP socket
+//! (several share a port with SO_REUSEPORT, and the kernel spreads the
+//! datagrams of one call over them), every TCP connection, the timer task
+//! and the housekeeping tick, all through `&self`. A response can come in
+//! on any socket and must find the transaction its request created on
+//! another, so the tables are concurrent maps (`papaya`, lock-free reads)
+//! and each client transaction sits behind its own short mutex, held only
+//! while the core decides, never across I/O (there is none in here). A
+//! router per socket would need the tables shared anyway, or the kernel
+//! steered per Call-ID, which it cannot be.
+//!
+//! Inputs: [`Router::on_message`] (one SIP message), [`Router::on_timer`]
+//! (a timer the core asked for), [`Router::tick`] (every 100 ms: health,
+//! OPTIONS probes, Timer C, sweeps). The tables:
+//! - sessions: Call-ID → server ([`crate::sessions`]);
+//! - client transactions ([`txn`]): a new session's first transaction,
+//!   tried server after server, keyed by our transaction id;
+//! - forks ([`fork`]): REGISTER sent to every server, keyed the same way.
+//!
+//! What the core writes and reads back (our branch, the connection
+//! reference, the Record-Route token) is [`crate::codec`].
+
+pub mod outbox;
+
+mod build;
+mod fork;
+mod health;
+mod request;
+mod response;
+mod txn;
+mod view;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use perf::server::SharedTable;
+use rand::RngCore;
+use sip::{Message, Transport as SipTransport};
+use smallvec::SmallVec;
+use tracing::{debug, info, warn};
+
+use crate::codec::{Branch, Keys, Leg};
+use crate::config::{Config, Transport};
+use crate::load::Input;
+use crate::pool::{Pool, Server};
+use crate::query::LiveScoring;
+use crate::select::{Patent, Policy, PoolView};
+use crate::sessions::Sessions;
+use crate::stats::{DropReason, Stats};
+
+pub use outbox::{ConnId, Dest, Now, Origin, Outbox, TimerKey};
+pub use view::ServerView;
+
+use fork::Fork;
+use txn::ClientTxn;
+
+/// How we name ourselves on the wire; fixed for the life of the process
+/// (`sip.advertise` changes take effect at a restart, so that the Vias we
+/// wrote before a reload still read as ours after it).
+#[derive(Debug)]
+struct Me {
+    host: String,
+    port: u16,
+    /// `SIP/2.0/UDP host:port;branch=`
+    via_udp: String,
+    /// `SIP/2.0/TCP host:port;branch=`
+    via_tcp: String,
+    /// `<sip:host:port;lr;sb=`
+    rr: String,
+}
+
+/// The routing core.
+pub struct Router {
+    cfg: ArcSwap<Config>,
+    pool: ArcSwap<Pool>,
+    /// Session table.
+    pub sessions: Sessions,
+    /// Scoring parameters, live.
+    pub scoring: LiveScoring,
+    policy: ArcSwap<Box<dyn Policy>>,
+    /// The performance table (written by the performance server).
+    pub table: SharedTable,
+    /// Counters.
+    pub stats: Stats,
+    keys: Keys,
+    me: Me,
+    txns: papaya::HashMap<u64, Arc<Mutex<ClientTxn>>>,
+    forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
+    /// The balancer clock's zero (every `_ms` value counts from it).
+    epoch: Instant,
+    /// Set by a graceful stop: new sessions are refused.
+    pub stopping: AtomicBool,
+    /// Next OPTIONS probe due per server id, and the last sweep (ms).
+    probe_due: Mutex<std::collections::HashMap<Arc<str>, u64>>,
+    last_sweep: AtomicU64,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("sessions", &self.sessions.len())
+            .field("transactions", &self.txns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// A router for `cfg` reading performance data from `table`; `epoch` is
+    /// the zero of its millisecond clock.
+    ///
+    /// # Errors
+    /// Invalid scoring in the config.
+    pub fn new(
+        cfg: Config,
+        table: SharedTable,
+        epoch: Instant,
+    ) -> Result<Router, crate::load::ScoringError> {
+        let keys = Keys::new(&cfg.secret);
+        let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
+        let me = Me {
+            host: cfg.advertise_host.clone(),
+            port: cfg.advertise_port,
+            via_udp: format!("SIP/2.0/UDP {hostport};branch="),
+            via_tcp: format!("SIP/2.0/TCP {hostport};branch="),
+            rr: format!("<sip:{hostport};lr;sb="),
+        };
+        let pool = Pool::build(&cfg.servers, &Pool::default(), &keys);
+        Ok(Router {
+            sessions: Sessions::new(cfg.max_sessions),
+            scoring: LiveScoring::new(cfg.scoring)?,
+            policy: ArcSwap::from_pointee(
+                crate::policy::by_name(&cfg.policy).unwrap_or_else(|| Box::new(Patent)),
+            ),
+            table,
+            stats: Stats::default(),
+            pool: ArcSwap::from_pointee(pool),
+            keys,
+            me,
+            txns: papaya::HashMap::new(),
+            forks: papaya::HashMap::new(),
+            epoch,
+            stopping: AtomicBool::new(false),
+            probe_due: Mutex::new(std::collections::HashMap::new()),
+            last_sweep: AtomicU64::new(0),
+            cfg: ArcSwap::from_pointee(cfg),
+        })
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> Arc<Config> {
+        self.cfg.load_full()
+    }
+
+    /// The pool in force.
+    #[must_use]
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool.load_full()
+    }
+
+    /// Takes a re-read config: the pool, scoring, policy and routing settings
+    /// change; listen addresses, transports, `sip.advertise`, the secret and
+    /// the agent key need a restart (logged, and kept as they are).
+    pub fn reload(&self, mut new: Config) {
+        let cur = self.cfg.load();
+        if new.listen != cur.listen || new.transports != cur.transports {
+            warn!("sip.listen / sip.transports changed: takes effect at the next restart");
+            new.listen.clone_from(&cur.listen);
+            new.transports.clone_from(&cur.transports);
+        }
+        if new.advertise_host != cur.advertise_host || new.advertise_port != cur.advertise_port {
+            warn!("sip.advertise changed: takes effect at the next restart");
+            new.advertise_host.clone_from(&cur.advertise_host);
+            new.advertise_port = cur.advertise_port;
+        }
+        if new.secret != cur.secret {
+            warn!("routing.secret changed: takes effect at the next restart");
+            new.secret.clone_from(&cur.secret);
+        }
+        if let Err(e) = self.scoring.set(new.scoring) {
+            warn!(error = %e, "scoring not changed");
+        }
+        self.apply_servers(&new.servers);
+        if new.policy != cur.policy
+            && let Err(e) = self.set_policy(&new.policy)
+        {
+            warn!(error = %e, "policy not changed");
+        }
+        info!(servers = new.servers.len(), "configuration reloaded");
+        self.cfg.store(Arc::new(new));
+    }
+
+    /// Replaces the pool: servers are kept by id with their counters and drain
+    /// state; new ids start fresh; removed ids go (their sessions idle out).
+    pub fn apply_servers(&self, servers: &[crate::config::ServerConfig]) {
+        let old = self.pool.load_full();
+        self.pool
+            .store(Arc::new(Pool::build(servers, &old, &self.keys)));
+    }
+
+    /// The routing policy in force.
+    #[must_use]
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.load().name()
+    }
+
+    /// Changes the routing policy at run time.
+    ///
+    /// # Errors
+    /// An unknown name, or a policy that needs agents while a server has none.
+    pub fn set_policy(&self, name: &str) -> Result<(), String> {
+        let Some(p) = crate::policy::by_name(name) else {
+            return Err(format!(
+                "'{name}' is not one of: {}",
+                crate::policy::NAMES.join(", ")
+            ));
+        };
+        if crate::policy::needs_agents(name)
+            && let Some(s) = self
+                .pool
+                .load()
+                .servers
+                .iter()
+                .find(|s| s.cfg.agent.is_none())
+        {
+            return Err(format!(
+                "policy '{name}' needs agent data and server '{}' has no agent",
+                s.id
+            ));
+        }
+        self.policy.store(Arc::new(p));
+        info!(policy = name, "routing policy changed");
+        Ok(())
+    }
+
+    /// Drains or undrains a server; `false` when there is no such id.
+    pub fn set_drained(&self, id: &str, drained: bool) -> bool {
+        match self.pool.load().by_id(id) {
+            Some(s) => {
+                s.stats.drained.store(drained, Ordering::Relaxed);
+                info!(server = id, drained, "drain state changed");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Client transactions in the table.
+    #[must_use]
+    pub fn transactions(&self) -> usize {
+        self.txns.len()
+    }
+
+    /// REGISTER forks in the table.
+    #[must_use]
+    pub fn forks(&self) -> usize {
+        self.forks.len()
+    }
+
+    /// Transactions outstanding at the servers (for a graceful stop).
+    #[must_use]
+    pub fn outstanding(&self) -> u32 {
+        self.pool
+            .load()
+            .servers
+            .iter()
+            .map(|s| s.stats.outstanding())
+            .sum()
+    }
+
+    /// Milliseconds on the balancer clock.
+    fn ms(&self, now: Now) -> u64 {
+        now.at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Handles one message that came from `origin`.
+    pub fn on_message(
+        &self,
+        data: &[u8],
+        origin: Origin,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) {
+        let cfg = self.cfg.load();
+        if data.len() > cfg.max_message_size {
+            self.refuse_raw(data, 513, "Message Too Large", origin, out);
+            return;
+        }
+        let transport = match origin {
+            Origin::Udp { .. } => SipTransport::Datagram,
+            Origin::Conn { .. } => SipTransport::Stream,
+        };
+        let msg = match Message::parse_as(data, transport) {
+            Ok(m) => m,
+            Err(sip::Error::Empty) => return,
+            Err(e) => {
+                debug!(error = %e, peer = %origin.peer(), "unparseable message");
+                let reason = refusal_reason(&e);
+                self.refuse_raw(data, e.status(), &reason, origin, out);
+                return;
+            }
+        };
+        if msg.is_request() {
+            if let Err(e) = msg.validate() {
+                debug!(error = %e, call_id = %String::from_utf8_lossy(msg.call_id()), "invalid request");
+                let reason = refusal_reason(&e);
+                self.reply(&msg, e.status(), &reason, &[], origin.reply_dest(), out);
+                return;
+            }
+            self.stats.request(msg.method());
+            self.request(&cfg, &msg, origin, now, rng, out);
+        } else {
+            self.response(&cfg, &msg, origin, now, rng, out);
+        }
+    }
+
+    /// Handles a timer the core asked for.
+    pub fn on_timer(&self, key: TimerKey, now: Now, rng: &mut dyn RngCore, out: &mut Outbox) {
+        match key {
+            TimerKey::Failover { txn, attempt } => self.failover_timer(txn, attempt, now, rng, out),
+            TimerKey::Retransmit { txn, n } => self.retransmit_timer(txn, n, now, out),
+            TimerKey::Fork { fork } => self.finish_fork(fork, true, out),
+        }
+    }
+
+    /// Housekeeping, every 100 ms: health and OPTIONS probes; every second:
+    /// Timer C, transaction timeouts and the sweep of idle sessions.
+    pub fn tick(&self, now: Now, rng: &mut dyn RngCore, out: &mut Outbox) {
+        self.probe_round(now, out);
+        self.health_round(now, rng, out);
+        let ms = self.ms(now);
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if ms >= last + 1000
+            && self
+                .last_sweep
+                .compare_exchange(last, ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.txn_round(now, rng, out);
+            self.sweep(now);
+        }
+    }
+
+    /// Whether `host:port` names this balancer.
+    fn is_ours(&self, host: &sip::Host<'_>, port: Option<u16>) -> bool {
+        port.unwrap_or(5060) == self.me.port
+            && match host {
+                sip::Host::Name(n) => n.eq_ignore_ascii_case(self.me.host.as_bytes()),
+                h => h.to_string() == self.me.host,
+            }
+    }
+
+    /// A keyed hash of what stays the same when a request loops back to us
+    /// (RFC 3261 §16.3 step 4): Request-URI, From tag, Call-ID, CSeq.
+    fn loop_hash(&self, msg: &Message<'_>) -> u32 {
+        let uri = msg.request_uri().map_or(&b""[..], |u| u.raw);
+        let from_tag = msg.from().ok().and_then(|f| f.tag()).unwrap_or_default();
+        let cseq = msg.cseq();
+        // A CANCEL and a non-2xx ACK carry the INVITE's branch (RFC 3261
+        // §9.1, §17.1.1.3): hash them as the INVITE they belong to.
+        let method = match cseq.method {
+            sip::Method::Cancel | sip::Method::Ack => &b"INVITE"[..],
+            m => m.as_bytes(),
+        };
+        self.keys.hash(&[
+            uri,
+            from_tag,
+            msg.call_id(),
+            &cseq.seq.to_be_bytes(),
+            method,
+        ]) as u32
+    }
+
+    /// Our transaction id for a request: the same for the request, its
+    /// retransmissions, its CANCEL and its non-2xx ACK (they share the UA's
+    /// top Via), and the same after a restart (keyed by the secret only).
+    fn txn_id(&self, msg: &Message<'_>) -> u64 {
+        let v = msg.top_via();
+        let branch = v.branch.unwrap_or_default();
+        // RFC 2543 peers have no branch: fall back to Call-ID and CSeq number.
+        let fallback = if v.is_rfc3261() {
+            &[][..]
+        } else {
+            msg.call_id()
+        };
+        self.keys.hash(&[
+            branch,
+            v.raw.split(|&b| b == b';').next().unwrap_or_default(),
+            fallback,
+            &msg.cseq().seq.to_be_bytes(),
+        ])
+    }
+
+    /// Writes our Via value for a request to `transport` into `out`.
+    fn write_via(
+        &self,
+        out: &mut impl crate::codec::Sink,
+        transport: Transport,
+        branch: Branch,
+        conn: Option<u64>,
+    ) {
+        out.put(match transport {
+            Transport::Udp => self.me.via_udp.as_bytes(),
+            Transport::Tcp => self.me.via_tcp.as_bytes(),
+        });
+        branch.write(out);
+        if let Some(c) = conn {
+            crate::codec::write_conn(c, out);
+        }
+    }
+
+    /// The branch of attempt/leg `leg` of transaction `txn`.
+    fn branch(txn: u64, leg: Leg, loop_hash: u32) -> Branch {
+        Branch {
+            txn,
+            leg,
+            loop_hash,
+            mac: None,
+        }
+    }
+
+    /// Draws a server for a new session among those not in `exclude`.
+    fn select(
+        &self,
+        cfg: &Config,
+        pool: &Pool,
+        exclude: &[Arc<str>],
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Option<Arc<Server>> {
+        let table = self.table.load();
+        let ms = self.ms(now);
+        let inputs: SmallVec<[Input; 16]> = pool
+            .servers
+            .iter()
+            .map(|s| {
+                if exclude.contains(&s.id) {
+                    return Input::Drained;
+                }
+                health::input_of(&table, s, now.at, ms, cfg)
+            })
+            .collect();
+        let facts = health::facts_of(cfg, pool, &table, ms, now.wall_ms);
+        let scoring = self.scoring.get();
+        let view = PoolView {
+            inputs: &inputs,
+            facts: &facts,
+            scoring: &scoring,
+        };
+        let i = self.policy.load().select(&view, rng)?;
+        pool.servers.get(i).cloned()
+    }
+
+    /// Whether a new session may go to `s` now (not drained, not down by
+    /// any health signal in use).
+    fn usable(&self, cfg: &Config, s: &Server, now: Now) -> bool {
+        let table = self.table.load();
+        match health::input_of(&table, s, now.at, self.ms(now), cfg) {
+            Input::Up(_) => true,
+            // A server without an agent has no data by design.
+            Input::NoData => s.cfg.agent.is_none(),
+            Input::Down | Input::Drained => false,
+        }
+    }
+
+    /// Answers a request ourselves (RFC 3261 §8.2.6) to `dest`.
+    fn reply(
+        &self,
+        req: &Message<'_>,
+        code: u16,
+        reason: &str,
+        extra: &[&[u8]],
+        dest: Dest,
+        out: &mut Outbox,
+    ) {
+        let tag = self.to_tag(req);
+        out.send_with(dest, |b| {
+            sip::reply::response_for(req, code, reason, &tag, extra, b);
+        });
+        self.stats.refusal(code);
+    }
+
+    /// The To tag of our own responses to a request: the same for its
+    /// retransmissions.
+    fn to_tag(&self, req: &Message<'_>) -> [u8; 10] {
+        let mut tag = *b"lb00000000";
+        let h = self.keys.hash(&[req.call_id(), b"to-tag"]) as u32;
+        tag[2..].copy_from_slice(&hex8(h));
+        tag
+    }
+
+    fn refuse_raw(&self, data: &[u8], code: u16, reason: &str, origin: Origin, out: &mut Outbox) {
+        match sip::reply::error_response(data, code, reason) {
+            Some(resp) => {
+                self.stats.refusal(code);
+                out.send(origin.reply_dest(), &resp);
+            }
+            None => self.drop_counted(DropReason::Unparseable, out),
+        }
+    }
+
+    /// Counts a drop and records it in the outbox.
+    fn drop_counted(&self, why: DropReason, out: &mut Outbox) {
+        self.stats.drop(why);
+        out.dropped(why);
+    }
+
+    /// Checks the core's structural invariants (debug builds and tests).
+    #[doc(hidden)]
+    pub fn check_invariants(&self) {
+        for (id, t) in &self.txns.pin() {
+            let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            t.check(*id);
+        }
+    }
+}
+
+/// The reason phrase of our answer to a message that does not parse or
+/// validate: the status's phrase with the parse error.
+fn refusal_reason(e: &sip::Error) -> String {
+    let phrase = if e.status() == 505 {
+        "Version Not Supported"
+    } else {
+        "Bad Request"
+    };
+    format!("{phrase} ({e})")
+}
+
+/// `n` as 8 lower-case hex digits, on the stack.
+fn hex8(n: u32) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = b"0123456789abcdef"[((n >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}

@@ -1,0 +1,591 @@
+//! Requests (RFC 3261 §16.3-16.6): the checks, our Route, then where the
+//! request goes — a server's request out towards the user agent; a UA's
+//! ACK and CANCEL by their transaction; a new session's first request as a
+//! client transaction of ours ([`super::txn`]); REGISTER to every server
+//! ([`super::fork`]); everything else to the server of its session.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rand::RngCore;
+use sip::{Edits, HeaderName, MaxForwards, Message, Method, Received};
+use tracing::debug;
+
+use super::txn::{self, ClientTxn};
+use super::{Dest, Now, Origin, Outbox, Router};
+use crate::codec::{Branch, Leg};
+use crate::config::{Config, OnNoServer, Transport};
+use crate::pool::{Pool, Server};
+use crate::sessions::Kind;
+use crate::stats::DropReason;
+
+/// What our own Route on top of a request said.
+struct OurRoute {
+    /// It was ours: pop it.
+    pop: bool,
+    /// The server its `sb` token names.
+    target: Option<Arc<Server>>,
+}
+
+/// How a request is written for one server.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Hop {
+    /// Remove the top Route (it named us).
+    pub pop_route: bool,
+    /// Add our Record-Route.
+    pub record_route: bool,
+    /// Decrement Max-Forwards and write `received`/`rport`: the request as
+    /// it came from its sender. `false` for a copy of a request processed
+    /// once already.
+    pub fresh: bool,
+}
+
+impl Router {
+    pub(super) fn request(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        origin: Origin,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) {
+        let back = origin.reply_dest();
+        if msg.max_forwards() == Some(0) {
+            return self.reply(msg, 483, "Too Many Hops", &[], back, out);
+        }
+        let uri = msg.request_uri().expect("a request has a Request-URI");
+        if !matches!(
+            uri.scheme,
+            sip::Scheme::Sip | sip::Scheme::Sips | sip::Scheme::Tel
+        ) {
+            return self.reply(msg, 416, "Unsupported URI Scheme", &[], back, out);
+        }
+        if let Some(h) = msg.header(HeaderName::ProxyRequire) {
+            // We support no extension a proxy must understand.
+            let mut line = b"Unsupported: ".to_vec();
+            line.extend_from_slice(h.value);
+            return self.reply(msg, 420, "Bad Extension", &[&line], back, out);
+        }
+        let loop_hash = self.loop_hash(msg);
+        for v in msg.vias().flatten() {
+            if self.is_ours(&v.host, v.port)
+                && v.branch
+                    .and_then(Branch::parse)
+                    .is_some_and(|b| b.loop_hash == loop_hash)
+            {
+                return self.reply(msg, 482, "Loop Detected", &[], back, out);
+            }
+        }
+        let Some(route) = self.our_route(msg) else {
+            return self.reply(
+                msg,
+                403,
+                "Forbidden (bad Record-Route signature)",
+                &[],
+                back,
+                out,
+            );
+        };
+
+        let pool = self.pool.load();
+        let from_server = match origin {
+            Origin::Udp { peer }
+            | Origin::Conn {
+                peer,
+                inbound: false,
+                ..
+            } => pool.by_addr(peer).cloned(),
+            Origin::Conn { inbound: true, .. } => None,
+        };
+        if let Some(server) = from_server {
+            // A request from a server goes towards the user agent.
+            return self.forward_outward(msg, &server, route.pop, back, out);
+        }
+
+        let method = msg.method();
+        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        match method {
+            Method::Ack => return self.ack(msg, &pool, route, origin, now, out),
+            Method::Cancel => return self.cancel(msg, &pool, route, origin, now, out),
+            _ => {}
+        }
+        if !to_tag && txn::starts_session(method) {
+            return self.new_transaction(cfg, msg, &pool, route, origin, now, rng, out);
+        }
+        if method == Method::Register && route.target.is_none() {
+            return self.register(cfg, msg, &pool, route.pop, origin, now, out);
+        }
+        let ms = self.ms(now);
+        let target = route.target.clone().or_else(|| {
+            self.sessions
+                .get(msg.call_id(), ms)
+                .and_then(|id| pool.by_id(&id).cloned())
+        });
+        let target = match target {
+            Some(t) => t,
+            None if to_tag => {
+                return self.reply(msg, 481, "Call/Transaction Does Not Exist", &[], back, out);
+            }
+            None => {
+                // An out-of-dialog request of another kind (INFO, UPDATE
+                // without a dialog...): a session of one transaction.
+                let Some(s) =
+                    self.new_session_server(cfg, msg, &pool, None, now, rng, out, back.clone())
+                else {
+                    return;
+                };
+                if !self
+                    .sessions
+                    .insert(msg.call_id(), s.id.clone(), Kind::Transaction, ms)
+                    && self.sessions.len() >= cfg.max_sessions
+                {
+                    self.drop_counted(DropReason::SessionTableFull, out);
+                }
+                s.stats.selected.fetch_add(1, Ordering::Relaxed);
+                s
+            }
+        };
+        let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), loop_hash);
+        self.forward_to_server(
+            msg,
+            &target,
+            Hop {
+                pop_route: route.pop,
+                record_route: false,
+                fresh: true,
+            },
+            branch,
+            origin,
+            out,
+        );
+    }
+
+    /// Our own Route on top: `None` when it carries an `sb` token that does
+    /// not verify (or names no server of the pool).
+    fn our_route(&self, msg: &Message<'_>) -> Option<OurRoute> {
+        let mut r = OurRoute {
+            pop: false,
+            target: None,
+        };
+        if let Some(Ok(top)) = msg.routes().next()
+            && top.uri.host.is_some_and(|h| self.is_ours(&h, top.uri.port))
+        {
+            r.pop = true;
+            if let Some(sb) = top.uri.param(b"sb") {
+                let pool = self.pool.load();
+                let s = sb
+                    .and_then(|v| self.keys.verify_sb(v))
+                    .and_then(|id| pool.by_id(id))?;
+                r.target = Some(s.clone());
+            }
+        }
+        Some(r)
+    }
+
+    /// A server for a new session, or our refusal (503, or a counted drop)
+    /// when there is none. `prefer` is tried first when usable.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new_session_server(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        pool: &Pool,
+        prefer: Option<Arc<Server>>,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+        back: Dest,
+    ) -> Option<Arc<Server>> {
+        if self.stopping.load(Ordering::Relaxed) {
+            let ra = format!("Retry-After: {}", cfg.retry_after);
+            self.reply(
+                msg,
+                503,
+                "Service Unavailable (shutting down)",
+                &[ra.as_bytes()],
+                back,
+                out,
+            );
+            return None;
+        }
+        if let Some(p) = prefer.filter(|p| self.usable(cfg, p, now)) {
+            return Some(p);
+        }
+        let s = self.select(cfg, pool, &[], now, rng);
+        if s.is_none() {
+            debug!(call_id = %String::from_utf8_lossy(msg.call_id()), "no server available");
+            if cfg.on_no_server == OnNoServer::Drop {
+                self.drop_counted(DropReason::NoServer, out);
+            } else {
+                let ra = format!("Retry-After: {}", cfg.retry_after);
+                self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
+            }
+        }
+        s
+    }
+
+    /// The first request of a new session (or its retransmission, or the
+    /// same request re-sent with credentials): a client transaction of ours.
+    #[allow(clippy::too_many_arguments)]
+    fn new_transaction(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        pool: &Pool,
+        route: OurRoute,
+        origin: Origin,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) {
+        let id = self.txn_id(msg);
+        if let Some(t) = self.txns.pin().get(&id).cloned() {
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return self.retransmission(&mut t, id, msg, out);
+        }
+        let ms = self.ms(now);
+        let back = origin.reply_dest();
+        // The server of the session first (a request re-sent with the
+        // credentials its challenge asked for), else a draw.
+        let prefer = route.target.clone().or_else(|| {
+            self.sessions
+                .get(msg.call_id(), ms)
+                .and_then(|id| pool.by_id(&id).cloned())
+        });
+        let Some(server) =
+            self.new_session_server(cfg, msg, pool, prefer, now, rng, out, back.clone())
+        else {
+            return;
+        };
+        let method = msg.method();
+        let invite = method == Method::Invite;
+        let kind = if txn::creates_dialog(method) {
+            Kind::Dialog
+        } else {
+            Kind::Transaction
+        };
+        if !self
+            .sessions
+            .insert(msg.call_id(), server.id.clone(), kind, ms)
+        {
+            if self.sessions.len() >= cfg.max_sessions {
+                self.drop_counted(DropReason::SessionTableFull, out);
+            } else {
+                self.sessions.reassign(msg.call_id(), server.id.clone(), ms);
+            }
+        }
+        server.stats.selected.fetch_add(1, Ordering::Relaxed);
+        debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %server.id, "selected");
+
+        // The request as processed once (§16.6: our Route popped,
+        // Max-Forwards decremented, `received`); every copy comes from it.
+        let mut base = Vec::with_capacity(msg.as_bytes().len() + 64);
+        self.write_processed(msg, route.pop, origin, &mut base);
+        let t = ClientTxn::new(
+            invite,
+            base,
+            back.clone(),
+            conn_of(origin),
+            txn::creates_dialog(method),
+            self.loop_hash(msg),
+            ms,
+        );
+        let t = Arc::new(std::sync::Mutex::new(t));
+        let mut guard = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.txns.pin().try_insert(id, t.clone()).is_err() {
+            // The same request on another socket a moment before: it has it.
+            return self.drop_counted(DropReason::Merged, out);
+        }
+        // We hold the transaction now: stop the UA's retransmissions (not
+        // for non-INVITE: RFC 4320 §4.1 forbids an early 100).
+        if invite {
+            self.reply(msg, 100, "Trying", &[], back, out);
+        }
+        self.start_attempt(cfg, &mut guard, id, &server, now, out);
+    }
+
+    /// The UA's ACK: of our own final (absorbed), of a non-2xx final we
+    /// relayed (to the server that sent it, by the transaction), or of a 2xx
+    /// (in the dialog: our Route, else the session). With no state at all
+    /// (a restart, a full table) a non-2xx ACK goes to every server: the one
+    /// that has the transaction takes it, the others ignore it.
+    fn ack(
+        &self,
+        msg: &Message<'_>,
+        pool: &Pool,
+        route: OurRoute,
+        origin: Origin,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let id = self.txn_id(msg);
+        let loop_hash = self.loop_hash(msg);
+        if let Some(t) = self.txns.pin().get(&id).cloned() {
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match self.ack_of(&mut t, now) {
+                txn::AckOf::Ours => return,
+                txn::AckOf::Server { index, server } => {
+                    drop(t);
+                    self.txns.pin().remove(&id);
+                    if let Some(s) = pool.by_id(&server) {
+                        let branch = Self::branch(id, Leg::Attempt(index), loop_hash);
+                        self.forward_to_server(
+                            msg,
+                            s,
+                            Hop::stateless(route.pop),
+                            branch,
+                            origin,
+                            out,
+                        );
+                    }
+                    return;
+                }
+                txn::AckOf::NotThis => {}
+            }
+        }
+        let ms = self.ms(now);
+        let target = route.target.clone().or_else(|| {
+            self.sessions
+                .get(msg.call_id(), ms)
+                .and_then(|id| pool.by_id(&id).cloned())
+        });
+        let branch = Self::branch(id, Leg::Attempt(0), loop_hash);
+        match target {
+            Some(s) => {
+                self.forward_to_server(msg, &s, Hop::stateless(route.pop), branch, origin, out)
+            }
+            None if route.pop || msg.routes().next().is_none() => {
+                // No state: every server (a 2xx ACK would carry our sb).
+                for s in &pool.servers {
+                    self.forward_to_server(msg, s, Hop::stateless(route.pop), branch, origin, out);
+                }
+            }
+            None => self.drop_counted(DropReason::StrayAck, out),
+        }
+    }
+
+    /// The UA's CANCEL (RFC 3261 §16.10): answered 200 here at once; the
+    /// INVITE's transaction stops failing over and CANCELs the server that
+    /// has it once that server has answered provisionally (§9.1). Without
+    /// a transaction it goes to the session's server, else (a restart, a
+    /// full table) to every server, each with the INVITE's branch.
+    fn cancel(
+        &self,
+        msg: &Message<'_>,
+        pool: &Pool,
+        route: OurRoute,
+        origin: Origin,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let back = origin.reply_dest();
+        self.reply(msg, 200, "OK", &[], back, out);
+        let id = self.txn_id(msg);
+        if let Some(t) = self.txns.pin().get(&id).cloned() {
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if t.invite {
+                return self.cancel_txn(&mut t, id, now, out);
+            }
+        }
+        let ms = self.ms(now);
+        let target = route.target.clone().or_else(|| {
+            self.sessions
+                .get(msg.call_id(), ms)
+                .and_then(|id| pool.by_id(&id).cloned())
+        });
+        let branch = Self::branch(id, Leg::Attempt(0), self.loop_hash(msg));
+        match target {
+            Some(s) => {
+                self.forward_to_server(msg, &s, Hop::stateless(route.pop), branch, origin, out)
+            }
+            None => {
+                for s in &pool.servers {
+                    self.forward_to_server(msg, s, Hop::stateless(route.pop), branch, origin, out);
+                }
+            }
+        }
+    }
+
+    /// Writes `msg` as processed once for forwarding (our Route popped,
+    /// Max-Forwards decremented, `received`/`rport` from `origin`), without
+    /// our Via or Record-Route: the base of every copy a transaction sends.
+    pub(super) fn write_processed(
+        &self,
+        msg: &Message<'_>,
+        pop_route: bool,
+        origin: Origin,
+        out: &mut Vec<u8>,
+    ) {
+        let peer = origin.peer();
+        let top = msg.top_via();
+        let needs_received = top.host.ip() != Some(peer.ip()) || top.rport.is_some();
+        let mut ip = IpText::default();
+        ip.set(peer.ip());
+        msg.write_edited(
+            &Edits {
+                remove_top_route: pop_route,
+                max_forwards: MaxForwards::Decrement,
+                received: needs_received.then_some(Received {
+                    received: ip.as_bytes(),
+                    rport: peer.port(),
+                }),
+                ..Edits::default()
+            },
+            out,
+        );
+    }
+
+    /// Forwards `msg` to `server` with our Via (`branch`) on top.
+    pub(super) fn forward_to_server(
+        &self,
+        msg: &Message<'_>,
+        server: &Server,
+        hop: Hop,
+        branch: Branch,
+        origin: Origin,
+        out: &mut Outbox,
+    ) {
+        let peer = origin.peer();
+        let top = msg.top_via();
+        let needs_received = hop.fresh && (top.host.ip() != Some(peer.ip()) || top.rport.is_some());
+        let mut ip = IpText::default();
+        ip.set(peer.ip());
+        let mut via = ViaText::default();
+        self.write_via(&mut via.0, server.cfg.transport, branch, conn_of(origin));
+        let mut rr = ViaText::default();
+        if hop.record_route {
+            rr.0.extend_from_slice(self.me.rr.as_bytes());
+            rr.0.extend_from_slice(server.sb.as_bytes());
+            rr.0.push(b'>');
+        }
+        out.send_with(server.dest(), |b| {
+            msg.write_edited(
+                &Edits {
+                    prepend_via: Some(&via.0),
+                    record_route: hop.record_route.then_some(&rr.0[..]),
+                    remove_top_route: hop.pop_route,
+                    max_forwards: if hop.fresh {
+                        MaxForwards::Decrement
+                    } else {
+                        MaxForwards::Keep
+                    },
+                    received: needs_received.then_some(Received {
+                        received: ip.as_bytes(),
+                        rport: peer.port(),
+                    }),
+                    add_content_length: server.cfg.transport == Transport::Tcp,
+                    ..Edits::default()
+                },
+                b,
+            );
+        });
+        server.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request from a server to the UA side: the next Route, else the
+    /// Request-URI.
+    fn forward_outward(
+        &self,
+        msg: &Message<'_>,
+        server: &Server,
+        pop_route: bool,
+        back: Dest,
+        out: &mut Outbox,
+    ) {
+        let next_route = msg.routes().flatten().nth(usize::from(pop_route));
+        let uri = next_route.map_or_else(|| *msg.request_uri().expect("request"), |r| r.uri);
+        let Some(host) = uri.host else {
+            return self.reply(msg, 416, "Unsupported URI Scheme", &[], back, out);
+        };
+        let port = uri.port.unwrap_or(5060);
+        let dest = match host.ip() {
+            Some(ip) => Dest::Udp(std::net::SocketAddr::new(ip, port)),
+            None => match &host {
+                sip::Host::Name(n) => Dest::Resolve {
+                    host: String::from_utf8_lossy(n).into(),
+                    port,
+                },
+                _ => return self.reply(msg, 404, "Not Found", &[], back, out),
+            },
+        };
+        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        let record_route = txn::creates_dialog(msg.method()) && !to_tag;
+        let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), self.loop_hash(msg));
+        let mut via = ViaText::default();
+        self.write_via(&mut via.0, Transport::Udp, branch, None);
+        let mut rr = ViaText::default();
+        if record_route {
+            rr.0.extend_from_slice(self.me.rr.as_bytes());
+            rr.0.extend_from_slice(server.sb.as_bytes());
+            rr.0.push(b'>');
+        }
+        out.send_with(dest, |b| {
+            msg.write_edited(
+                &Edits {
+                    prepend_via: Some(&via.0),
+                    record_route: record_route.then_some(&rr.0[..]),
+                    remove_top_route: pop_route,
+                    max_forwards: MaxForwards::Decrement,
+                    ..Edits::default()
+                },
+                b,
+            );
+        });
+    }
+}
+
+impl Hop {
+    /// A request forwarded as it came, without Record-Route.
+    pub(super) fn stateless(pop_route: bool) -> Hop {
+        Hop {
+            pop_route,
+            record_route: false,
+            fresh: true,
+        }
+    }
+}
+
+/// The inbound connection a request came on, for our Via's `lbc`.
+pub(super) fn conn_of(origin: Origin) -> Option<u64> {
+    match origin {
+        Origin::Conn {
+            conn,
+            inbound: true,
+            ..
+        } => Some(conn),
+        _ => None,
+    }
+}
+
+/// Our Via or Record-Route value, on the stack (no allocation per message).
+#[derive(Default)]
+pub(super) struct ViaText(pub smallvec::SmallVec<[u8; 160]>);
+
+/// An IP address as text, on the stack.
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        IpText {
+            buf: [0; 48],
+            len: 0,
+        }
+    }
+}
+
+impl IpText {
+    fn set(&mut self, ip: std::net::IpAddr) {
+        use std::io::Write;
+        let mut c = std::io::Cursor::new(&mut self.buf[..]);
+        let _ = write!(c, "{ip}");
+        self.len = c.position() as usize;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}

@@ -1,0 +1,133 @@
+//! Responses (RFC 3261 §16.7): only to a request we forwarded (our Via on
+//! top, a branch of ours); to our probes, our fork legs and our client
+//! transactions first; then back to the previous hop: the connection the
+//! request came on, or the next Via's `received`/`rport`/sent-by.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use rand::RngCore;
+use sip::{Message, Method};
+
+use super::txn::{self, TxnVerdict};
+use super::{Dest, Now, Origin, Outbox, Router};
+use crate::codec::{Branch, Leg};
+use crate::config::Config;
+use crate::stats::DropReason;
+
+impl Router {
+    pub(super) fn response(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        origin: Origin,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) {
+        let code = msg.status().unwrap_or(0);
+        let top = msg.top_via();
+        let branch = top.branch.and_then(Branch::parse);
+        let Some(branch) = branch.filter(|_| self.is_ours(&top.host, top.port)) else {
+            return self.drop_counted(DropReason::ViaNotOurs, out);
+        };
+        let method = msg.cseq().method;
+        match branch.leg {
+            Leg::Probe => {
+                // The answer to one of our OPTIONS probes: any status means alive.
+                if let Some(s) = self.pool.load().by_addr(origin.peer()) {
+                    s.stats
+                        .probe_answered
+                        .fetch_max(branch.txn, Ordering::Relaxed);
+                }
+                return;
+            }
+            // Answers to our own ACK/BYE of a 2xx given up.
+            Leg::Local(_) => return self.drop_counted(DropReason::Absorbed, out),
+            Leg::Fork(i) => return self.fork_response(branch.txn, i, msg, code, now, out),
+            Leg::Attempt(_) => {}
+        }
+        if method == Method::Cancel {
+            // We answered the UA's CANCEL ourselves (§16.10).
+            return self.drop_counted(DropReason::Absorbed, out);
+        }
+        let Leg::Attempt(index) = branch.leg else {
+            return;
+        };
+        let mut remove = false;
+        if txn::starts_session(method)
+            && let Some(t) = self.txns.pin().get(&branch.txn).cloned()
+        {
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match self.txn_response(cfg, &mut t, branch.txn, index, msg, now, rng, out) {
+                TxnVerdict::Done => return,
+                TxnVerdict::Relay => {}
+                TxnVerdict::RelayAndRemove => remove = true,
+            }
+        } else if code == 100 {
+            // Hop by hop (§16.7 step 3).
+            return self.drop_counted(DropReason::Absorbed, out);
+        }
+        if remove {
+            self.txns.pin().remove(&branch.txn);
+        }
+        let ms = self.ms(now);
+        match (method, code) {
+            (Method::Invite, 200..=299) => self.sessions.confirm(msg.call_id(), ms),
+            // The ACK of a failed INVITE must still find the server.
+            (Method::Invite, 300..) => self.sessions.demote(msg.call_id(), ms),
+            (Method::Bye, 200..) => self.sessions.remove(msg.call_id()),
+            _ => {}
+        }
+        self.relay(msg, out);
+        self.stats.response(code);
+    }
+
+    /// Sends a response on, our Via removed: down the connection named in
+    /// our Via, else to the next Via (RFC 3261 §18.2.2, RFC 3581).
+    pub(super) fn relay(&self, msg: &Message<'_>, out: &mut Outbox) {
+        let dest = match crate::codec::parse_conn(msg.top_via().raw) {
+            Some(conn) => Dest::Conn(conn),
+            None => match msg.vias().nth(1) {
+                Some(Ok(next)) => match next_hop(&next) {
+                    Some(d) => d,
+                    None => return self.drop_counted(DropReason::NoRoute, out),
+                },
+                _ => return self.drop_counted(DropReason::NoRoute, out),
+            },
+        };
+        out.send_with(dest, |b| txn::without_top_via(msg, b));
+    }
+}
+
+/// Where a response goes after the hop whose Via is `v`: `received` (else
+/// the sent-by host), `rport` (else the sent-by port, else 5060).
+fn next_hop(v: &sip::Via<'_>) -> Option<Dest> {
+    let ip = v
+        .received
+        .and_then(|r| {
+            std::str::from_utf8(r)
+                .ok()?
+                .trim_matches(['[', ']'])
+                .parse::<IpAddr>()
+                .ok()
+        })
+        .or_else(|| v.host.ip());
+    let port = match v.rport {
+        Some(Some(p)) => p,
+        _ => v.port.unwrap_or(5060),
+    };
+    match ip {
+        Some(ip) if ip.is_unspecified() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) => {
+            None
+        }
+        Some(ip) => Some(Dest::Udp(SocketAddr::new(ip, port))),
+        None => match v.host {
+            sip::Host::Name(n) => Some(Dest::Resolve {
+                host: String::from_utf8_lossy(n).into(),
+                port,
+            }),
+            _ => None,
+        },
+    }
+}

@@ -1,0 +1,859 @@
+//! Client transactions of a new session's first request (RFC 3261 §16.7,
+//! §17): the INVITE (or SUBSCRIBE, MESSAGE...) tried server after server.
+//!
+//! The balancer answers the UA's INVITE with `100 Trying`, sends it to the
+//! drawn server and fails over to another on no answer within
+//! `failover_timeout` or a `failover_statuses` final (ACKed here). A
+//! non-INVITE fails over only on a 503 (the server says it did not process
+//! it), never on silence: a server may take 32 s and sends no 100 (RFC
+//! 4320), so a second server could get a duplicate MESSAGE. The UA's CANCEL
+//! stops the failover; a server is CANCELled only once it answered
+//! provisionally (§9.1). An attempt given up (failover, Timer C, a server
+//! that stopped answering after ringing) is CANCELled once it has rung; a
+//! 2xx that it sends later is ACKed and BYEd here (the UA's session is
+//! elsewhere by then: passing the 2xx up would open a second dialog it did
+//! not ask for); its non-2xx finals are ACKed. Our own final response (503,
+//! 408, 487, or the best failure when every attempt failed) is retransmitted
+//! over UDP until the UA's ACK (§17.2.1).
+//!
+//! Each attempt's branch is `Leg::Attempt(n)`; the transaction holds the
+//! request as processed once, and every copy (a failover, a CANCEL) comes
+//! from it. The outstanding count of a server is the number of attempts
+//! waiting for its final response: incremented when an attempt is sent,
+//! decremented once when it gets its final, is given up, or the
+//! transaction goes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::RngCore;
+use sip::{Edits, Message, Method};
+use smallvec::SmallVec;
+use tracing::{info, warn};
+
+use super::build;
+use super::request::{Hop, ViaText};
+use super::{Dest, Now, Outbox, Router, TimerKey};
+use crate::codec::Leg;
+use crate::config::{Config, Transport};
+use crate::merge;
+use crate::pool::Server;
+use crate::stats::{DropReason, ServerStats};
+
+/// RFC 3261 T1: the round-trip estimate.
+pub const T1: Duration = Duration::from_millis(500);
+/// RFC 3261 T2: the longest retransmission interval.
+pub const T2: Duration = Duration::from_secs(4);
+/// RFC 3261 T4: how long a datagram may live in the network.
+pub const T4_MS: u64 = 5_000;
+/// 64 × T1: how long a transaction may wait for an answer (Timers B, F, H).
+pub const TXN_MS: u64 = 32_000;
+
+/// Requests whose first transaction a new session may retry on another
+/// server. REGISTER is forked instead; CANCEL, ACK and in-dialog requests
+/// follow their session.
+#[must_use]
+pub fn starts_session(m: Method<'_>) -> bool {
+    matches!(
+        m,
+        Method::Invite
+            | Method::Subscribe
+            | Method::Refer
+            | Method::Message
+            | Method::Options
+            | Method::Publish
+            | Method::Notify
+    )
+}
+
+/// Requests that create a dialog (and so get our Record-Route).
+#[must_use]
+pub fn creates_dialog(m: Method<'_>) -> bool {
+    matches!(m, Method::Invite | Method::Subscribe | Method::Refer)
+}
+
+/// One server tried.
+#[derive(Debug)]
+pub(super) struct Try {
+    pub server: Arc<str>,
+    stats: Arc<ServerStats>,
+    address: std::net::SocketAddr,
+    transport: Transport,
+    /// Counted in the server's outstanding transactions.
+    counted: bool,
+    /// It answered (anything, 100 included).
+    answered: bool,
+    /// It answered provisionally (a CANCEL may go to it).
+    provisional: bool,
+    /// It sent a final response.
+    final_seen: bool,
+    /// We CANCELled it.
+    cancel_sent: bool,
+    /// We sent a BYE for its late 2xx.
+    byed: bool,
+}
+
+/// Where the transaction is towards the UA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Waiting for the current attempt's final response.
+    Trying,
+    /// A final went to the UA; the entry stays for the ACK (INVITE non-2xx)
+    /// or for retransmissions until `expires_ms`.
+    Completed,
+}
+
+/// A new session's first transaction.
+#[derive(Debug)]
+pub(super) struct ClientTxn {
+    pub invite: bool,
+    /// The request as processed once (Route popped, Max-Forwards
+    /// decremented, `received`), without our Via.
+    request: Vec<u8>,
+    reply_to: Dest,
+    conn: Option<u64>,
+    record_route: bool,
+    loop_hash: u32,
+    pub tries: SmallVec<[Try; 3]>,
+    phase: Phase,
+    /// The UA CANCELled (at this time, ms).
+    cancelled: bool,
+    cancelled_ms: u64,
+    /// The best failure so far (our Via removed).
+    best: Option<(u16, Vec<u8>)>,
+    /// Our own final response to the UA, retransmitted until its ACK.
+    local_final: Option<Vec<u8>>,
+    acked: bool,
+    /// Timer C runs from here (ms): the last forwarding or provisional.
+    timer_c_from: u64,
+    created_ms: u64,
+    /// When a completed entry may go (ms).
+    expires_ms: u64,
+}
+
+/// What the UA's ACK belongs to.
+pub(super) enum AckOf {
+    /// Our own final response: absorbed.
+    Ours,
+    /// A non-2xx final relayed from attempt `index` on `server`.
+    Server { index: u8, server: Arc<str> },
+    /// Not this transaction's final (a 2xx's ACK: another transaction).
+    NotThis,
+}
+
+impl ClientTxn {
+    pub(super) fn new(
+        invite: bool,
+        request: Vec<u8>,
+        reply_to: Dest,
+        conn: Option<u64>,
+        record_route: bool,
+        loop_hash: u32,
+        now_ms: u64,
+    ) -> ClientTxn {
+        ClientTxn {
+            invite,
+            request,
+            reply_to,
+            conn,
+            record_route,
+            loop_hash,
+            tries: SmallVec::new(),
+            phase: Phase::Trying,
+            cancelled: false,
+            cancelled_ms: 0,
+            best: None,
+            local_final: None,
+            acked: false,
+            timer_c_from: now_ms,
+            created_ms: now_ms,
+            expires_ms: u64::MAX,
+        }
+    }
+
+    fn current(&self) -> u8 {
+        self.tries.len().saturating_sub(1) as u8
+    }
+
+    /// Stops counting attempt `i` as outstanding at its server.
+    fn release(&mut self, i: usize) {
+        if let Some(t) = self.tries.get_mut(i)
+            && std::mem::take(&mut t.counted)
+        {
+            let _ = t
+                .stats
+                .outstanding
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n - 1));
+        }
+    }
+
+    /// Stops counting every attempt (the entry goes).
+    pub(super) fn release_all(&mut self) {
+        for i in 0..self.tries.len() {
+            self.release(i);
+        }
+    }
+
+    /// Structural invariants (checked by tests after every step).
+    pub(super) fn check(&self, id: u64) {
+        let counted = self.tries.iter().filter(|t| t.counted).count();
+        assert!(
+            counted <= 1,
+            "txn {id:x}: {counted} attempts counted at once"
+        );
+        if let Some(t) = self.tries.iter().find(|t| t.counted) {
+            assert!(!t.final_seen, "txn {id:x}: counted after its final");
+        }
+        if self.local_final.is_some() {
+            assert_eq!(
+                self.phase,
+                Phase::Completed,
+                "txn {id:x}: local final while trying"
+            );
+        }
+        assert!(self.tries.len() <= 255);
+    }
+}
+
+impl Router {
+    /// Sends the transaction's request to `server` as its next attempt.
+    pub(super) fn start_attempt(
+        &self,
+        cfg: &Config,
+        t: &mut ClientTxn,
+        id: u64,
+        server: &Server,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        t.tries.push(Try {
+            server: server.id.clone(),
+            stats: server.stats.clone(),
+            address: server.cfg.address,
+            transport: server.cfg.transport,
+            counted: true,
+            answered: false,
+            provisional: false,
+            final_seen: false,
+            cancel_sent: false,
+            byed: false,
+        });
+        server.stats.outstanding.fetch_add(1, Ordering::Relaxed);
+        t.timer_c_from = self.ms(now);
+        let index = t.current();
+        self.send_attempt(t, id, server, out);
+        if t.invite {
+            out.arm(
+                now.at + cfg.failover_timeout,
+                TimerKey::Failover {
+                    txn: id,
+                    attempt: index,
+                },
+            );
+        }
+    }
+
+    /// Writes the current attempt's copy of the request for `server`.
+    fn send_attempt(&self, t: &ClientTxn, id: u64, server: &Server, out: &mut Outbox) {
+        let Ok(msg) = Message::parse(&t.request) else {
+            return;
+        };
+        let branch = Self::branch(id, Leg::Attempt(t.current()), t.loop_hash);
+        let origin = match t.conn {
+            Some(conn) => super::Origin::Conn {
+                peer: server.cfg.address,
+                conn,
+                inbound: true,
+            },
+            None => super::Origin::Udp {
+                peer: server.cfg.address,
+            },
+        };
+        self.forward_to_server(
+            &msg,
+            server,
+            Hop {
+                pop_route: false,
+                record_route: t.record_route,
+                fresh: false,
+            },
+            branch,
+            origin,
+            out,
+        );
+    }
+
+    /// A retransmission of the transaction's request from the UA.
+    pub(super) fn retransmission(
+        &self,
+        t: &mut ClientTxn,
+        id: u64,
+        msg: &Message<'_>,
+        out: &mut Outbox,
+    ) {
+        if let Some(f) = &t.local_final {
+            // Our final was lost: again (§17.2.1).
+            return out.send(t.reply_to.clone(), f);
+        }
+        if t.cancelled || t.phase == Phase::Completed {
+            return self.drop_counted(DropReason::Merged, out);
+        }
+        let Some(cur) = t.tries.last() else { return };
+        if t.invite && !cur.provisional {
+            // Our 100 was lost.
+            self.reply(msg, 100, "Trying", &[], t.reply_to.clone(), out);
+        }
+        // The server absorbs a duplicate and repeats its last answer.
+        if cur.transport == Transport::Udp
+            && let Some(s) = self.pool.load().by_id(&cur.server)
+        {
+            self.send_attempt(t, id, s, out);
+        }
+    }
+
+    /// The UA's CANCEL for this INVITE transaction.
+    pub(super) fn cancel_txn(&self, t: &mut ClientTxn, id: u64, now: Now, out: &mut Outbox) {
+        if t.phase == Phase::Completed || t.cancelled {
+            return;
+        }
+        t.cancelled = true;
+        t.cancelled_ms = self.ms(now);
+        let i = t.current() as usize;
+        if t.tries.get(i).is_some_and(|x| x.provisional) {
+            self.cancel_attempt(t, id, i, out);
+        }
+        // Else the CANCEL waits for a provisional response (§9.1); if none
+        // comes by the failover timeout, the UA gets our 487.
+    }
+
+    /// Sends a CANCEL to attempt `i` (once).
+    fn cancel_attempt(&self, t: &mut ClientTxn, id: u64, i: usize, out: &mut Outbox) {
+        let Some(x) = t.tries.get_mut(i) else { return };
+        if x.cancel_sent || x.final_seen {
+            return;
+        }
+        x.cancel_sent = true;
+        let (address, transport) = (x.address, x.transport);
+        let Ok(invite) = Message::parse(&t.request) else {
+            return;
+        };
+        let mut via = ViaText::default();
+        let branch = Self::branch(id, Leg::Attempt(i as u8), t.loop_hash);
+        self.write_via(&mut via.0, transport, branch, t.conn);
+        out.send_with(dest_of(address, transport), |b| {
+            build::cancel_for(&invite, &via.0, b);
+        });
+    }
+
+    /// ACKs a non-2xx final of attempt `i` (RFC 3261 §17.1.1.3).
+    fn ack_attempt(&self, t: &ClientTxn, i: usize, resp: &Message<'_>, out: &mut Outbox) {
+        let Some(x) = t.tries.get(i) else { return };
+        let Ok(req) = Message::parse(&t.request) else {
+            return;
+        };
+        out.send_with(dest_of(x.address, x.transport), |b| {
+            build::ack_for_failure(&req, resp, b);
+        });
+    }
+
+    /// ACKs, and once BYEs, a 2xx from attempt `i` that the UA must not get.
+    fn ack_and_bye(
+        &self,
+        t: &mut ClientTxn,
+        id: u64,
+        i: usize,
+        resp: &Message<'_>,
+        out: &mut Outbox,
+    ) {
+        let Some(x) = t.tries.get_mut(i) else { return };
+        let bye = !std::mem::replace(&mut x.byed, true);
+        let (address, transport) = (x.address, x.transport);
+        let dest = dest_of(address, transport);
+        let mut via = ViaText::default();
+        let ack_branch = Self::branch(
+            self.keys.hash(&[&id.to_be_bytes(), b"ack"]),
+            Leg::Local(i as u8),
+            t.loop_hash,
+        );
+        self.write_via(&mut via.0, transport, ack_branch, None);
+        out.send_with(dest.clone(), |b| {
+            build::in_dialog(resp, b"ACK", resp.cseq().seq, &via.0, &self.me.rr, b);
+        });
+        if bye {
+            warn!(call_id = %String::from_utf8_lossy(resp.call_id()), server = %x.server, "2xx from an attempt given up: ACK and BYE");
+            let mut via = ViaText::default();
+            let bye_branch = Self::branch(
+                self.keys.hash(&[&id.to_be_bytes(), b"bye"]),
+                Leg::Local(i as u8),
+                t.loop_hash,
+            );
+            self.write_via(&mut via.0, transport, bye_branch, None);
+            out.send_with(dest, |b| {
+                build::in_dialog(
+                    resp,
+                    b"BYE",
+                    resp.cseq().seq.saturating_add(1),
+                    &via.0,
+                    &self.me.rr,
+                    b,
+                );
+            });
+        }
+    }
+
+    /// A response to attempt `index` of transaction `id`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn txn_response(
+        &self,
+        cfg: &Config,
+        t: &mut ClientTxn,
+        id: u64,
+        index: u8,
+        msg: &Message<'_>,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) -> TxnVerdict {
+        let code = msg.status().unwrap_or(0);
+        let i = usize::from(index);
+        let current = index == t.current() && t.local_final.is_none() && t.phase == Phase::Trying;
+        let Some(x) = t.tries.get_mut(i) else {
+            self.drop_counted(DropReason::ViaNotOurs, out);
+            return TxnVerdict::Done;
+        };
+        let first_answer = !std::mem::replace(&mut x.answered, true);
+        if code < 200 {
+            x.provisional = true;
+        }
+        if !current {
+            let given_up = index != t.current() || t.local_final.is_some();
+            if !given_up {
+                // The final we relayed, again (the UA may have lost it and
+                // its ACK, or its retransmission, goes to the server).
+                if code >= 200 {
+                    return TxnVerdict::Relay;
+                }
+            } else if code < 200 {
+                if t.invite {
+                    self.cancel_attempt(t, id, i, out);
+                }
+            } else {
+                t.tries[i].final_seen = true;
+                t.release(i);
+                if t.invite && (200..300).contains(&code) {
+                    self.ack_and_bye(t, id, i, msg, out);
+                } else if t.invite {
+                    self.ack_attempt(t, i, msg, out);
+                }
+            }
+            self.drop_counted(DropReason::Absorbed, out);
+            return TxnVerdict::Done;
+        }
+        let pool = self.pool.load();
+        let server = pool.by_id(&t.tries[i].server).cloned();
+        if first_answer
+            && !(code >= 200 && fails_over_on(cfg, t.invite, code))
+            && let Some(s) = &server
+        {
+            self.record_outcome(cfg, &pool, s, true, now);
+        }
+        if code < 200 {
+            if code > 100 {
+                t.timer_c_from = self.ms(now);
+            }
+            if t.cancelled {
+                self.cancel_attempt(t, id, i, out);
+            }
+            if code == 100 {
+                // Hop by hop (§16.7 step 3): we sent our own.
+                self.drop_counted(DropReason::Absorbed, out);
+                return TxnVerdict::Done;
+            }
+            return TxnVerdict::Relay;
+        }
+        t.tries[i].final_seen = true;
+        t.release(i);
+        if !t.cancelled && fails_over_on(cfg, t.invite, code) {
+            if let Some(s) = &server {
+                s.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                self.record_outcome(cfg, &pool, s, false, now);
+            }
+            if t.invite {
+                self.ack_attempt(t, i, msg, out);
+            }
+            let mut without = Vec::with_capacity(msg.as_bytes().len());
+            without_top_via(msg, &mut without);
+            if t.best
+                .as_ref()
+                .is_none_or(|(c, _)| merge::best(&[*c, code]) == Some(1))
+            {
+                t.best = Some((code, without));
+            }
+            self.next_attempt(cfg, t, id, "failover status", now, rng, out);
+            return TxnVerdict::Done;
+        }
+        t.phase = Phase::Completed;
+        t.best = None;
+        if t.invite && (200..300).contains(&code) {
+            // Its ACK is a transaction of its own: this one is over.
+            return TxnVerdict::RelayAndRemove;
+        }
+        let ms = self.ms(now);
+        t.expires_ms = ms + if t.invite { TXN_MS } else { T4_MS };
+        TxnVerdict::Relay
+    }
+
+    /// Tries the next server, or gives the UA the best failure (or our 503).
+    #[allow(clippy::too_many_arguments)]
+    fn next_attempt(
+        &self,
+        cfg: &Config,
+        t: &mut ClientTxn,
+        id: u64,
+        why: &str,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) {
+        if t.cancelled {
+            return self.final_from_request(t, id, 487, "Request Terminated", &[], now, out);
+        }
+        let call_id: SmallVec<[u8; 64]> = Message::parse(&t.request)
+            .map(|m| m.call_id().into())
+            .unwrap_or_default();
+        let pool = self.pool.load();
+        let tried: SmallVec<[Arc<str>; 4]> = t.tries.iter().map(|x| x.server.clone()).collect();
+        let next = if t.tries.len() < usize::from(cfg.max_attempts)
+            && !self.stopping.load(Ordering::Relaxed)
+        {
+            self.select(cfg, &pool, &tried, now, rng)
+        } else {
+            None
+        };
+        match next {
+            Some(s) => {
+                info!(call_id = %String::from_utf8_lossy(&call_id), server = %s.id, attempt = t.tries.len(), why, "failover");
+                self.sessions.reassign(&call_id, s.id.clone(), self.ms(now));
+                s.stats.selected.fetch_add(1, Ordering::Relaxed);
+                self.start_attempt(cfg, t, id, &s, now, out);
+            }
+            None => {
+                warn!(call_id = %String::from_utf8_lossy(&call_id), why, "every attempt failed");
+                self.sessions.demote(&call_id, self.ms(now));
+                match t.best.take() {
+                    Some((code, mut bytes)) => {
+                        merge::set_outgoing_status(&mut bytes, code);
+                        self.stats.response(merge::outgoing_status(code));
+                        self.complete_with(t, id, bytes, now, out);
+                    }
+                    None => {
+                        let ra = format!("Retry-After: {}", cfg.retry_after);
+                        self.final_from_request(
+                            t,
+                            id,
+                            503,
+                            "Service Unavailable (no server answered)",
+                            &[ra.as_bytes()],
+                            now,
+                            out,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers the UA ourselves with `code`, built from the stored request.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn final_from_request(
+        &self,
+        t: &mut ClientTxn,
+        id: u64,
+        code: u16,
+        reason: &str,
+        extra: &[&[u8]],
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let request = std::mem::take(&mut t.request);
+        if let Ok(req) = Message::parse(&request) {
+            self.local_final(t, id, &req, code, reason, extra, now, out);
+        }
+        t.request = request;
+    }
+
+    /// Answers the UA ourselves with a final response.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn local_final(
+        &self,
+        t: &mut ClientTxn,
+        id: u64,
+        req: &Message<'_>,
+        code: u16,
+        reason: &str,
+        extra: &[&[u8]],
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let mut bytes = Vec::with_capacity(512);
+        let tag = self.to_tag(req);
+        // The UA's Via is the top one of the processed request.
+        sip::reply::response_for(req, code, reason, &tag, extra, &mut bytes);
+        self.stats.refusal(code);
+        self.complete_with(t, id, bytes, now, out);
+    }
+
+    /// Sends `bytes` to the UA as the transaction's final response, kept
+    /// and retransmitted (UDP) until the UA's ACK.
+    fn complete_with(
+        &self,
+        t: &mut ClientTxn,
+        id: u64,
+        bytes: Vec<u8>,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        out.send(t.reply_to.clone(), &bytes);
+        t.phase = Phase::Completed;
+        t.local_final = Some(bytes);
+        t.expires_ms = self.ms(now) + if t.invite { TXN_MS } else { T4_MS };
+        if t.invite && !t.reply_to.reliable() {
+            out.arm(now.at + T1, TimerKey::Retransmit { txn: id, n: 0 });
+        }
+    }
+
+    /// What the UA's ACK of this transaction is.
+    pub(super) fn ack_of(&self, t: &mut ClientTxn, now: Now) -> AckOf {
+        if !t.invite || t.phase != Phase::Completed {
+            return AckOf::NotThis;
+        }
+        if t.local_final.is_some() {
+            if !t.acked {
+                t.acked = true;
+                // Absorb the ACK's retransmissions a while (Timer I).
+                t.expires_ms = self.ms(now) + if t.reply_to.reliable() { 0 } else { T4_MS };
+            }
+            return AckOf::Ours;
+        }
+        match t.tries.last() {
+            Some(x) => AckOf::Server {
+                index: t.current(),
+                server: x.server.clone(),
+            },
+            None => AckOf::NotThis,
+        }
+    }
+
+    /// `failover_timeout` of attempt `attempt`.
+    pub(super) fn failover_timer(
+        &self,
+        id: u64,
+        attempt: u8,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) {
+        let Some(t) = self.txns.pin().get(&id).cloned() else {
+            return;
+        };
+        let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.current() != attempt || t.phase != Phase::Trying {
+            return;
+        }
+        let i = usize::from(attempt);
+        if t.tries.get(i).is_none_or(|x| x.answered) {
+            return;
+        }
+        let cfg = self.cfg.load();
+        t.release(i);
+        if !t.cancelled {
+            let pool = self.pool.load();
+            if let Some(s) = pool.by_id(&t.tries[i].server) {
+                s.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                self.record_outcome(&cfg, &pool, s, false, now);
+            }
+        }
+        self.next_attempt(&cfg, &mut t, id, "no response", now, rng, out);
+    }
+
+    /// Retransmits our final response (Timer G), until the ACK or Timer H.
+    pub(super) fn retransmit_timer(&self, id: u64, n: u8, now: Now, out: &mut Outbox) {
+        let Some(t) = self.txns.pin().get(&id).cloned() else {
+            return;
+        };
+        let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.acked {
+            return;
+        }
+        let Some(f) = &t.local_final else { return };
+        out.send(t.reply_to.clone(), f);
+        let next = (T1 * 2u32.saturating_pow(u32::from(n) + 1)).min(T2);
+        if self.ms(now) + (next.as_millis() as u64) < t.expires_ms {
+            out.arm(
+                now.at + next,
+                TimerKey::Retransmit {
+                    txn: id,
+                    n: n.saturating_add(1),
+                },
+            );
+        }
+    }
+
+    /// Once a second: Timer C (RFC 3261 §16.8) and the end of transactions.
+    pub(super) fn txn_round(&self, now: Now, rng: &mut dyn RngCore, out: &mut Outbox) {
+        let cfg = self.cfg.load();
+        let ms = self.ms(now);
+        let limit = cfg.invite_timeout.as_millis() as u64;
+        let mut gone: SmallVec<[u64; 16]> = SmallVec::new();
+        let mut timer_c: SmallVec<[u64; 16]> = SmallVec::new();
+        for (id, t) in &self.txns.pin() {
+            let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let over = match t.phase {
+                Phase::Completed => ms >= t.expires_ms,
+                Phase::Trying if t.invite => {
+                    let ringing = t.tries.last().is_some_and(|x| x.provisional);
+                    if ringing && ms.saturating_sub(t.timer_c_from) >= limit
+                        || t.cancelled && ms.saturating_sub(t.cancelled_ms) >= TXN_MS
+                    {
+                        // Timer C; or a CANCEL the server never answered
+                        // with a final (the UA gives up after 64 x T1 too).
+                        timer_c.push(*id);
+                    }
+                    // A transaction that lives past Timer C and a whole
+                    // transaction timeout more has lost its way.
+                    ms.saturating_sub(t.timer_c_from) >= limit + TXN_MS
+                }
+                // Timer F: the UA has given up too.
+                Phase::Trying => ms.saturating_sub(t.created_ms) >= TXN_MS,
+            };
+            if over {
+                gone.push(*id);
+            }
+        }
+        for id in timer_c {
+            self.timer_c(id, now, rng, out);
+        }
+        let pool = self.pool.load();
+        for id in gone {
+            let Some(t) = self.txns.pin().remove(&id).cloned() else {
+                continue;
+            };
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if t.phase == Phase::Trying
+                && let Some(x) = t.tries.last()
+                && !x.answered
+                && let Some(s) = pool.by_id(&x.server)
+            {
+                self.record_outcome(&cfg, &pool, s, false, now);
+            }
+            t.release_all();
+        }
+    }
+
+    /// Timer C fired: CANCEL the ringing attempt, 408 to the UA.
+    fn timer_c(&self, id: u64, now: Now, _rng: &mut dyn RngCore, out: &mut Outbox) {
+        let Some(t) = self.txns.pin().get(&id).cloned() else {
+            return;
+        };
+        let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.phase != Phase::Trying {
+            return;
+        }
+        let i = t.current() as usize;
+        let Ok(req) = Message::parse(&t.request).map(|m| m.call_id().to_vec()) else {
+            return;
+        };
+        let (code, reason) = if t.cancelled {
+            (487, "Request Terminated")
+        } else {
+            warn!(call_id = %String::from_utf8_lossy(&req), "no final response within invite_timeout: CANCEL, 408");
+            (408, "Request Timeout")
+        };
+        self.cancel_attempt(&mut t, id, i, out);
+        t.release(i);
+        self.sessions.demote(&req, self.ms(now));
+        self.final_from_request(&mut t, id, code, reason, &[], now, out);
+    }
+
+    /// New sessions whose server answered provisionally and then stopped
+    /// answering SIP (ejected, or its probes unanswered; not merely its agent
+    /// down: the server may still be ringing) go to another server, the
+    /// given-up attempt CANCELled.
+    pub(super) fn rescue(
+        &self,
+        down: &[Arc<str>],
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Outbox,
+    ) {
+        let cfg = self.cfg.load();
+        let stuck: SmallVec<[u64; 8]> = self
+            .txns
+            .pin()
+            .iter()
+            .filter_map(|(id, t)| {
+                let t = t.lock().ok()?;
+                (t.invite
+                    && t.phase == Phase::Trying
+                    && !t.cancelled
+                    && t.tries
+                        .last()
+                        .is_some_and(|x| x.provisional && down.contains(&x.server)))
+                .then_some(*id)
+            })
+            .collect();
+        for id in stuck {
+            let Some(t) = self.txns.pin().get(&id).cloned() else {
+                continue;
+            };
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let i = t.current() as usize;
+            self.cancel_attempt(&mut t, id, i, out);
+            t.release(i);
+            self.next_attempt(
+                &cfg,
+                &mut t,
+                id,
+                "server stopped answering after a provisional response",
+                now,
+                rng,
+                out,
+            );
+        }
+    }
+}
+
+/// What to do with a transaction's response after the transaction saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TxnVerdict {
+    /// Nothing more (absorbed, or handled).
+    Done,
+    /// Relay it to the UA.
+    Relay,
+    /// Relay it and forget the transaction.
+    RelayAndRemove,
+}
+
+/// Whether a final `code` makes a new session's request try another server.
+fn fails_over_on(cfg: &Config, invite: bool, code: u16) -> bool {
+    cfg.failover_statuses.contains(&code) && (invite || code == 503)
+}
+
+fn dest_of(address: std::net::SocketAddr, transport: Transport) -> Dest {
+    match transport {
+        Transport::Udp => Dest::Udp(address),
+        Transport::Tcp => Dest::Tcp(address),
+    }
+}
+
+/// The response with our Via removed, into `out` (what goes back to the UA).
+pub(super) fn without_top_via(msg: &Message<'_>, out: &mut Vec<u8>) {
+    msg.write_edited(
+        &Edits {
+            remove_top_via: true,
+            ..Edits::default()
+        },
+        out,
+    );
+}
