@@ -70,6 +70,8 @@ use txn::ClientTxn;
 #[derive(Debug)]
 struct Me {
     host: String,
+    /// `host` when it is an IP address (compared without allocating).
+    ip: Option<std::net::IpAddr>,
     port: u16,
     /// `SIP/2.0/UDP host:port;branch=`
     via_udp: String,
@@ -129,6 +131,11 @@ impl Router {
         let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
         let me = Me {
             host: cfg.advertise_host.clone(),
+            ip: cfg
+                .advertise_host
+                .trim_matches(['[', ']'])
+                .parse()
+                .ok(),
             port: cfg.advertise_port,
             via_udp: format!("SIP/2.0/UDP {hostport};branch="),
             via_tcp: format!("SIP/2.0/TCP {hostport};branch="),
@@ -357,7 +364,7 @@ impl Router {
         port.unwrap_or(5060) == self.me.port
             && match host {
                 sip::Host::Name(n) => n.eq_ignore_ascii_case(self.me.host.as_bytes()),
-                h => h.to_string() == self.me.host,
+                h => h.ip().is_some() && h.ip() == self.me.ip,
             }
     }
 
