@@ -1,13 +1,22 @@
-//! siplb's balancer (FIG 4): the parts that decide where a request goes.
+//! siplb's balancer (FIG 4): the parts that decide where a request goes,
+//! and the shell that moves the bytes. docs/architecture.md walks them.
 //!
+//! - [`router`] — routing (box 404), with no I/O: every decision about a
+//!   message, client transactions and failover, the REGISTER fork, health;
+//!   driven by inputs (message, timer, tick) and drained of an outbox;
+//! - [`forwarding`] — forwarding (box 402), the shell: sockets, timers,
+//!   name resolution, and [`forwarding::Balancer::start`];
+//! - [`codec`] — what siplb writes on the wire and reads back (our branch,
+//!   the connection reference, the signed Record-Route token);
 //! - [`load`] — load computation (box 406): performance scores from
 //!   performance data, exactly as FIG 8 says by default;
-//! - [`select`] — the FIG 6 draw and the pluggable routing policies;
+//! - [`select`], [`policy`] — the FIG 6 draw and the pluggable routing policies;
 //! - [`query`] — performance query (box 408): the performance table as
-//!   load-computation inputs, and the scoring parameters live-changeable.
+//!   load-computation inputs, and the scoring parameters live-changeable;
+//! - [`sessions`], [`merge`], [`outlier`], [`pool`] — the pure parts routing uses.
 //!
-//! `load` and `select` are pure: no sockets, no clock, no global RNG. The
-//! forwarding and routing boxes (402, 404) join them with the balancer issue.
+//! Everything but `forwarding`, `service` and `admin` is pure: no sockets,
+//! no clock, no global RNG.
 
 pub mod admin;
 pub mod codec;

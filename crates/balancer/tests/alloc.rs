@@ -181,13 +181,19 @@ Content-Length: 0
             out.clear();
         }
     });
-    assert_eq!(info.count_total, 0, "forwarding in-dialog requests allocated: {info:?}");
+    assert_eq!(
+        info.count_total, 0,
+        "forwarding in-dialog requests allocated: {info:?}"
+    );
     let info = allocation_counter::measure(|| {
         for resp in &answers {
             router.on_message(resp, server_origin, now(700), &mut rng, &mut out);
             out.clear();
         }
     });
-    assert_eq!(info.count_total, 0, "relaying in-dialog responses allocated: {info:?}");
+    assert_eq!(
+        info.count_total, 0,
+        "relaying in-dialog responses allocated: {info:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -131,11 +131,7 @@ impl Router {
         let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
         let me = Me {
             host: cfg.advertise_host.clone(),
-            ip: cfg
-                .advertise_host
-                .trim_matches(['[', ']'])
-                .parse()
-                .ok(),
+            ip: cfg.advertise_host.trim_matches(['[', ']']).parse().ok(),
             port: cfg.advertise_port,
             via_udp: format!("SIP/2.0/UDP {hostport};branch="),
             via_tcp: format!("SIP/2.0/TCP {hostport};branch="),
