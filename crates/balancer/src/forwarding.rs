@@ -381,11 +381,14 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, o
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut out = Outbox::new();
     let mut chunk = vec![0u8; 16 * 1024];
+    // Remembers how far the message at the front was read: each byte is
+    // looked at once however slowly it arrives.
+    let mut framer = sip::Framer::default();
     loop {
         // Hand over every whole message already buffered.
         let mut consumed = 0;
         loop {
-            match sip::framing::check(&buf[consumed..], max) {
+            match framer.check(&buf[consumed..], max) {
                 Ok(sip::Frame::Message(n)) => {
                     net.handle(&buf[consumed..consumed + n], origin, &mut out)
                         .await;

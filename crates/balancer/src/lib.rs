@@ -22,6 +22,7 @@ pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod forwarding;
+pub mod limits;
 pub mod load;
 pub mod merge;
 pub mod outlier;

@@ -48,7 +48,7 @@ pub mod via;
 pub use addr::NameAddr;
 pub use edit::{Edits, MaxForwards, Received};
 pub use error::{Error, Result};
-pub use framing::{DEFAULT_MAX_SIZE, Frame};
+pub use framing::{DEFAULT_MAX_SIZE, Frame, Framer};
 pub use header::HeaderName;
 pub use message::{CSeq, Header, Message, Method, StartLine, Transport};
 pub use uri::{Host, Scheme, Uri, unescape};
