@@ -176,6 +176,7 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     // Workers live in a set owned here, so stopping the agent stops them all.
     let mut workers = tokio::task::JoinSet::new();
+    let mut refused = 0u64;
     let accept = async {
         loop {
             // Reap finished workers as we go.
@@ -189,7 +190,13 @@ pub async fn run(
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                warn!(%peer, "too many performance-server connections; refusing");
+                refused += 1;
+                warn!(
+                    %peer,
+                    max = cfg.max_connections,
+                    refused,
+                    "too many performance-server connections; refusing"
+                );
                 workers.spawn(refuse(stream));
                 continue;
             };
@@ -198,6 +205,9 @@ pub async fn run(
             workers.spawn(async move {
                 match serve(stream, &cfg, cache, notices).await {
                     Ok(()) => debug!(%peer, "performance server left"),
+                    Err(e) if e.is_refusal() => {
+                        warn!(%peer, error = %e, "performance connection closed");
+                    }
                     Err(e) => info!(%peer, error = %e, "performance connection closed"),
                 }
                 drop(permit);
@@ -239,12 +249,14 @@ where
 {
     let (r, mut w) = tokio::io::split(stream);
     let mut r = LineReader::new(r, MAX_LINE);
-    tokio::time::timeout(
+    let session = tokio::time::timeout(
         cfg.handshake_timeout,
         protocol::accept_handshake(&mut r, &mut w, &cfg.key, "agent"),
     )
     .await
     .map_err(|_| Error::Timeout(cfg.handshake_timeout))??;
+    // From here on every line is sealed and numbered (docs/protocol.md).
+    let (r, mut w) = session.attach(r, w);
 
     // Reading lines is not cancel-safe, so it has its own task.
     let (reader, mut lines) = protocol::spawn_reader(r);
@@ -257,17 +269,15 @@ where
                         None => return Ok(()),
                         Some(Msg::Get { id }) => {
                             let sample = *cache.borrow();
-                            protocol::write_msg(&mut w, &Msg::Data { id, sample }).await?;
+                            w.send(&Msg::Data { id, sample }).await?;
                         }
-                        Some(_) => {
-                            let err = Error::Unexpected("an agent answers get only");
-                            let _ = protocol::write_msg(&mut w, &Msg::Error { error: err.to_string() }).await;
-                            return Err(err);
-                        }
+                        // The performance server says why it closes (a bad MAC...).
+                        Some(Msg::Error { error }) => return Err(Error::Peer(error)),
+                        Some(_) => return Err(Error::Unexpected("an agent answers get only")),
                     }
                 }
                 n = notices.recv() => match n {
-                    Ok(msg) => protocol::write_msg(&mut w, &msg).await?,
+                    Ok(msg) => w.send(&msg).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
@@ -275,16 +285,8 @@ where
         }
     }
     .await;
-    if let Err(e) = &result
-        && !matches!(e, Error::Io(_))
-    {
-        let _ = protocol::write_msg(
-            &mut w,
-            &Msg::Error {
-                error: e.to_string(),
-            },
-        )
-        .await;
+    if let Err(e) = &result {
+        w.send_error(e, cfg.handshake_timeout).await;
     }
     reader.abort();
     result
@@ -303,6 +305,60 @@ mod tests {
             cpu,
             mem_available: mem,
             mem_total: mem * 2,
+        }
+    }
+
+    /// A performance client that speaks through the agent's `serve` on a
+    /// pipe, framing its own lines so a test can alter them.
+    #[tokio::test]
+    async fn a_tampered_or_replayed_get_closes_the_connection_with_the_reason() {
+        use tokio::io::AsyncWriteExt;
+        for attack in ["tamper", "replay", "bare"] {
+            let key = Key::new(b"0123456789abcdef-agent-test").unwrap();
+            let cfg = AgentConfig::new(key.clone());
+            let (_cache_tx, cache) = watch::channel(Some(sample(0.25, 1 << 30)));
+            let (_notice_tx, notices) = broadcast::channel(4);
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let agent = tokio::spawn(async move { serve(a, &cfg, cache, notices).await });
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = LineReader::new(r, MAX_LINE);
+            let (mut seal, mut open) = protocol::connect_handshake(&mut r, &mut w, &key, "agent")
+                .await
+                .unwrap()
+                .split();
+            let get1 = seal.seal(&Msg::Get { id: 1 }).unwrap();
+            w.write_all(&get1).await.unwrap();
+            let reply = open.open(r.next_line().await.unwrap().unwrap()).unwrap();
+            assert!(
+                matches!(reply, Msg::Data { id: 1, sample: Some(s) } if s.cpu == 0.25),
+                "{reply:?}"
+            );
+            let (bad, why) = match attack {
+                "tamper" => {
+                    let get2 = String::from_utf8(seal.seal(&Msg::Get { id: 2 }).unwrap()).unwrap();
+                    (
+                        get2.replace("\"id\":2", "\"id\":3"),
+                        "message authentication failed",
+                    )
+                }
+                "replay" => (String::from_utf8(get1).unwrap(), "replayed message"),
+                _ => (
+                    "{\"type\":\"get\",\"id\":2}\n".to_owned(),
+                    "message authentication failed",
+                ),
+            };
+            w.write_all(bad.as_bytes()).await.unwrap();
+            // The agent says why, sealed, and closes.
+            match open.open(r.next_line().await.unwrap().unwrap()).unwrap() {
+                Msg::Error { error } => assert!(error.starts_with(why), "{attack}: {error}"),
+                other => panic!("{attack}: {other:?}"),
+            }
+            assert!(r.next_line().await.unwrap().is_none(), "{attack}: closed");
+            let e = agent.await.unwrap().unwrap_err();
+            assert!(
+                e.is_refusal() && e.to_string().starts_with(why),
+                "{attack}: {e}"
+            );
         }
     }
 

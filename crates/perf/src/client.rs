@@ -107,16 +107,19 @@ async fn session<C: Connector>(
     };
     let (r, mut w) = tokio::io::split(stream);
     let mut r = LineReader::new(r, MAX_LINE);
-    match timeout(
+    let session = match timeout(
         cfg.timeout,
-        protocol::connect_handshake(&mut r, &mut w, key),
+        protocol::connect_handshake(&mut r, &mut w, key, "agent"),
     )
     .await
     {
-        Ok(Ok(_role)) => {}
+        Ok(Ok(s)) => s,
         Ok(Err(e)) => return e,
         Err(_) => return Error::Timeout(cfg.timeout),
-    }
+    };
+    // From here on every line is sealed and numbered: a line altered,
+    // forged or replayed on the path ends the session before it is parsed.
+    let (r, mut w) = session.attach(r, w);
     // Reading is not cancel-safe: a task reads, the loop below races the
     // channel (which is) against the poll schedule and the reply deadline.
     let (reader, mut rx) = protocol::spawn_reader(r);
@@ -132,7 +135,7 @@ async fn session<C: Connector>(
                 }
                 id += 1;
                 let now = Instant::now();
-                match timeout(cfg.timeout, protocol::write_msg(&mut w, &Msg::Get { id })).await {
+                match timeout(cfg.timeout, w.send(&Msg::Get { id })).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => break e,
                     Err(_) => break Error::Timeout(cfg.timeout),
@@ -162,6 +165,10 @@ async fn session<C: Connector>(
         }
     };
     reader.abort();
+    // Tell the agent why (a bad MAC, a replay...), briefly: the down must
+    // not wait on a stuck socket.
+    w.send_error(&err, cfg.timeout.min(Duration::from_millis(100)))
+        .await;
     err
 }
 
@@ -216,9 +223,10 @@ mod tests {
             tokio::spawn(async move {
                 let (r, mut w) = tokio::io::split(theirs);
                 let mut r = LineReader::new(r, MAX_LINE);
-                protocol::accept_handshake(&mut r, &mut w, &key(), "agent")
+                let session = protocol::accept_handshake(&mut r, &mut w, &key(), "agent")
                     .await
                     .unwrap();
+                let (mut r, mut w) = session.attach(r, w);
                 let Mode::AnswerThenHang(n) = mode else {
                     return;
                 };
@@ -228,9 +236,7 @@ mod tests {
                     if answered < n {
                         answered += 1;
                         let s = Some(sample(id));
-                        protocol::write_msg(&mut w, &Msg::Data { id, sample: s })
-                            .await
-                            .unwrap();
+                        w.send(&Msg::Data { id, sample: s }).await.unwrap();
                     }
                 }
             });

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -293,15 +293,51 @@ impl Drop for PerfServer {
     }
 }
 
-/// Serves the table to subscribing balancers until `shutdown` resolves.
+/// How the standalone performance server serves its subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriberConfig {
+    /// Most subscriber connections open at once (default 64, as the agent):
+    /// one more is refused with an `error` line, counted and logged.
+    pub max_connections: usize,
+    /// Time allowed for the handshake and the `subscribe` (default 5 s).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        SubscriberConfig {
+            max_connections: 64,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves the table to subscribing balancers until `shutdown` resolves,
+/// with the default [`SubscriberConfig`].
 pub async fn serve_subscribers(
     listener: TcpListener,
     key: Key,
     shared: SharedTable,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_subscribers_with(listener, key, shared, SubscriberConfig::default(), shutdown).await;
+}
+
+/// Serves the table to subscribing balancers until `shutdown` resolves.
+pub async fn serve_subscribers_with(
+    listener: TcpListener,
+    key: Key,
+    shared: SharedTable,
+    cfg: SubscriberConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    // Connections live in a set owned here, so stopping stops them all.
+    let mut conns = tokio::task::JoinSet::new();
+    let mut refused = 0u64;
     let accept = async {
         loop {
+            while conns.try_join_next().is_some() {}
             let (stream, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -310,12 +346,33 @@ pub async fn serve_subscribers(
                     continue;
                 }
             };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                refused += 1;
+                warn!(
+                    %peer,
+                    max = cfg.max_connections,
+                    refused,
+                    "too many subscriber connections; refusing"
+                );
+                conns.spawn(async move {
+                    let mut stream = stream;
+                    let msg = Msg::Error {
+                        error: "too many connections".into(),
+                    };
+                    let _ = protocol::write_msg(&mut stream, &msg).await;
+                });
+                continue;
+            };
             let (key, shared) = (key.clone(), shared.clone());
-            tokio::spawn(async move {
-                match subscriber(stream, &key, &shared).await {
+            conns.spawn(async move {
+                match subscriber(stream, &key, &shared, &cfg).await {
                     Ok(()) => debug!(%peer, "subscriber left"),
+                    Err(e) if e.is_refusal() => {
+                        warn!(%peer, error = %e, "subscriber connection closed");
+                    }
                     Err(e) => info!(%peer, error = %e, "subscriber connection closed"),
                 }
+                drop(permit);
             });
         }
     };
@@ -323,61 +380,82 @@ pub async fn serve_subscribers(
         () = accept => {}
         () = shutdown => {}
     }
+    conns.abort_all();
 }
 
 async fn subscriber(
     stream: tokio::net::TcpStream,
     key: &Key,
     shared: &SharedTable,
+    cfg: &SubscriberConfig,
 ) -> Result<(), Error> {
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
     let mut r = LineReader::new(r, MAX_LINE);
-    let limit = Duration::from_secs(5);
-    tokio::time::timeout(
+    let limit = cfg.handshake_timeout;
+    let session = tokio::time::timeout(
         limit,
         protocol::accept_handshake(&mut r, &mut w, key, "perf-server"),
     )
     .await
     .map_err(|_| Error::Timeout(limit))??;
-    match tokio::time::timeout(limit, r.next())
+    let (mut r, mut w) = session.attach(r, w);
+    let first = tokio::time::timeout(limit, r.next())
         .await
-        .map_err(|_| Error::Timeout(limit))??
-    {
-        Some(Msg::Subscribe {}) => {}
-        Some(_) => {
-            let _ = protocol::write_msg(
-                &mut w,
-                &Msg::Error {
-                    error: "expected subscribe".into(),
-                },
-            )
-            .await;
-            return Err(Error::Unexpected("expected subscribe"));
+        .map_err(|_| Error::Timeout(limit))
+        .and_then(|m| m);
+    match first {
+        Ok(Some(Msg::Subscribe {})) => {}
+        Ok(Some(_)) => {
+            let err = Error::Unexpected("expected subscribe");
+            w.send_error(&err, limit).await;
+            return Err(err);
         }
-        None => return Ok(()),
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            w.send_error(&e, limit).await;
+            return Err(e);
+        }
     }
     let mut changes = shared.changes();
-    // The subscriber says nothing more; a task notices when it leaves.
-    let mut gone = tokio::spawn(async move { while let Ok(Some(_)) = r.next().await {} });
+    // The subscriber says nothing more; this notices when it leaves (or
+    // sends a line that does not authenticate). One future polled to its
+    // end, never dropped midway, so reading need not be cancel-safe.
+    let gone = async {
+        loop {
+            match r.next().await {
+                Ok(Some(Msg::Error { error })) => return Err(Error::Peer(error)),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    tokio::pin!(gone);
     // A heartbeat table at least every second, so a subscriber can tell a
     // quiet pool from a dead performance server.
     let heartbeat = Duration::from_secs(1);
-    loop {
+    let result = loop {
         let now = Instant::now();
         let table = shared.load();
         let msg = Msg::Table {
             servers: table.entries.iter().map(|e| e.status(now)).collect(),
         };
-        protocol::write_msg(&mut w, &msg).await?;
+        if let Err(e) = w.send(&msg).await {
+            break Err(e);
+        }
         // Coalesce bursts of changes: at most 20 tables a second.
         tokio::time::sleep(Duration::from_millis(50)).await;
         tokio::select! {
             _ = changes.changed() => {}
             () = tokio::time::sleep(heartbeat) => {}
-            _ = &mut gone => return Ok(()),
+            left = &mut gone => break left,
         }
+    };
+    if let Err(e) = &result {
+        w.send_error(e, limit).await;
     }
+    result
 }
 
 /// Keeps `shared` in step with a standalone performance server's table
@@ -414,19 +492,32 @@ async fn subscription<C: Connector>(
     };
     let (r, mut w) = tokio::io::split(stream);
     let mut r = LineReader::new(r, MAX_TABLE_LINE);
-    match tokio::time::timeout(
+    let session = match tokio::time::timeout(
         cfg.timeout,
-        protocol::connect_handshake(&mut r, &mut w, key),
+        protocol::connect_handshake(&mut r, &mut w, key, "perf-server"),
     )
     .await
     {
-        Ok(Ok(_)) => {}
+        Ok(Ok(s)) => s,
         Ok(Err(e)) => return e,
         Err(_) => return Error::Timeout(cfg.timeout),
-    }
-    if let Err(e) = protocol::write_msg(&mut w, &Msg::Subscribe {}).await {
+    };
+    let (mut r, mut w) = session.attach(r, w);
+    if let Err(e) = w.send(&Msg::Subscribe {}).await {
         return e;
     }
+    let err = tables(&mut r, cfg, shared).await;
+    w.send_error(&err, cfg.timeout.min(Duration::from_millis(100)))
+        .await;
+    err
+}
+
+/// Applies every `table` the performance server pushes; returns why it stopped.
+async fn tables<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut protocol::Reader<R>,
+    cfg: &PollConfig,
+    shared: &SharedTable,
+) -> Error {
     // A table comes at least every second; allow the timeout on top.
     let patience = cfg.timeout + Duration::from_secs(1);
     loop {
@@ -466,6 +557,60 @@ async fn subscription<C: Connector>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
+
+    #[tokio::test]
+    async fn the_subscriber_listener_refuses_connections_beyond_its_cap() {
+        assert_eq!(SubscriberConfig::default().max_connections, 64);
+        let key = Key::new(b"0123456789abcdef-server-test").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = SubscriberConfig {
+            max_connections: 1,
+            ..SubscriberConfig::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_subscribers_with(
+            listener,
+            key.clone(),
+            SharedTable::default(),
+            cfg,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        // The first subscriber is served: sealed tables arrive.
+        let (r1, mut w1) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut r1 = LineReader::new(r1, MAX_TABLE_LINE);
+        let session = protocol::connect_handshake(&mut r1, &mut w1, &key, "perf-server")
+            .await
+            .unwrap();
+        let (mut r1, mut w1) = session.attach(r1, w1);
+        w1.send(&Msg::Subscribe {}).await.unwrap();
+        assert!(matches!(r1.next().await.unwrap(), Some(Msg::Table { .. })));
+        // A second one is refused at once, with a reason.
+        let mut r2 = LineReader::new(TcpStream::connect(addr).await.unwrap(), MAX_LINE);
+        assert_eq!(
+            r2.next().await.unwrap(),
+            Some(Msg::Error {
+                error: "too many connections".into()
+            })
+        );
+        assert_eq!(r2.next().await.unwrap(), None);
+        // When the first leaves, its slot is free again.
+        drop((r1, w1));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut r3 = LineReader::new(TcpStream::connect(addr).await.unwrap(), MAX_LINE);
+            match r3.next().await.unwrap() {
+                Some(Msg::Hello { .. }) => break,
+                other => assert!(Instant::now() < deadline, "{other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send(()).unwrap();
+        server.await.unwrap();
+    }
 
     #[test]
     fn get_at_looks_at_the_slot_first_then_everywhere() {

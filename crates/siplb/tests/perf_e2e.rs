@@ -412,3 +412,349 @@ fn bad_agent_arguments_exit_2_naming_the_problem() {
     assert_eq!(code, Some(2));
     assert!(err.contains("'a' given twice"), "{err}");
 }
+
+/// What the man in the middle does to the agent's lines once the handshake
+/// (its first two lines: `hello`, `welcome`) is through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attack {
+    /// Pass every line as it is.
+    Relay,
+    /// Change one byte of every sample: a digit of its CPU.
+    Flip,
+    /// Send the connection's first sealed line again before each later one.
+    Replay,
+}
+
+/// A TCP proxy between a performance server and an agent, on 127.0.0.1,
+/// that can alter what the agent says. Its task is aborted on drop.
+struct Mitm {
+    addr: std::net::SocketAddr,
+    attack: std::sync::Arc<std::sync::Mutex<Attack>>,
+    /// Lines altered or replayed so far.
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Mitm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Mitm {
+    async fn start(agent: std::net::SocketAddr) -> Mitm {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let attack = std::sync::Arc::new(std::sync::Mutex::new(Attack::Relay));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (a, d) = (attack.clone(), done.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(agent).await else {
+                    continue;
+                };
+                let (attack, done) = (a.clone(), d.clone());
+                conns.spawn(async move {
+                    let (dr, mut dw) = down.into_split();
+                    let (ur, mut uw) = up.into_split();
+                    // The performance server's lines go through untouched.
+                    let mut dr = dr;
+                    let upward = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut dr, &mut uw).await;
+                    });
+                    let mut ur = BufReader::new(ur);
+                    let mut first_sealed: Option<Vec<u8>> = None;
+                    let mut n = 0;
+                    loop {
+                        let mut line = Vec::new();
+                        match ur.read_until(b'\n', &mut line).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                        n += 1;
+                        // Past hello and welcome, every line is sealed.
+                        let now = *attack.lock().unwrap();
+                        if n <= 2 {
+                        } else if now == Attack::Flip {
+                            let at = line
+                                .windows(8)
+                                .position(|w| w == b"\"cpu\":0.")
+                                .map(|p| p + 8);
+                            if let Some(i) = at {
+                                line[i] = if line[i] == b'9' { b'1' } else { b'9' };
+                                done.fetch_add(1, Ordering::SeqCst);
+                            }
+                        } else if let (Attack::Replay, Some(old)) = (now, &first_sealed) {
+                            if dw.write_all(old).await.is_err() {
+                                break;
+                            }
+                            done.fetch_add(1, Ordering::SeqCst);
+                        } else if first_sealed.is_none() {
+                            first_sealed = Some(line.clone());
+                        }
+                        if dw.write_all(&line).await.is_err() {
+                            break;
+                        }
+                    }
+                    upward.abort();
+                });
+            }
+        });
+        Mitm {
+            addr,
+            attack,
+            done,
+            task,
+        }
+    }
+
+    fn set(&self, a: Attack) {
+        *self.attack.lock().unwrap() = a;
+    }
+
+    fn done(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Watches the table every millisecond and keeps every sample `s1` ever
+/// showed, so a test can say what never appeared in it.
+fn watch_samples(
+    shared: &SharedTable,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<perf::Sample>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<perf::Sample>::new()));
+    let (s, shared) = (seen.clone(), shared.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            if let Some(sample) = shared.load().get("s1").and_then(|e| e.sample) {
+                let mut s = s.lock().unwrap();
+                if s.last() != Some(&sample) {
+                    s.push(sample);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    (seen, task)
+}
+
+fn down_with(t: &Table, what: &str) -> bool {
+    t.get("s1").is_some_and(|e| {
+        e.state == AgentState::Down && e.error.as_deref().is_some_and(|m| m.contains(what))
+    })
+}
+
+/// An agent behind a man in the middle: polled through it, up; then a byte
+/// of a sample is changed on the path: the agent is down for "message
+/// authentication failed" and the altered value never reaches the table,
+/// however often the performance server reconnects; back up once the path
+/// is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_altered_on_the_path_is_refused_and_never_reaches_the_table() {
+    let dir = tempdir::Dir::new("mitm-flip");
+    let kf = key_file(&dir, "key", KEY);
+    let port = free_port();
+    let _a = agent(port, &kf, "cpu=20%,mem=1GB");
+    let mitm = Mitm::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let ps = PerfServer::new(Key::new(KEY.as_bytes()).unwrap(), poll());
+    ps.set_agents(&[AgentSpec {
+        id: "s1".into(),
+        agent: mitm.addr.to_string(),
+    }]);
+    let shared = ps.shared().clone();
+    let (seen, watcher) = watch_samples(&shared);
+    let cpu_is = |t: &Table, cpu: f64| {
+        t.get("s1").is_some_and(|e| {
+            e.state == AgentState::Up && e.sample.is_some_and(|s| (s.cpu - cpu).abs() < 1e-9)
+        })
+    };
+    until(
+        &shared,
+        Duration::from_secs(10),
+        "s1 up through the proxy",
+        |t| cpu_is(t, 0.2),
+    )
+    .await;
+
+    mitm.set(Attack::Flip);
+    until(
+        &shared,
+        Duration::from_secs(5),
+        "s1 down for message authentication",
+        |t| down_with(t, "message authentication failed"),
+    )
+    .await;
+    // Reconnections meet the same proxy: still down, for the same reason.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(mitm.done() >= 2, "flipped {} lines", mitm.done());
+    let t = shared.load();
+    assert!(
+        down_with(&t, "message authentication failed"),
+        "{:#?}",
+        t.get("s1")
+    );
+    assert!((t.get("s1").unwrap().sample.unwrap().cpu - 0.2).abs() < 1e-9);
+
+    mitm.set(Attack::Relay);
+    until(&shared, Duration::from_secs(10), "s1 up again", |t| {
+        cpu_is(t, 0.2)
+    })
+    .await;
+    watcher.abort();
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 2, "before and after: {seen:?}");
+    assert!(
+        seen.iter().all(|s| (s.cpu - 0.2).abs() < 1e-9),
+        "a forged value reached the table: {seen:?}"
+    );
+}
+
+/// The man in the middle sends an earlier sample line again: refused as a
+/// replay, the agent down for it, and the table never goes back to the old
+/// sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_sample_line_is_refused() {
+    let dir = tempdir::Dir::new("mitm-replay");
+    let kf = key_file(&dir, "key", KEY);
+    let port = free_port();
+    let _a = agent(port, &kf, "cpu=20%,mem=1GB");
+    let mitm = Mitm::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let ps = PerfServer::new(Key::new(KEY.as_bytes()).unwrap(), poll());
+    ps.set_agents(&[AgentSpec {
+        id: "s1".into(),
+        agent: mitm.addr.to_string(),
+    }]);
+    let shared = ps.shared().clone();
+    let (seen, watcher) = watch_samples(&shared);
+    let seq = |t: &Table| t.get("s1").and_then(|e| e.sample).map_or(0, |s| s.seq);
+    until(
+        &shared,
+        Duration::from_secs(10),
+        "s1 up with a few samples",
+        |t| state(t, "s1") == AgentState::Up && seq(t) >= 3,
+    )
+    .await;
+    let downs = shared.load().get("s1").unwrap().downs;
+
+    mitm.set(Attack::Replay);
+    until(
+        &shared,
+        Duration::from_secs(5),
+        "s1 down for a replayed message",
+        |t| down_with(t, "replayed message"),
+    )
+    .await;
+    assert!(mitm.done() >= 1);
+    mitm.set(Attack::Relay);
+    until(&shared, Duration::from_secs(10), "s1 up again", |t| {
+        state(t, "s1") == AgentState::Up
+    })
+    .await;
+    assert!(shared.load().get("s1").unwrap().downs > downs);
+    watcher.abort();
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.windows(2).all(|w| w[0].seq < w[1].seq),
+        "the table went back to an older sample: {:?}",
+        seen.iter().map(|s| s.seq).collect::<Vec<_>>()
+    );
+}
+
+/// An agent that speaks protocol version 1: its hello is refused with an
+/// error line saying what to upgrade, never answered with `auth`, and the
+/// table shows the same words as the server's error (the `error` field of
+/// the balancer's GET /servers). And the other way round: a version-1
+/// performance server at a version-2 agent is told the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_agent_is_refused_with_a_clear_version_error() {
+    use std::io::{BufRead, BufReader, Write};
+    let want = "agent speaks protocol v1; this performance server needs v2 (upgrade the agent)";
+    let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let old_addr = old.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let mut heard = Vec::new();
+        old.set_nonblocking(true).unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            let Ok((mut s, _)) = old.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(
+                b"{\"type\":\"hello\",\"version\":1,\"role\":\"agent\",\"challenge\":\"eca85bb6e4440848b6d0f089f082184d\"}\n",
+            )
+            .unwrap();
+            let mut r = BufReader::new(s);
+            loop {
+                let mut line = String::new();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => heard.push(line),
+                }
+            }
+        }
+        heard
+    });
+    let ps = PerfServer::new(Key::new(KEY.as_bytes()).unwrap(), poll());
+    ps.set_agents(&[AgentSpec {
+        id: "s1".into(),
+        agent: old_addr.to_string(),
+    }]);
+    let shared = ps.shared().clone();
+    until(
+        &shared,
+        Duration::from_secs(5),
+        "s1 down for its version",
+        |t| {
+            t.get("s1")
+                .is_some_and(|e| e.state == AgentState::Down && e.error.as_deref() == Some(want))
+        },
+    )
+    .await;
+    let heard = fake.join().unwrap();
+    assert!(!heard.is_empty());
+    let error_line = format!("{{\"type\":\"error\",\"error\":\"{want}\"}}\n");
+    assert!(heard.iter().all(|l| *l == error_line), "{heard:?}");
+    assert!(shared.load().get("s1").unwrap().sample.is_none());
+    drop(ps);
+
+    // A version-2 agent and a version-1 performance server's auth.
+    let dir = tempdir::Dir::new("v1");
+    let kf = key_file(&dir, "key", KEY);
+    let port = free_port();
+    let _a = agent(port, &kf, "cpu=20%,mem=1GB");
+    let start = Instant::now();
+    let s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut hello = String::new();
+    r.read_line(&mut hello).unwrap();
+    assert!(hello.contains("\"version\":2"), "{hello}");
+    w.write_all(
+        b"{\"type\":\"auth\",\"version\":1,\"mac\":\"00\",\"challenge\":\"0123456789abcdef\"}\n",
+    )
+    .unwrap();
+    let mut reply = String::new();
+    r.read_line(&mut reply).unwrap();
+    assert_eq!(
+        reply,
+        "{\"type\":\"error\",\"error\":\"performance server speaks protocol v1; this agent needs v2 (upgrade the performance server)\"}\n"
+    );
+    let mut rest = String::new();
+    assert_eq!(r.read_line(&mut rest).unwrap(), 0, "closed: {rest}");
+}
