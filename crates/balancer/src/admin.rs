@@ -1,17 +1,30 @@
 //! The admin API (HTTP on loopback by default): servers, drain, scoring,
 //! reload, and Prometheus metrics.
+//!
+//! Every request passes the guard first: its `Host` must name this listener
+//! (DNS rebinding), an `Origin` must match that `Host` (cross-site requests
+//! from a browser), and when `admin.token_file` is set, every request but a
+//! read (and reads too with `admin.auth_reads`) must carry
+//! `Authorization: Bearer <token>`. The settings are read from the
+//! configuration in force at each request, so a reload changes them.
 
 use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Extension, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use tracing::info;
 
+use crate::config::AdminConfig;
 use crate::query::ScoringPatch;
 use crate::router::{Router as Core, ServerView};
 
@@ -24,8 +37,76 @@ pub struct AdminState {
     pub reload: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
-/// The routes.
+/// The address a connection came in on (serve the router with
+/// `into_make_service_with_connect_info::<LocalAddr>()`): the `Host` check
+/// accepts it, which covers a wildcard `admin.listen` and port 0.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub Option<SocketAddr>);
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for LocalAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        LocalAddr(stream.io().local_addr().ok())
+    }
+}
+
+/// Why a request was refused: the `reason` of `siplb_admin_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `Host` does not name this listener (DNS rebinding).
+    Host,
+    /// `Origin` is not the `Host` (a cross-site request).
+    Origin,
+    /// No `Authorization: Bearer` where the token is required.
+    MissingToken,
+    /// A token that is not `admin.token_file`'s.
+    BadToken,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [
+        Refusal::Host,
+        Refusal::Origin,
+        Refusal::MissingToken,
+        Refusal::BadToken,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Refusal::Host => "host",
+            Refusal::Origin => "origin",
+            Refusal::MissingToken => "missing_token",
+            Refusal::BadToken => "bad_token",
+        }
+    }
+}
+
+/// Refusals counted by reason.
+#[derive(Debug, Default)]
+struct Refused([AtomicU64; 4]);
+
+impl Refused {
+    fn add(&self, r: Refusal) {
+        self.0[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self, r: Refusal) -> u64 {
+        self.0[r as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// The guard's state: the core (for the settings in force) and the counters.
+#[derive(Debug)]
+struct Guard {
+    core: Arc<Core>,
+    refused: Refused,
+}
+
+/// The routes, behind the guard (Host, Origin, token).
 pub fn router(state: Arc<AdminState>) -> Router {
+    let g = Arc::new(Guard {
+        core: state.router.clone(),
+        refused: Refused::default(),
+    });
     Router::new()
         .route("/servers", get(servers))
         .route("/servers/{id}/drain", post(drain))
@@ -36,6 +117,202 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(|| async { "siplb admin: GET /servers, POST /servers/{id}/drain|undrain, GET|PUT /scoring, GET|PUT /policy, POST /reload, GET /metrics\n" }))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(g.clone(), guard))
+        .layer(Extension(g))
+}
+
+/// `host[:port]` of a `Host` header, an `Origin` or an `admin.allowed_hosts`
+/// entry: the host in lower case (an IPv6 address in brackets) and the port
+/// if given. `None` when it is not one (a scheme, a path, a bare IPv6
+/// address, a wildcard, user info).
+#[must_use]
+pub fn parse_authority(s: &str) -> Option<(String, Option<u16>)> {
+    let (host, rest) = if let Some(v6) = s.strip_prefix('[') {
+        let end = v6.find(']')?;
+        v6[..end].parse::<std::net::Ipv6Addr>().ok()?;
+        (&s[..end + 2], &v6[end + 1..])
+    } else {
+        match s.rfind(':') {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, ""),
+        }
+    };
+    let port = match rest {
+        "" => None,
+        r => {
+            let digits = r.strip_prefix(':')?;
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some(digits.parse::<u16>().ok()?)
+        }
+    };
+    let name_ok = host.starts_with('[')
+        || (!host.is_empty()
+            && !host.starts_with('.')
+            && !host.starts_with('-')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
+    name_ok.then(|| (host.to_ascii_lowercase(), port))
+}
+
+/// `ip` as it is written in a `Host` (IPv6 in brackets).
+fn host_of(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
+/// Whether `Host` (`host`, `port`: 80 when absent) names this listener: its
+/// address (the connection's local one, or `admin.listen`), `localhost` on
+/// its port, or an `admin.allowed_hosts` entry (a name without a port
+/// matches on any port).
+fn host_allowed(
+    host: &str,
+    port: Option<u16>,
+    local: Option<SocketAddr>,
+    cfg: Option<&AdminConfig>,
+) -> bool {
+    let port_or_80 = port.unwrap_or(80);
+    let ours = local
+        .into_iter()
+        .chain(cfg.map(|c| c.listen).filter(|a| !a.ip().is_unspecified()));
+    for a in ours {
+        if port_or_80 == a.port() && (host == "localhost" || host == host_of(a.ip())) {
+            return true;
+        }
+    }
+    cfg.is_some_and(|c| {
+        c.allowed_hosts.iter().any(|entry| {
+            parse_authority(entry)
+                .is_some_and(|(h, p)| h == host && p.is_none_or(|p| p == port_or_80))
+        })
+    })
+}
+
+/// Whether an `Origin` (`scheme://host[:port]`) is the `Host`'s.
+fn origin_matches(origin: &str, host: &str, port: Option<u16>) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false; // "null" (sandboxed frames, file:), or garbage
+    };
+    let default = match scheme.to_ascii_lowercase().as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return false,
+    };
+    let Some((o_host, o_port)) = parse_authority(authority) else {
+        return false;
+    };
+    o_host == host && o_port.unwrap_or(default) == port.unwrap_or(default)
+}
+
+/// The token of `Authorization: Bearer <token>`, if that is what it holds.
+fn bearer(headers: &HeaderMap) -> Option<Option<&[u8]>> {
+    let v = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let token = v
+        .split_at_checked(7)
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map(|(_, t)| t.trim_ascii());
+    Some(token)
+}
+
+/// One refusal: counted, logged, answered with a JSON error.
+fn refuse(g: &Guard, why: Refusal, req: &Request, detail: &str) -> Response {
+    g.refused.add(why);
+    info!(
+        reason = why.name(),
+        method = %req.method(),
+        path = %req.uri().path(),
+        detail,
+        "admin request refused"
+    );
+    let body = Json(json!({"error": detail, "reason": why.name()}));
+    match why {
+        Refusal::Host | Refusal::Origin => (StatusCode::FORBIDDEN, body).into_response(),
+        Refusal::MissingToken => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"siplb admin\"")],
+            body,
+        )
+            .into_response(),
+        Refusal::BadToken => (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"siplb admin\", error=\"invalid_token\"",
+            )],
+            body,
+        )
+            .into_response(),
+    }
+}
+
+/// The checks every request passes: `Host`, `Origin`, then the token.
+async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    match check(&g, &req) {
+        Ok(()) => next.run(req).await,
+        Err((why, detail)) => refuse(&g, why, &req, detail),
+    }
+}
+
+fn check(g: &Guard, req: &Request) -> Result<(), (Refusal, &'static str)> {
+    let cfg = g.core.config();
+    let cfg = cfg.admin.as_ref();
+    let local = req
+        .extensions()
+        .get::<ConnectInfo<LocalAddr>>()
+        .and_then(|c| c.0.0);
+    let headers = req.headers();
+
+    // Host: exactly one, naming us (and an absolute-form target must too).
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (Some(h), None) = (hosts.next(), hosts.next()) else {
+        return Err((Refusal::Host, "exactly one Host header is required"));
+    };
+    let Some((host, port)) = h.to_str().ok().and_then(parse_authority) else {
+        return Err((Refusal::Host, "Host is not host[:port]"));
+    };
+    if !host_allowed(&host, port, local, cfg) {
+        return Err((
+            Refusal::Host,
+            "Host does not name this admin API (add it to admin.allowed_hosts)",
+        ));
+    }
+    if let Some(a) = req.uri().authority()
+        && parse_authority(a.as_str()) != Some((host.clone(), port))
+    {
+        return Err((
+            Refusal::Host,
+            "the request target's authority is not the Host",
+        ));
+    }
+
+    // Origin: a browser's cross-site request.
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    match (origins.next(), origins.next()) {
+        (None, _) => {}
+        (Some(o), None) if o.to_str().is_ok_and(|o| origin_matches(o, &host, port)) => {}
+        _ => return Err((Refusal::Origin, "cross-origin requests are refused")),
+    }
+
+    // The token: required but for reads (unless admin.auth_reads); a bearer
+    // token given where none is required must still be the right one.
+    let Some(token) = cfg.and_then(|c| c.token.as_ref()) else {
+        return Ok(());
+    };
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    let needed = !read || cfg.is_some_and(|c| c.auth_reads);
+    match bearer(headers) {
+        Some(Some(t)) if token.matches(t) => Ok(()),
+        Some(Some(_)) => Err((Refusal::BadToken, "wrong admin token")),
+        _ if !needed => Ok(()),
+        _ => Err((
+            Refusal::MissingToken,
+            "this request needs Authorization: Bearer <the token of admin.token_file>",
+        )),
+    }
 }
 
 async fn servers(State(s): State<Arc<AdminState>>) -> Json<Vec<ServerView>> {
@@ -125,9 +402,24 @@ async fn reload(State(s): State<Arc<AdminState>>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+async fn metrics(
+    State(s): State<Arc<AdminState>>,
+    Extension(g): Extension<Arc<Guard>>,
+) -> impl IntoResponse {
     let p = &s.router;
     let mut o = String::with_capacity(4096);
+    let _ = writeln!(
+        o,
+        "# HELP siplb_admin_refused_total Admin API requests refused, by reason (host, origin, missing_token, bad_token).\n# TYPE siplb_admin_refused_total counter"
+    );
+    for r in Refusal::ALL {
+        let _ = writeln!(
+            o,
+            "siplb_admin_refused_total{{reason=\"{}\"}} {}",
+            r.name(),
+            g.refused.get(r)
+        );
+    }
     let _ = writeln!(
         o,
         "# HELP siplb_requests_total SIP requests received, by method.\n# TYPE siplb_requests_total counter"
@@ -278,4 +570,112 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         }
     }
     ([("content-type", "text/plain; version=0.0.4")], o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(listen: &str, allowed: &[&str]) -> AdminConfig {
+        AdminConfig {
+            listen: listen.parse().unwrap(),
+            token: None,
+            auth_reads: false,
+            allowed_hosts: allowed.iter().map(|h| (*h).to_owned()).collect(),
+        }
+    }
+
+    fn allowed(host: &str, local: Option<&str>, cfg: &AdminConfig) -> bool {
+        let (h, p) = parse_authority(host).unwrap();
+        host_allowed(&h, p, local.map(|l| l.parse().unwrap()), Some(cfg))
+    }
+
+    #[test]
+    fn authorities() {
+        let a = |s: &str| parse_authority(s);
+        assert_eq!(a("127.0.0.1:8060"), Some(("127.0.0.1".into(), Some(8060))));
+        assert_eq!(a("LocalHost"), Some(("localhost".into(), None)));
+        assert_eq!(a("[::1]:8060"), Some(("[::1]".into(), Some(8060))));
+        assert_eq!(a("[::1]"), Some(("[::1]".into(), None)));
+        for bad in [
+            "", ":80", "::1", "[::1", "[zz]:1", "a:", "a:x", "a:65536", "a b", "a/b", "http://a",
+            "u@a", "*.a", ".a", "-a", "a:1:2",
+        ] {
+            assert_eq!(a(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn hosts_that_name_the_listener() {
+        let c = admin("127.0.0.1:8060", &[]);
+        assert!(allowed("127.0.0.1:8060", None, &c));
+        assert!(allowed("localhost:8060", None, &c));
+        assert!(allowed("LOCALHOST:8060", None, &c));
+        // DNS rebinding: the attacker's name, resolving to us.
+        assert!(!allowed("evil.example:8060", None, &c));
+        assert!(!allowed("evil.example", None, &c));
+        assert!(!allowed("127.0.0.1:8061", None, &c));
+        assert!(!allowed("localhost", None, &c));
+        assert!(!allowed("x", None, &c));
+
+        // A wildcard listener: the address the connection came in on.
+        let c = admin("0.0.0.0:8060", &["lb1.mgmt.example", "admin.example:443"]);
+        assert!(allowed("10.1.2.3:8060", Some("10.1.2.3:8060"), &c));
+        assert!(!allowed("10.1.2.4:8060", Some("10.1.2.3:8060"), &c));
+        assert!(!allowed("0.0.0.0:8060", None, &c));
+        assert!(allowed("lb1.mgmt.example:8060", None, &c));
+        assert!(allowed("LB1.mgmt.example", None, &c));
+        assert!(allowed("admin.example:443", None, &c));
+        assert!(!allowed("admin.example:8060", None, &c));
+        assert!(!allowed("admin.example", None, &c));
+
+        let c = admin("[::1]:8060", &[]);
+        assert!(allowed("[::1]:8060", None, &c));
+        assert!(!allowed("[::2]:8060", None, &c));
+        // Port 80: a Host without a port is port 80.
+        let c = admin("127.0.0.1:80", &[]);
+        assert!(allowed("127.0.0.1", None, &c));
+        assert!(allowed("localhost", None, &c));
+    }
+
+    #[test]
+    fn origins() {
+        let h = "127.0.0.1";
+        assert!(origin_matches("http://127.0.0.1:8060", h, Some(8060)));
+        assert!(origin_matches("HTTP://127.0.0.1:8060", h, Some(8060)));
+        assert!(!origin_matches("http://evil.example", h, Some(8060)));
+        assert!(!origin_matches("http://evil.example:8060", h, Some(8060)));
+        assert!(!origin_matches("http://127.0.0.1:8061", h, Some(8060)));
+        assert!(!origin_matches("null", h, Some(8060)));
+        assert!(!origin_matches("file://", h, Some(8060)));
+        assert!(!origin_matches("ftp://127.0.0.1:8060", h, Some(8060)));
+        // Default ports on either side.
+        assert!(origin_matches("http://lb.example", "lb.example", None));
+        assert!(origin_matches("http://lb.example:80", "lb.example", None));
+        assert!(origin_matches(
+            "https://lb.example",
+            "lb.example",
+            Some(443)
+        ));
+        assert!(origin_matches("https://lb.example", "lb.example", None));
+        assert!(!origin_matches(
+            "https://lb.example",
+            "lb.example",
+            Some(80)
+        ));
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some(Some(&b"abc"[..])));
+        h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Some(Some(&b"abc"[..])));
+        h.insert(header::AUTHORIZATION, "Basic YTpi".parse().unwrap());
+        assert_eq!(bearer(&h), Some(None));
+        h.insert(header::AUTHORIZATION, "Bear".parse().unwrap());
+        assert_eq!(bearer(&h), Some(None));
+    }
 }

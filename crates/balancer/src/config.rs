@@ -184,14 +184,128 @@ impl Default for PerfSection {
 #[serde(default, deny_unknown_fields)]
 struct AdminSection {
     listen: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
+    auth_reads: bool,
+    allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8060))),
+            token_file: None,
+            auth_reads: false,
+            allowed_hosts: Vec::new(),
         }
     }
+}
+
+/// The admin API's bearer token (`admin.token_file`). Its `Debug` does not
+/// show it, and [`AdminToken::matches`] compares in constant time.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+/// Shortest token accepted, in bytes.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl AdminToken {
+    /// A token from its text: at least [`MIN_TOKEN_LEN`] bytes of visible
+    /// ASCII with no space (it travels in an `Authorization` header).
+    ///
+    /// # Errors
+    /// What is wrong with it.
+    pub fn new(text: &str) -> Result<AdminToken, String> {
+        if text.len() < MIN_TOKEN_LEN {
+            return Err(format!("at least {MIN_TOKEN_LEN} bytes"));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "one token of visible ASCII, no spaces or line breaks inside \
+                 (it travels in an Authorization header)"
+                    .into(),
+            );
+        }
+        Ok(AdminToken(text.to_owned()))
+    }
+
+    /// Reads a token file: one token, whitespace around it ignored.
+    ///
+    /// # Errors
+    /// The file cannot be read, or its token is unfit ([`AdminToken::new`]).
+    pub fn from_file(path: &Path) -> Result<AdminToken, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        AdminToken::new(text.trim_ascii()).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The token, to send it (`siplb status`).
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this token, in time that depends on neither
+    /// (both are hashed, and the digests compared without an early exit).
+    #[must_use]
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        let a = Sha256::digest(self.0.as_bytes());
+        let b = Sha256::digest(presented);
+        let diff = a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y));
+        std::hint::black_box(diff) == 0
+    }
+}
+
+/// The admin API's settings (`[admin]`).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Bearer token required for every state-changing request (None: none).
+    pub token: Option<AdminToken>,
+    /// Whether reads (GET, HEAD) need the token too.
+    pub auth_reads: bool,
+    /// Further names accepted in `Host` (lower case, `host` or `host:port`).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// `[admin]` checked; `None` when the admin API is off.
+fn admin_config(a: AdminSection, base: &Path) -> Result<Option<AdminConfig>, ConfigError> {
+    let token = match &a.token_file {
+        Some(p) => {
+            Some(AdminToken::from_file(&resolve(base, p)).or_else(|e| err("admin.token_file", e))?)
+        }
+        None => None,
+    };
+    if a.auth_reads && token.is_none() {
+        return err(
+            "admin.auth_reads",
+            "true needs admin.token_file: there is no token to ask for",
+        );
+    }
+    let mut allowed_hosts = Vec::with_capacity(a.allowed_hosts.len());
+    for (i, h) in a.allowed_hosts.iter().enumerate() {
+        if crate::admin::parse_authority(h).is_none() {
+            return err(
+                format!("admin.allowed_hosts[{i}]"),
+                format!(
+                    "'{h}' is not a host name or address with an optional :port (no scheme, path or wildcard)"
+                ),
+            );
+        }
+        allowed_hosts.push(h.to_ascii_lowercase());
+    }
+    Ok(a.listen.map(|listen| AdminConfig {
+        listen,
+        token,
+        auth_reads: a.auth_reads,
+        allowed_hosts,
+    }))
 }
 
 /// `[[servers]]`
@@ -325,8 +439,8 @@ pub struct Config {
     pub perf_server: Option<String>,
     /// Scoring weights and thresholds.
     pub scoring: Scoring,
-    /// Admin API address (None: off).
-    pub admin: Option<SocketAddr>,
+    /// Admin API (None: off).
+    pub admin: Option<AdminConfig>,
     /// The pool.
     pub servers: Vec<ServerConfig>,
 }
@@ -519,6 +633,8 @@ impl Config {
             None => poll.interval * 3,
         };
 
+        let admin = admin_config(f.admin, base)?;
+
         f.scoring.validate().map_err(|e| ConfigError {
             field: format!("scoring.{}", e.field),
             reason: e.reason.into(),
@@ -626,7 +742,7 @@ impl Config {
             stale_after,
             perf_server: p.perf_server,
             scoring: f.scoring,
-            admin: f.admin.listen,
+            admin,
             servers,
         })
     }
@@ -641,6 +757,28 @@ impl Config {
             reason: format!("{}: {e}", path.display()),
         })?;
         Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Reads and checks only the `[admin]` section of a config file (for
+    /// `siplb status`, which needs neither the secret nor the agent key).
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or an `[admin]` field is wrong.
+    pub fn load_admin(path: &Path) -> Result<Option<AdminConfig>, ConfigError> {
+        #[derive(Deserialize)]
+        struct AdminOnly {
+            #[serde(default)]
+            admin: AdminSection,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: "config".into(),
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        let f: AdminOnly = toml::from_str(&text).map_err(|e| ConfigError {
+            field: "config".into(),
+            reason: e.message().to_owned(),
+        })?;
+        admin_config(f.admin, path.parent().unwrap_or(Path::new(".")))
     }
 }
 
@@ -676,7 +814,15 @@ agent = "127.0.0.1:7072"
         assert_eq!(c.advertise_port, 5060);
         assert_eq!(c.stale_after, Duration::from_millis(1500));
         assert_eq!(c.servers[1].transport, Transport::Tcp);
-        assert_eq!(c.admin, Some("127.0.0.1:8060".parse().unwrap()));
+        assert_eq!(
+            c.admin.as_ref().map(|a| a.listen),
+            Some("127.0.0.1:8060".parse().unwrap())
+        );
+        assert!(
+            c.admin
+                .as_ref()
+                .is_some_and(|a| a.token.is_none() && !a.auth_reads)
+        );
         assert_eq!(c.register, RegisterMode::Fork);
         assert_eq!(c.policy, "adaptive");
         assert_eq!(c.outlier, crate::outlier::OutlierConfig::default());
@@ -699,6 +845,132 @@ agent = "127.0.0.1:7072"
         let p = base().join("local.toml");
         let c = Config::load(&p).unwrap();
         assert_eq!(c.servers.len(), 2);
+    }
+
+    /// A fresh folder with `files` in it, for configs naming files.
+    fn folder(files: &[(&str, &str)]) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "siplb-config-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        for (name, text) in files {
+            std::fs::write(d.join(name), text).unwrap();
+        }
+        d
+    }
+
+    /// `GOOD` with the agent key named absolutely and `admin` as its `[admin]`.
+    fn with_admin(admin: &str) -> String {
+        GOOD.replace(
+            "key_file = \"agent.key\"",
+            &format!("key_file = \"{}\"", base().join("agent.key").display()),
+        ) + "\n[admin]\n"
+            + admin
+    }
+
+    #[test]
+    fn the_admin_token_file_is_read_relative_to_the_config() {
+        let d = folder(&[("admin.token", "  0123456789abcdef-token \n")]);
+        let c = Config::parse(
+            &with_admin("token_file = \"admin.token\"\nauth_reads = true\n"),
+            &d,
+        )
+        .unwrap();
+        let a = c.admin.as_ref().unwrap();
+        assert!(a.auth_reads);
+        let t = a.token.as_ref().unwrap();
+        assert_eq!(t.expose(), "0123456789abcdef-token");
+        assert!(t.matches(b"0123456789abcdef-token"));
+        assert!(!t.matches(b"0123456789abcdef-toke"));
+        assert!(!t.matches(b""));
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef-token"),
+            "Debug shows the token"
+        );
+        // siplb status reads the [admin] section alone: no secret needed.
+        std::fs::write(
+            d.join("lb.toml"),
+            "[admin]\nlisten = \"0.0.0.0:9000\"\ntoken_file = \"admin.token\"\n",
+        )
+        .unwrap();
+        let a = Config::load_admin(&d.join("lb.toml")).unwrap().unwrap();
+        assert_eq!(a.listen, "0.0.0.0:9000".parse().unwrap());
+        assert!(a.token.unwrap().matches(b"0123456789abcdef-token"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn admin_fields_are_checked() {
+        let d = folder(&[
+            ("short.token", "0123456789abcde\n"),
+            ("two.token", "0123456789abcdef 0123456789abcdef\n"),
+        ]);
+        let cases = [
+            (
+                "token_file = \"short.token\"",
+                "admin.token_file",
+                "16 bytes",
+            ),
+            (
+                "token_file = \"two.token\"",
+                "admin.token_file",
+                "no spaces",
+            ),
+            (
+                "token_file = \"missing.token\"",
+                "admin.token_file",
+                "missing.token",
+            ),
+            ("auth_reads = true", "admin.auth_reads", "token_file"),
+            (
+                "allowed_hosts = [\"lb1.example\", \"http://x\"]",
+                "admin.allowed_hosts[1]",
+                "scheme",
+            ),
+            (
+                "allowed_hosts = [\"*.example\"]",
+                "admin.allowed_hosts[0]",
+                "wildcard",
+            ),
+            (
+                "allowed_hosts = [\"a.example/admin\"]",
+                "admin.allowed_hosts[0]",
+                "path",
+            ),
+            ("allowed_hosts = [\"\"]", "admin.allowed_hosts[0]", "host"),
+            (
+                "allowed_hosts = [\"::1\"]",
+                "admin.allowed_hosts[0]",
+                "host",
+            ),
+            (
+                "allowed_hosts = [\"a.example:99999\"]",
+                "admin.allowed_hosts[0]",
+                "port",
+            ),
+            ("token = \"inline\"", "config", "token"),
+        ];
+        for (admin, field, reason) in cases {
+            let e = Config::parse(&with_admin(admin), &d).unwrap_err();
+            assert_eq!(e.field, field, "{admin}: {e}");
+            assert!(e.reason.contains(reason), "{admin}: {e}");
+        }
+        let c = Config::parse(
+            &with_admin(
+                "allowed_hosts = [\"LB1.Mgmt.Example\", \"10.0.0.5:8060\", \"[::1]:8060\"]",
+            ),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.unwrap().allowed_hosts,
+            ["lb1.mgmt.example", "10.0.0.5:8060", "[::1]:8060"]
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use perf::client::TcpConnector;
 use perf::server::{AgentSpec, PerfServer, SharedTable};
 use tokio::net::{TcpListener, UdpSocket};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{AdminState, router};
 use crate::config::{Config, Transport};
@@ -98,7 +98,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         }
     };
 
-    let admin_addr = cfg.admin;
+    let admin_cfg = cfg.admin.clone();
     let balancer = Balancer::start(cfg, Sockets { udp, tcp }, table, None).await?;
     let proxy = balancer.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
@@ -120,11 +120,19 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         router: proxy.clone(),
         reload: Box::new(reload.clone()),
     });
-    if let Some(a) = admin_addr {
+    if let Some(admin) = admin_cfg {
+        let a = admin.listen;
         let l = TcpListener::bind(a)
             .await
             .map_err(|e| format!("admin.listen {a}: {e}"))?;
-        let app = router(state);
+        if !a.ip().to_canonical().is_loopback() && admin.token.is_none() {
+            warn!(
+                %a,
+                "admin.listen is {a}, beyond loopback, without admin.token_file: \
+                 anyone who reaches it can drain servers and reload"
+            );
+        }
+        let app = router(state).into_make_service_with_connect_info::<crate::admin::LocalAddr>();
         tasks.spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 error!(error = %e, "admin API stopped");

@@ -37,45 +37,123 @@ pub fn balancer(path: PathBuf) -> ExitCode {
     }
 }
 
-/// A plain HTTP/1.1 GET on loopback; the admin API is ours, so no client crate.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    let (head, rest) = body.split_once("\r\n\r\n").unwrap_or((&body, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(
-            head.lines().next().unwrap_or("no answer").to_owned(),
-        ));
-    }
-    // Small JSON bodies come unchunked or as one chunk; strip chunk framing if present.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut r = rest;
-        while let Some((len, tail)) = r.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-            if n == 0 || tail.len() < n {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            r = tail[n..].trim_start_matches("\r\n");
-        }
-        return Ok(out);
-    }
-    Ok(rest.to_owned())
+/// `siplb status` options.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Admin API address [default: admin.listen of --config, else 127.0.0.1:8060].
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// The balancer's config file: the admin address and token are read from
+    /// its [admin] section (admin.listen, admin.token_file).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// File holding the admin API's bearer token (overrides admin.token_file of --config).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
-/// Runs `siplb status`.
-pub fn status(admin: SocketAddr) -> ExitCode {
-    let body = match http_get(admin, "/servers") {
+/// Where to reach the admin API, and with which token.
+#[derive(Debug)]
+struct AdminClient {
+    addr: SocketAddr,
+    token: Option<balancer::config::AdminToken>,
+}
+
+impl AdminClient {
+    /// From the options: an address given wins over the config's; a
+    /// wildcard `admin.listen` is reached on loopback.
+    fn new(args: &StatusArgs) -> Result<AdminClient, String> {
+        let admin = match &args.config {
+            Some(p) => balancer::config::Config::load_admin(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+            None => None,
+        };
+        let addr = args.admin.unwrap_or_else(|| match &admin {
+            Some(a) if a.listen.ip().is_unspecified() => {
+                let lo: std::net::IpAddr = if a.listen.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                };
+                SocketAddr::new(lo, a.listen.port())
+            }
+            Some(a) => a.listen,
+            None => SocketAddr::from(([127, 0, 0, 1], 8060)),
+        });
+        let token = match &args.token_file {
+            Some(p) => Some(
+                balancer::config::AdminToken::from_file(p)
+                    .map_err(|e| format!("--token-file: {e}"))?,
+            ),
+            None => admin.and_then(|a| a.token),
+        };
+        Ok(AdminClient { addr, token })
+    }
+
+    /// A plain HTTP/1.1 GET; the admin API is ours, so no client crate.
+    fn get(&self, path: &str) -> std::io::Result<String> {
+        let addr = self.addr;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        )?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        let (head, rest) = body.split_once("\r\n\r\n").unwrap_or((&body, ""));
+        if !head.starts_with("HTTP/1.1 200") {
+            let status = head.lines().next().unwrap_or("no answer").to_owned();
+            let hint = if head.starts_with("HTTP/1.1 401") {
+                if self.token.is_some() {
+                    " (the token given is not the balancer's admin.token_file)"
+                } else {
+                    " (give --token-file, or --config with admin.token_file)"
+                }
+            } else if head.starts_with("HTTP/1.1 403") {
+                " (the Host is not accepted: see admin.allowed_hosts)"
+            } else {
+                ""
+            };
+            return Err(std::io::Error::other(format!("{status}{hint}")));
+        }
+        // Small JSON bodies come unchunked or as one chunk; strip chunk framing if present.
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            let mut out = String::new();
+            let mut r = rest;
+            while let Some((len, tail)) = r.split_once("\r\n") {
+                let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+                if n == 0 || tail.len() < n {
+                    break;
+                }
+                out.push_str(&tail[..n]);
+                r = tail[n..].trim_start_matches("\r\n");
+            }
+            return Ok(out);
+        }
+        Ok(rest.to_owned())
+    }
+}
+
+/// Runs `siplb status`; a bad `--config` or `--token-file` is exit 2.
+pub fn status(args: &StatusArgs) -> ExitCode {
+    let client = match AdminClient::new(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("siplb: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let admin = client.addr;
+    let body = match client.get("/servers") {
         Ok(b) => b,
         Err(e) => {
             eprintln!("siplb: cannot reach the admin API at {admin}: {e}");
@@ -89,7 +167,8 @@ pub fn status(admin: SocketAddr) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let policy = http_get(admin, "/policy")
+    let policy = client
+        .get("/policy")
         .ok()
         .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
         .and_then(|v| v["policy"].as_str().map(str::to_owned))

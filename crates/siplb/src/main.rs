@@ -87,11 +87,7 @@ enum Command {
         config: PathBuf,
     },
     /// Show the balancer's servers as a table (from its admin API).
-    Status {
-        /// Admin API address.
-        #[arg(long, default_value = "127.0.0.1:8060")]
-        admin: SocketAddr,
-    },
+    Status(balancer_cmds::StatusArgs),
     /// Run the performance agent on a SIP server: sample CPU and memory, answer
     /// performance servers, push a notice when a threshold is crossed.
     Agent(AgentArgs),
@@ -224,7 +220,7 @@ fn main() -> ExitCode {
             init_tracing();
             balancer_cmds::balancer(config)
         }
-        Command::Status { admin } => balancer_cmds::status(admin),
+        Command::Status(args) => balancer_cmds::status(&args),
         Command::Agent(args) => {
             init_tracing();
             perf_cmds::agent(args)

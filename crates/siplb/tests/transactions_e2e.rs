@@ -479,7 +479,7 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
     s.set_read_timeout(Some(ms(2000))).ok()?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     )
     .ok()?;
     let mut r = String::new();
