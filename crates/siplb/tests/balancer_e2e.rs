@@ -1,19 +1,68 @@
 //! The balancer end to end, as the balancer issue asks: two SIP servers (real
 //! `sipp -sn uas`, or small responders written here where a test needs a
 //! server that does what SIPp's built-in UAS does not), two `siplb agent`s
-//! and `siplb balancer --config examples/local.toml`, all on 127.0.0.1.
-//! The tests share the example's fixed ports, so they run one at a time.
-//! Every process is stopped by its PID (the guard's drop); every wait and
-//! every SIPp run is bounded in count and time.
+//! and `siplb balancer` with a copy of examples/local.toml, all on loopback.
+//!
+//! Each test has ports of its own, picked at run time (bound to port 0 to
+//! find a free one, released, handed to the process; a setup that finds one
+//! of them taken meanwhile starts again on other ports) and written into its
+//! own copy of examples/local.toml, so the tests run in parallel. The
+//! bench/kill.py runs, whose ports are fixed in the script, each get a network
+//! namespace of their own, or where none can be made run one at a time
+//! (SERIAL). At most HEAVY tests place SIPp load at once (2 cores are shared;
+//! call rates and shares of the draw are timed). Every process is stopped by
+//! its PID (the guard's drop); every wait and every SIPp run is bounded in
+//! count and time.
 
-use std::net::UdpSocket;
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Held by the bench/kill.py runs when they cannot have a network namespace
+/// each (`netns`): the script has its ports written in (SIP 5060, admin 8060,
+/// agents 7071/7072, servers 5081/5082, its UAC 5070) and takes no option to
+/// change them, so two of its runs on one loopback cannot overlap. (No other
+/// test here uses those ports: see `claim`.)
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// At most this many tests place SIPp load (hundreds of calls at a rate,
+/// shares of the draw, the kill.py runs) at once.
+const HEAVY: usize = 2;
+static HEAVY_RUNNING: Mutex<usize> = Mutex::new(0);
+static HEAVY_FREED: Condvar = Condvar::new();
+
+/// One of the HEAVY places, given back on drop.
+struct Heavy;
+
+/// Waits (bounded) for one of the HEAVY places.
+fn heavy() -> Heavy {
+    let limit = Duration::from_secs(600);
+    let start = Instant::now();
+    let mut running = HEAVY_RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    while *running >= HEAVY {
+        let left = limit
+            .checked_sub(start.elapsed())
+            .expect("timed out waiting for a place among the heavy tests");
+        running = HEAVY_FREED
+            .wait_timeout(running, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    *running += 1;
+    Heavy
+}
+
+impl Drop for Heavy {
+    fn drop(&mut self) {
+        *HEAVY_RUNNING.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+        HEAVY_FREED.notify_one();
+    }
+}
 
 struct Proc(Child);
 
@@ -28,47 +77,162 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn siplb(args: &[&str]) -> Proc {
+// ------------------------------------------------------------------ ports
+
+/// Ports handed out by this process, never handed out twice: the balancer's
+/// UDP sockets use SO_REUSEPORT, so two balancers given one port would share
+/// it without a word. It starts with bench/kill.py's fixed ports, so that
+/// no test here takes one while a kill run uses it.
+static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// Binds (to port 0) again until the socket's port is one never handed out
+/// here; that port is then ours. `bind` gives `None` when the port it found
+/// is no good (free for UDP, say, but taken for TCP).
+fn claim<S>(bind: impl Fn() -> Option<(S, u16)>) -> (S, u16) {
+    let mut used = PORTS.lock().unwrap_or_else(PoisonError::into_inner);
+    let used =
+        used.get_or_insert_with(|| HashSet::from([5060, 5070, 5081, 5082, 7071, 7072, 8060]));
+    // Sockets on ports handed out already, kept open meanwhile so that the
+    // next bind gets another port.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        if let Some((s, port)) = bind() {
+            if used.insert(port) {
+                return (s, port);
+            }
+            held.push(s);
+        }
+    }
+    panic!("no free port in 200 binds");
+}
+
+/// A port free at `ip` for UDP, TCP, or both at once (`udp` and `tcp`),
+/// never handed out before; released, for a process to bind.
+fn free_port(ip: IpAddr, udp: bool, tcp: bool) -> u16 {
+    claim(|| {
+        if udp {
+            let u = UdpSocket::bind((ip, 0)).unwrap();
+            let port = u.local_addr().unwrap().port();
+            let t = if tcp {
+                Some(TcpListener::bind((ip, port)).ok()?)
+            } else {
+                None
+            };
+            Some(((Some(u), t), port))
+        } else {
+            assert!(tcp);
+            let t = TcpListener::bind((ip, 0)).unwrap();
+            let port = t.local_addr().unwrap().port();
+            Some(((None, Some(t)), port))
+        }
+    })
+    .1
+}
+
+fn lo4() -> IpAddr {
+    Ipv4Addr::LOCALHOST.into()
+}
+
+/// Whether process `pid` has a socket bound to `port` (for TCP, one
+/// listening), from /proc/net/{udp,tcp}{,6} and /proc/PID/fd.
+fn holds(pid: u32, tcp: bool, port: u16) -> bool {
+    let tables = if tcp {
+        ["tcp", "tcp6"]
+    } else {
+        ["udp", "udp6"]
+    };
+    let mut sockets = Vec::new();
+    for table in tables {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let listening = !tcp || f.get(3) == Some(&"0A");
+            if local == Some(port)
+                && listening
+                && let Some(inode) = f.get(9)
+            {
+                sockets.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|l| sockets.iter().any(|s| l.as_os_str() == s.as_str()))
+    })
+}
+
+/// The last lines of a log file, for an error message.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// `p` once it holds each of `sockets` ((tcp, port)), waited for (bounded);
+/// `Err` when it exits first (a port taken meanwhile: the caller starts again
+/// on other ports) or never gets them.
+fn bound(mut p: Proc, what: &str, sockets: &[(bool, u16)], log: &Path) -> Result<Proc, String> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            return Err(format!("{what} exited ({status}): {}", tail(log)));
+        }
+        if sockets
+            .iter()
+            .all(|&(tcp, port)| holds(p.0.id(), tcp, port))
+        {
+            return Ok(p);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("{what} did not bind {sockets:?} within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_file(path: &Path) -> File {
+    File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+}
+
+fn siplb(args: &[&str], log: &Path) -> Proc {
     Proc(
         Command::new(env!("CARGO_BIN_EXE_siplb"))
             .args(args)
             .current_dir(root())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_file(log))
             .spawn()
             .expect("siplb"),
     )
 }
 
-fn agent(port: u16, synthetic: &str) -> Proc {
-    siplb(&[
-        "agent",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--key-file",
-        "examples/agent.key",
-        "--interval",
-        "100ms",
-        "--synthetic",
-        synthetic,
-    ])
+fn sipp_available() -> bool {
+    Command::new("sipp").arg("-v").output().is_ok()
 }
 
-fn balancer() -> Proc {
-    let p = siplb(&["balancer", "--config", "examples/local.toml"]);
-    wait(Duration::from_secs(10), "admin API", || {
-        admin("/servers").is_some()
-    });
-    p
-}
+// -------------------------------------------------------------- one test's pool
 
-/// examples/local.toml with `edits` (pairs of replace-this, with-that) and
-/// the agent key's absolute path, written to a fresh temp folder: (folder,
-/// file, text).
-fn edited_config(name: &str, edits: &[(&str, &str)]) -> (PathBuf, PathBuf, String) {
-    let dir = std::env::temp_dir().join(format!("siplb-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.toml"));
+static DIRS: AtomicU32 = AtomicU32::new(0);
+
+/// examples/local.toml with `edits` (pairs of replace-this, with-that, as in
+/// the example), the agent key's absolute path, and every port the example
+/// names replaced by `net`'s: SIP 5060, admin 8060, agents 7071 and 7072,
+/// servers 5081 and 5082.
+fn edited_config(net: &Net, edits: &[(&str, &str)]) -> String {
     let key = root().join("examples/agent.key");
     let mut cfg = std::fs::read_to_string(root().join("examples/local.toml")).unwrap();
     for (from, to) in edits {
@@ -79,77 +243,268 @@ fn edited_config(name: &str, edits: &[(&str, &str)]) -> (PathBuf, PathBuf, Strin
         "key_file = \"agent.key\"",
         &format!("key_file = \"{}\"", key.display()),
     );
-    std::fs::write(&path, &cfg).unwrap();
-    (dir, path, cfg)
+    let ports = [
+        (5060, net.sip),
+        (8060, net.admin),
+        (7071, net.agents[0]),
+        (7072, net.agents[1]),
+        (5081, net.servers[0]),
+        (5082, net.servers[1]),
+    ];
+    for (fixed, port) in ports {
+        let from = format!(":{fixed}\"");
+        assert!(cfg.contains(&from), "examples/local.toml has no {from}");
+        cfg = cfg.replace(&from, &format!(":{port}\""));
+    }
+    cfg
 }
 
-/// `siplb balancer --config PATH`, once its admin API answers (bounded).
-fn balancer_with(path: &Path) -> Proc {
-    let p = siplb(&["balancer", "--config", path.to_str().unwrap()]);
-    wait(Duration::from_secs(10), "admin API", || {
-        admin("/servers").is_some()
-    });
-    p
+/// One test's ports, its config file (`config`, text `cfg`) and the folder
+/// that holds them and the logs (removed on drop unless the test failed).
+struct Net {
+    /// Of the balancer's SIP side and the servers: 127.0.0.1 or ::1.
+    ip: IpAddr,
+    /// The balancer's SIP port, UDP and TCP.
+    sip: u16,
+    /// The admin API's port, on 127.0.0.1.
+    admin: u16,
+    /// The agents' ports (s1, s2), on 127.0.0.1.
+    agents: [u16; 2],
+    /// The servers' SIP ports (s1, s2), UDP.
+    servers: [u16; 2],
+    dir: PathBuf,
+    config: PathBuf,
+    cfg: String,
 }
 
-fn sipp_available() -> bool {
-    Command::new("sipp").arg("-v").output().is_ok()
+impl Net {
+    fn new(name: &str, v6: bool, edits: &[(&str, &str)]) -> Net {
+        let ip: IpAddr = if v6 {
+            Ipv6Addr::LOCALHOST.into()
+        } else {
+            lo4()
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "siplb-e2e-{name}-{}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut net = Net {
+            ip,
+            sip: free_port(ip, true, true),
+            admin: free_port(lo4(), false, true),
+            agents: [free_port(lo4(), false, true), free_port(lo4(), false, true)],
+            servers: [free_port(ip, true, false), free_port(ip, true, false)],
+            config: dir.join(format!("{name}.toml")),
+            dir,
+            cfg: String::new(),
+        };
+        net.cfg = edited_config(&net, edits);
+        std::fs::write(&net.config, &net.cfg).unwrap();
+        net
+    }
+
+    fn sip_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.sip)
+    }
+
+    fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::new(lo4(), self.admin)
+    }
+
+    fn server_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(self.ip, self.servers[i])
+    }
+
+    /// `siplb agent` for server `i` (0: s1, 1: s2) with synthetic readings.
+    fn agent(&self, i: usize, synthetic: &str) -> Result<Proc, String> {
+        let port = self.agents[i];
+        let log = self.dir.join(format!("agent{}.log", i + 1));
+        let p = siplb(
+            &[
+                "agent",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--key-file",
+                "examples/agent.key",
+                "--interval",
+                "100ms",
+                "--synthetic",
+                synthetic,
+            ],
+            &log,
+        );
+        bound(p, &format!("agent {}", i + 1), &[(true, port)], &log)
+    }
+
+    /// SIPp's built-in UAS as server `i` (0: s1, 1: s2).
+    fn uas(&self, i: usize) -> Result<Proc, String> {
+        let port = self.servers[i];
+        let log = self.dir.join(format!("uas{}.log", i + 1));
+        let p = Proc(
+            Command::new("sipp")
+                .args(["-sn", "uas", "-i", &self.ip.to_string()])
+                .args(["-p", &port.to_string(), "-nostdin", "-timeout", "120"])
+                .stdout(Stdio::null())
+                .stderr(log_file(&log))
+                .spawn()
+                .expect("sipp (Debian package sip-tester)"),
+        );
+        bound(p, &format!("sipp uas {}", i + 1), &[(false, port)], &log)
+    }
+
+    /// A responder written here as server `i` (0: s1, 1: s2).
+    fn responder(&self, i: usize, register_reply: &'static str) -> Result<Responder, String> {
+        let at = self.server_addr(i);
+        Responder::start(at, register_reply).map_err(|e| format!("responder on {at}: {e}"))
+    }
+
+    /// `siplb balancer` with this config, once its admin API answers
+    /// (bounded); `Err` when it exits first (a port taken meanwhile).
+    fn balancer(&self) -> Result<Proc, String> {
+        let log = self.dir.join("balancer.log");
+        let mut p = siplb(
+            &["balancer", "--config", self.config.to_str().unwrap()],
+            &log,
+        );
+        let start = Instant::now();
+        loop {
+            if let Some(status) = p.0.try_wait().unwrap() {
+                return Err(format!("balancer exited ({status}): {}", tail(&log)));
+            }
+            if self.admin("/servers").is_some() {
+                return Ok(p);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("timed out waiting for admin API".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET path` on the admin API (its `Host` naming it, as a browser's
+    /// would), the body as JSON.
+    fn admin(&self, path: &str) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect_timeout(&self.admin_addr(), Duration::from_secs(1))
+                .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin_addr()
+        )
+        .ok()?;
+        let mut r = String::new();
+        s.read_to_string(&mut r).ok()?;
+        serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+    }
+
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.admin_addr(),
+            body.len()
+        )
+        .unwrap();
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        let code = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (
+            code,
+            r.split_once("\r\n\r\n")
+                .map_or(String::new(), |(_, b)| b.to_owned()),
+        )
+    }
+
+    fn server_field(&self, id: &str, field: &str) -> serde_json::Value {
+        let v = self.admin("/servers").expect("admin API");
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()[field]
+            .clone()
+    }
+
+    fn both_up(&self) {
+        wait(Duration::from_secs(10), "both servers up", || {
+            self.admin("/servers")
+                .is_some_and(|v| v.as_array().unwrap().iter().all(|s| s["state"] == "up"))
+        });
+    }
 }
 
-fn uas(port: u16) -> Proc {
-    Proc(
-        Command::new("sipp")
+impl Drop for Net {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("config and logs in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A `Net` of fresh ports and what `start` starts on them (agents, servers,
+/// the balancer); when a port was taken meanwhile (`start` gives `Err`),
+/// all of it is stopped and started again on other ports, a few times.
+fn setup<T>(
+    name: &str,
+    v6: bool,
+    edits: &[(&str, &str)],
+    start: impl Fn(&Net) -> Result<T, String>,
+) -> (Net, T) {
+    let mut why = String::new();
+    for attempt in 1..=5 {
+        let net = Net::new(name, v6, edits);
+        match start(&net) {
+            Ok(t) => return (net, t),
+            Err(e) => {
+                eprintln!("{name}: setup {attempt} failed ({e}); again on other ports");
+                why = e;
+            }
+        }
+    }
+    panic!("{name}: no setup in 5 attempts; the last: {why}");
+}
+
+/// SIPp's built-in UAC towards `target` with `args`, from a free local port
+/// (another one if that was taken meanwhile: SIPp's exit code 254).
+fn sipp_uac(target: SocketAddr, args: &[&str]) -> Output {
+    for _ in 0..3 {
+        let port = free_port(target.ip(), true, true).to_string();
+        let out = Command::new("sipp")
             .args([
                 "-sn",
-                "uas",
+                "uac",
+                &target.to_string(),
                 "-i",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-nostdin",
-                "-timeout",
-                "120",
+                &target.ip().to_string(),
             ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sipp (Debian package sip-tester)"),
-    )
+            .args(["-p", &port, "-nostdin"])
+            .args(args)
+            .output()
+            .expect("sipp");
+        if out.status.code() != Some(254) {
+            return out;
+        }
+    }
+    panic!("sipp could not bind a local port three times");
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs SIPp's built-in UAC through the balancer; returns (successful, failed).
-fn uac(extra: &[&str], calls: u32, rate: u32) -> (u32, u32, Output) {
-    let port = free_port().to_string();
-    let out = Command::new("sipp")
-        .args([
-            "-sn",
-            "uac",
-            "127.0.0.1:5060",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-nostdin",
-        ])
-        .args([
-            "-r",
-            &rate.to_string(),
-            "-m",
-            &calls.to_string(),
-            "-timeout",
-            "90",
-        ])
-        .args(extra)
-        .output()
-        .expect("sipp");
+/// Runs SIPp's built-in UAC through the balancer at `target`; returns
+/// (successful, failed).
+fn uac(target: SocketAddr, extra: &[&str], calls: u32, rate: u32) -> (u32, u32, Output) {
+    let (rate, calls) = (rate.to_string(), calls.to_string());
+    let mut args = vec!["-r", &rate, "-m", &calls, "-timeout", "90"];
+    args.extend_from_slice(extra);
+    let out = sipp_uac(target, &args);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let count = |label: &str| {
         text.lines()
@@ -161,34 +516,6 @@ fn uac(extra: &[&str], calls: u32, rate: u32) -> (u32, u32, Output) {
     (count("Successful call"), count("Failed call"), out)
 }
 
-fn admin(path: &str) -> Option<serde_json::Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:8060".parse().unwrap(),
-        Duration::from_secs(1),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
-}
-
-fn server_field(id: &str, field: &str) -> serde_json::Value {
-    let v = admin("/servers").expect("admin API");
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap()[field]
-        .clone()
-}
-
 fn wait(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -197,40 +524,36 @@ fn wait(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn both_up() {
-    wait(Duration::from_secs(10), "both servers up", || {
-        admin("/servers").is_some_and(|v| v.as_array().unwrap().iter().all(|s| s["state"] == "up"))
-    });
-}
-
 #[test]
 fn udp_and_tcp_calls_follow_the_scores_with_no_failure() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _heavy = heavy();
     assert!(
         sipp_available(),
         "SIPp is required (apt-get install sip-tester)"
     );
     // Scores 70 and 50 (FIG 8 with equal memory): shares 58.3 % / 41.7 %.
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=50%,mem=1GB");
-    let _u1 = uas(5081);
-    let _u2 = uas(5082);
-    let _lb = balancer();
-    both_up();
-    assert_eq!(server_field("s1", "score"), 70);
-    assert_eq!(server_field("s2", "score"), 50);
+    let (net, _procs) = setup("scores", false, &[], |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=50%,mem=1GB")?,
+            n.uas(0)?,
+            n.uas(1)?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    assert_eq!(net.server_field("s1", "score"), 70);
+    assert_eq!(net.server_field("s2", "score"), 50);
 
-    let (ok, failed, out) = uac(&[], 1000, 100);
+    let (ok, failed, out) = uac(net.sip_addr(), &[], 1000, 100);
     assert_eq!(
         (ok, failed),
         (1000, 0),
         "UDP: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let s1 = server_field("s1", "selected_total").as_u64().unwrap();
-    let s2 = server_field("s2", "selected_total").as_u64().unwrap();
+    let s1 = net.server_field("s1", "selected_total").as_u64().unwrap();
+    let s2 = net.server_field("s2", "selected_total").as_u64().unwrap();
     assert_eq!(s1 + s2, 1000);
     let share = s1 as f64 / 1000.0;
     assert!(
@@ -238,17 +561,17 @@ fn udp_and_tcp_calls_follow_the_scores_with_no_failure() {
         "s1 share {share:.3}, want 0.583"
     );
     // Every dialog ended: the session table is empty again.
-    assert_eq!(server_field("s1", "active_calls"), 0);
+    assert_eq!(net.server_field("s1", "active_calls"), 0);
 
-    let (ok, failed, out) = uac(&["-t", "t1"], 1000, 100);
+    let (ok, failed, out) = uac(net.sip_addr(), &["-t", "t1"], 1000, 100);
     assert_eq!(
         (ok, failed),
         (1000, 0),
         "TCP: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let total = server_field("s1", "selected_total").as_u64().unwrap()
-        + server_field("s2", "selected_total").as_u64().unwrap();
+    let total = net.server_field("s1", "selected_total").as_u64().unwrap()
+        + net.server_field("s2", "selected_total").as_u64().unwrap();
     assert_eq!(total, 2000);
 }
 
@@ -261,10 +584,9 @@ struct Responder {
 }
 
 impl Responder {
-    fn start(port: u16, register_reply: &'static str) -> Responder {
-        let sock = UdpSocket::bind(("127.0.0.1", port)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+    fn start(at: SocketAddr, register_reply: &'static str) -> std::io::Result<Responder> {
+        let sock = UdpSocket::bind(at)?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (g, s) = (got.clone(), stop.clone());
@@ -294,8 +616,7 @@ impl Responder {
                     m.write_edited(
                         &sip::Edits {
                             prepend_via: Some(
-                                format!("SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKbounce")
-                                    .as_bytes(),
+                                format!("SIP/2.0/UDP {at};branch=z9hG4bKbounce").as_bytes(),
                             ),
                             ..sip::Edits::default()
                         },
@@ -341,11 +662,11 @@ impl Responder {
                 let _ = sock.send_to(&out, peer);
             }
         });
-        Responder {
+        Ok(Responder {
             got,
             stop,
             thread: Some(thread),
-        }
+        })
     }
 
     /// The lines logged so far that start with `prefix`.
@@ -381,18 +702,25 @@ impl Drop for Responder {
 struct Ua {
     sock: UdpSocket,
     port: u16,
+    /// The balancer's SIP address: where requests go, and their Request-URI.
+    lb: SocketAddr,
     cseq: AtomicU32,
 }
 
 impl Ua {
-    fn new() -> Ua {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    fn new(net: &Net) -> Ua {
+        // A port of its own, never one handed out to a test's process.
+        let (sock, port) = claim(|| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = s.local_addr().unwrap().port();
+            Some((s, port))
+        });
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        let port = sock.local_addr().unwrap().port();
         Ua {
             sock,
             port,
+            lb: net.sip_addr(),
             cseq: AtomicU32::new(1),
         }
     }
@@ -401,16 +729,17 @@ impl Ua {
         let n = self.cseq.fetch_add(1, Ordering::Relaxed);
         let to = to_tag.map_or(String::new(), |t| format!(";tag={t}"));
         let msg = format!(
-            "{method} sip:svc@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bK{call_id}{n};rport\r\n\
+            "{method} sip:svc@{lb} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bK{call_id}{n};rport\r\n\
 Max-Forwards: 70\r\nFrom: <sip:ua@127.0.0.1>;tag=ua1\r\nTo: <sip:svc@127.0.0.1>{to}\r\nCall-ID: {call_id}\r\nCSeq: {n} {method}\r\n\
 Contact: <sip:ua@127.0.0.1:{p}>\r\n{extra}Content-Length: 0\r\n\r\n",
+            lb = self.lb,
             p = self.port
         );
-        self.sock.send_to(msg.as_bytes(), "127.0.0.1:5060").unwrap();
+        self.sock.send_to(msg.as_bytes(), self.lb).unwrap();
     }
 
     fn send_raw(&self, bytes: &[u8]) {
-        self.sock.send_to(bytes, "127.0.0.1:5060").unwrap();
+        self.sock.send_to(bytes, self.lb).unwrap();
     }
 
     /// Responses received within `limit`.
@@ -436,16 +765,17 @@ fn status_of(r: &[u8]) -> u16 {
 
 #[test]
 fn register_is_forked_and_merged_and_record_route_survives_a_restart() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let r1 = Responder::start(5081, "200");
-    let r2 = Responder::start(5082, "realm-b");
-    let mut lb = balancer();
-    both_up();
-    let ua = Ua::new();
+    let (net, (_a1, _a2, r1, r2, mut lb)) = setup("fork", false, &[], |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.responder(0, "200")?,
+            n.responder(1, "realm-b")?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let ua = Ua::new(&net);
 
     // One REGISTER, both servers get it, one final response: the 2xx wins.
     ua.send("REGISTER", "reg1", None, "Expires: 60\r\n");
@@ -492,8 +822,9 @@ fn register_is_forked_and_merged_and_record_route_survives_a_restart() {
         &mut lb,
         Proc(Command::new("true").spawn().unwrap()),
     ));
-    let _lb2 = balancer();
-    both_up();
+    // On the same ports (this test's, handed out to no one else).
+    let _lb2 = net.balancer().expect("the balancer back on its ports");
+    net.both_up();
     ua.send("BYE", "call1", Some("srv"), &format!("Route: {route}\r\n"));
     let got = ua.responses(Duration::from_millis(500));
     assert!(got.iter().any(|r| status_of(r) == 200), "BYE answered");
@@ -509,16 +840,17 @@ fn register_is_forked_and_merged_and_record_route_survives_a_restart() {
 
 #[test]
 fn register_challenges_are_combined() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let _r1 = Responder::start(5081, "realm-a");
-    let _r2 = Responder::start(5082, "realm-b");
-    let _lb = balancer();
-    both_up();
-    let ua = Ua::new();
+    let (net, _procs) = setup("challenges", false, &[], |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.responder(0, "realm-a")?,
+            n.responder(1, "realm-b")?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let ua = Ua::new(&net);
     ua.send("REGISTER", "reg2", None, "Expires: 60\r\n");
     let got = ua.responses(Duration::from_millis(800));
     assert_eq!(got.len(), 1, "one final response");
@@ -532,29 +864,32 @@ fn register_challenges_are_combined() {
 
 #[test]
 fn a_stopped_agent_takes_its_server_out_and_bad_input_gets_answers_while_calls_flow() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _heavy = heavy();
     assert!(
         sipp_available(),
         "SIPp is required (apt-get install sip-tester)"
     );
-    let a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let _u1 = uas(5081);
-    let _u2 = uas(5082);
-    let _lb = balancer();
-    both_up();
+    let (net, (a1, _a2, _u1, _u2, _lb)) = setup("stopped", false, &[], |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.uas(0)?,
+            n.uas(1)?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
     drop(a1);
     wait(Duration::from_secs(5), "s1 down", || {
-        server_field("s1", "state") == "down"
+        net.server_field("s1", "state") == "down"
     });
-    let before = server_field("s1", "selected_total");
+    let before = net.server_field("s1", "selected_total");
 
     // Calls keep flowing while bad input arrives.
-    let calls = std::thread::spawn(|| uac(&[], 400, 100));
+    let target = net.sip_addr();
+    let calls = std::thread::spawn(move || uac(target, &[], 400, 100));
     std::thread::sleep(Duration::from_millis(500));
-    let ua = Ua::new();
+    let ua = Ua::new(&net);
     ua.send_raw(b"hello, not SIP at all");
     ua.send_raw(b"INVITE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKbad\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: bad1\r\nCSeq: 99999999999 INVITE\r\n\r\n");
     ua.send("OPTIONS", "mf0", None, "");
@@ -598,7 +933,7 @@ From: <sip:ua@x>;tag=1\r\nTo: <sip:svc@x>\r\nCall-ID: mf0b\r\nCSeq: 1 OPTIONS\r\
     // Over the size limit on TCP: 513, then the connection closes.
     {
         use std::io::{Read, Write};
-        let mut t = std::net::TcpStream::connect("127.0.0.1:5060").unwrap();
+        let mut t = std::net::TcpStream::connect(net.sip_addr()).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         t.write_all(
             b"MESSAGE sip:svc@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKbig\r\n\
@@ -612,7 +947,7 @@ From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: big1\r\nCSeq: 1 MESSAGE\r\nCo
     // A truncated TCP stream: half a message, then the connection closes.
     {
         use std::io::Write;
-        let mut t = std::net::TcpStream::connect("127.0.0.1:5060").unwrap();
+        let mut t = std::net::TcpStream::connect(net.sip_addr()).unwrap();
         t.write_all(b"INVITE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKt\r\nContent-Le").unwrap();
     }
     let (ok, failed, out) = calls.join().unwrap();
@@ -623,75 +958,53 @@ From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: big1\r\nCSeq: 1 MESSAGE\r\nCo
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(
-        server_field("s1", "selected_total"),
+        net.server_field("s1", "selected_total"),
         before,
         "no new call to the server whose agent stopped"
     );
-    assert_eq!(server_field("s2", "state"), "up");
-}
-
-fn http(method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect("127.0.0.1:8060").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    let code = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (
-        code,
-        r.split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, b)| b.to_owned()),
-    )
+    assert_eq!(net.server_field("s2", "state"), "up");
 }
 
 #[test]
 fn drain_scoring_metrics_reload_and_graceful_stop() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _heavy = heavy();
     assert!(
         sipp_available(),
         "SIPp is required (apt-get install sip-tester)"
     );
-    // A copy of the example config we can edit for the reload.
-    let (dir, cfg_path, cfg) = edited_config("reload", &[]);
-
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let _u1 = uas(5081);
-    let _u2 = uas(5082);
-    let mut lb = siplb(&["balancer", "--config", cfg_path.to_str().unwrap()]);
-    wait(Duration::from_secs(10), "admin API", || {
-        admin("/servers").is_some()
+    // Its own copy of the example config, which we edit for the reload.
+    let (net, (_a1, _a2, _u1, _u2, mut lb)) = setup("reload", false, &[], |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.uas(0)?,
+            n.uas(1)?,
+            n.balancer()?,
+        ))
     });
-    both_up();
+    let (cfg_path, cfg) = (&net.config, &net.cfg);
+    net.both_up();
 
     // Drained: no new calls.
-    assert_eq!(http("POST", "/servers/s1/drain", "").0, 200);
-    assert_eq!(server_field("s1", "state"), "drained");
-    assert_eq!(http("POST", "/servers/nope/drain", "").0, 404);
-    let (ok, failed, _) = uac(&[], 100, 100);
+    assert_eq!(net.http("POST", "/servers/s1/drain", "").0, 200);
+    assert_eq!(net.server_field("s1", "state"), "drained");
+    assert_eq!(net.http("POST", "/servers/nope/drain", "").0, 404);
+    let (ok, failed, _) = uac(net.sip_addr(), &[], 100, 100);
     assert_eq!((ok, failed), (100, 0));
-    assert_eq!(server_field("s1", "selected_total"), 0);
-    assert_eq!(server_field("s2", "selected_total"), 100);
-    assert_eq!(http("POST", "/servers/s1/undrain", "").0, 200);
+    assert_eq!(net.server_field("s1", "selected_total"), 0);
+    assert_eq!(net.server_field("s2", "selected_total"), 100);
+    assert_eq!(net.http("POST", "/servers/s1/undrain", "").0, 200);
 
     // Scoring changes live; a bad value names its field and changes nothing.
-    let (code, body) = http("PUT", "/scoring", r#"{"w_mem": 0}"#);
+    let (code, body) = net.http("PUT", "/scoring", r#"{"w_mem": 0}"#);
     assert_eq!(code, 200, "{body}");
-    assert_eq!(server_field("s1", "score"), 90);
-    let (code, body) = http("PUT", "/scoring", r#"{"cpu_max": 7}"#);
+    assert_eq!(net.server_field("s1", "score"), 90);
+    let (code, body) = net.http("PUT", "/scoring", r#"{"cpu_max": 7}"#);
     assert_eq!(code, 400);
     assert!(body.contains("cpu_max"), "{body}");
 
     // Metrics in Prometheus text.
-    let (code, metrics) = http("GET", "/metrics", "");
+    let (code, metrics) = net.http("GET", "/metrics", "");
     assert_eq!(code, 200);
     assert!(
         metrics.contains("siplb_requests_total{method=\"INVITE\"} 100"),
@@ -707,15 +1020,15 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
     );
 
     // The policy changes live: round-robin splits 100 new calls 50/50.
-    let (code, body) = http("GET", "/policy", "");
+    let (code, body) = net.http("GET", "/policy", "");
     assert_eq!(code, 200);
     assert!(body.contains("\"policy\":\"patent\""), "{body}");
-    let (code, body) = http("PUT", "/policy", r#"{"policy": "fastest"}"#);
+    let (code, body) = net.http("PUT", "/policy", r#"{"policy": "fastest"}"#);
     assert_eq!(code, 400);
     assert!(body.contains("round-robin"), "{body}");
     // `siplb status` shows the policy, each server's share and who said down.
     let status = Command::new(env!("CARGO_BIN_EXE_siplb"))
-        .arg("status")
+        .args(["status", "--admin", &net.admin_addr().to_string()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
@@ -726,53 +1039,53 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
         "{text}"
     );
     // Under a weighted policy /servers shows each server's share of the draw.
-    let share = |id| server_field(id, "policy_weight").as_f64().unwrap();
+    let share = |id| net.server_field(id, "policy_weight").as_f64().unwrap();
     assert!((share("s1") + share("s2") - 1.0).abs() < 1e-9);
-    let (code, body) = http("PUT", "/policy", r#"{"policy": "round-robin"}"#);
+    let (code, body) = net.http("PUT", "/policy", r#"{"policy": "round-robin"}"#);
     assert_eq!(code, 200, "{body}");
-    assert!(server_field("s1", "policy_weight").is_null());
-    let (ok, failed, _) = uac(&[], 100, 100);
+    assert!(net.server_field("s1", "policy_weight").is_null());
+    let (ok, failed, _) = uac(net.sip_addr(), &[], 100, 100);
     assert_eq!((ok, failed), (100, 0));
-    assert_eq!(server_field("s1", "selected_total"), 50);
-    assert_eq!(server_field("s2", "selected_total"), 150);
+    assert_eq!(net.server_field("s1", "selected_total"), 50);
+    assert_eq!(net.server_field("s2", "selected_total"), 150);
     assert!(
-        http("GET", "/metrics", "")
+        net.http("GET", "/metrics", "")
             .1
             .contains("siplb_policy{name=\"round-robin\"} 1")
     );
     // Sessions per busy second from the agents' windows (synthetic CPU here).
-    assert_eq!(server_field("s1", "capacity_source"), "learned");
-    assert!(server_field("s1", "capacity").as_f64().unwrap() > 0.0);
-    assert_eq!(http("PUT", "/policy", r#"{"policy": "patent"}"#).0, 200);
+    assert_eq!(net.server_field("s1", "capacity_source"), "learned");
+    assert!(net.server_field("s1", "capacity").as_f64().unwrap() > 0.0);
+    assert_eq!(net.http("PUT", "/policy", r#"{"policy": "patent"}"#).0, 200);
 
     // Reload: s2 removed, s1 keeps its counters; a broken file is refused.
-    std::fs::write(
-        &cfg_path,
-        cfg.replace(
-            "[[servers]]\nid = \"s2\"\naddress = \"127.0.0.1:5082\"\nagent = \"127.0.0.1:7072\"\n",
-            "",
-        ),
-    )
-    .unwrap();
-    let (code, body) = http("POST", "/reload", "");
+    let s2 = format!(
+        "[[servers]]\nid = \"s2\"\naddress = \"{}\"\nagent = \"127.0.0.1:{}\"\n",
+        net.server_addr(1),
+        net.agents[1]
+    );
+    assert!(cfg.contains(&s2), "{cfg}");
+    std::fs::write(cfg_path, cfg.replace(&s2, "")).unwrap();
+    let (code, body) = net.http("POST", "/reload", "");
     assert_eq!(code, 200, "{body}");
-    let servers = admin("/servers").unwrap();
+    let servers = net.admin("/servers").unwrap();
     assert_eq!(servers.as_array().unwrap().len(), 1);
-    std::fs::write(&cfg_path, "[routing\nbroken").unwrap();
-    let (code, body) = http("POST", "/reload", "");
+    std::fs::write(cfg_path, "[routing\nbroken").unwrap();
+    let (code, body) = net.http("POST", "/reload", "");
     assert_eq!(code, 400);
     assert!(body.contains("config"), "{body}");
     // SIGHUP re-reads too: back to two servers.
-    std::fs::write(&cfg_path, &cfg).unwrap();
+    std::fs::write(cfg_path, cfg).unwrap();
     Command::new("kill")
         .args(["-HUP", &lb.0.id().to_string()])
         .status()
         .unwrap();
     wait(Duration::from_secs(5), "two servers after SIGHUP", || {
-        admin("/servers").is_some_and(|v| v.as_array().unwrap().len() == 2)
+        net.admin("/servers")
+            .is_some_and(|v| v.as_array().unwrap().len() == 2)
     });
     assert_eq!(
-        server_field("s2", "selected_total"),
+        net.server_field("s2", "selected_total"),
         0,
         "a re-added server starts fresh"
     );
@@ -794,21 +1107,21 @@ fn drain_scoring_metrics_reload_and_graceful_stop() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_request_looping_back_gets_482() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let r1 = Responder::start(5081, "bounce");
-    let r2 = Responder::start(5082, "bounce");
-    let _lb = balancer();
-    both_up();
-    let ua = Ua::new();
+    let (net, (_a1, _a2, r1, r2, _lb)) = setup("loop", false, &[], |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.responder(0, "bounce")?,
+            n.responder(1, "bounce")?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let ua = Ua::new(&net);
     ua.send("OPTIONS", "loop1", None, "");
     wait(Duration::from_secs(3), "482 at the bouncing server", || {
         r1.count("RESP 482") + r2.count("RESP 482") == 1
@@ -820,9 +1133,7 @@ fn a_request_looping_back_gets_482() {
 
 #[test]
 fn ipv6_calls_over_udp_and_tcp() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _heavy = heavy();
     assert!(
         sipp_available(),
         "SIPp is required (apt-get install sip-tester)"
@@ -831,87 +1142,58 @@ fn ipv6_calls_over_udp_and_tcp() {
         UdpSocket::bind("[::1]:0").is_ok(),
         "this test needs IPv6 loopback (::1)"
     );
-    let (dir, cfg_path, _) = edited_config(
-        "v6",
-        &[
-            ("listen = [\"127.0.0.1:5060\"]", "listen = [\"[::1]:5060\"]"),
-            ("\"127.0.0.1:5081\"", "\"[::1]:5081\""),
-            ("\"127.0.0.1:5082\"", "\"[::1]:5082\""),
-        ],
-    );
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let v6uas = |port: u16| {
-        Proc(
-            Command::new("sipp")
-                .args([
-                    "-sn",
-                    "uas",
-                    "-i",
-                    "::1",
-                    "-p",
-                    &port.to_string(),
-                    "-nostdin",
-                    "-timeout",
-                    "60",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let _u1 = v6uas(5081);
-    let _u2 = v6uas(5082);
-    let _lb = balancer_with(&cfg_path);
-    both_up();
+    // SIP and the servers on ::1 (the agents and the admin API stay on 127.0.0.1).
+    let edits = [
+        ("listen = [\"127.0.0.1:5060\"]", "listen = [\"[::1]:5060\"]"),
+        ("\"127.0.0.1:5081\"", "\"[::1]:5081\""),
+        ("\"127.0.0.1:5082\"", "\"[::1]:5082\""),
+    ];
+    let (net, _procs) = setup("v6", true, &edits, |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.uas(0)?,
+            n.uas(1)?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
     for transport in ["u1", "t1"] {
-        let port = free_port().to_string();
-        let out = Command::new("sipp")
-            .args([
-                "-sn",
-                "uac",
-                "[::1]:5060",
-                "-i",
-                "::1",
-                "-p",
-                &port,
-                "-nostdin",
-                "-t",
-                transport,
-            ])
-            .args(["-r", "50", "-m", "100", "-timeout", "60"])
-            .output()
-            .unwrap();
+        let out = sipp_uac(
+            net.sip_addr(),
+            &["-t", transport, "-r", "50", "-m", "100", "-timeout", "60"],
+        );
         assert!(
             out.status.success(),
             "{transport}: {}",
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    let total = server_field("s1", "selected_total").as_u64().unwrap()
-        + server_field("s2", "selected_total").as_u64().unwrap();
+    let total = net.server_field("s1", "selected_total").as_u64().unwrap()
+        + net.server_field("s2", "selected_total").as_u64().unwrap();
     assert_eq!(total, 200);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_dead_server_or_a_503_costs_no_call() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _heavy = heavy();
     assert!(
         sipp_available(),
         "SIPp is required (apt-get install sip-tester)"
     );
-    // s1's agent answers but nothing listens on its SIP port: every INVITE
-    // sent there times out after failover_timeout and moves to s2.
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let _u2 = uas(5082);
-    let lb = balancer();
-    both_up();
-    let (ok, failed, out) = uac(&[], 60, 20);
+    // s1's agent answers but nothing listens on its SIP port (one handed out
+    // to this test only, and left unbound): every INVITE sent there times
+    // out after failover_timeout and moves to s2.
+    let (net, (_a1, _a2, _u2, lb)) = setup("dead", false, &[], |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.uas(1)?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let (ok, failed, out) = uac(net.sip_addr(), &[], 60, 20);
     assert_eq!(
         (ok, failed),
         (60, 0),
@@ -920,16 +1202,16 @@ fn a_dead_server_or_a_503_costs_no_call() {
     );
     // 3 unanswered attempts in a row eject s1 (outlier detection): the
     // calls already sent there fail over, no later call goes there.
-    let moved = server_field("s1", "failovers_total").as_u64().unwrap();
+    let moved = net.server_field("s1", "failovers_total").as_u64().unwrap();
     assert!(moved >= 3, "s1 was tried and failed over: {moved}");
-    assert_eq!(server_field("s1", "ejected"), true);
-    assert_eq!(server_field("s1", "ejections_total"), 1);
-    assert_eq!(server_field("s1", "down_by"), "outlier");
-    assert!(server_field("s1", "failure_ratio").as_f64().unwrap() > 0.99);
-    let selected = server_field("s1", "selected_total").as_u64().unwrap();
+    assert_eq!(net.server_field("s1", "ejected"), true);
+    assert_eq!(net.server_field("s1", "ejections_total"), 1);
+    assert_eq!(net.server_field("s1", "down_by"), "outlier");
+    assert!(net.server_field("s1", "failure_ratio").as_f64().unwrap() > 0.99);
+    let selected = net.server_field("s1", "selected_total").as_u64().unwrap();
     assert!(selected < 20, "s1 chosen only until ejected: {selected}");
-    assert_eq!(server_field("s2", "active_calls"), 0);
-    let metrics = http("GET", "/metrics", "").1;
+    assert_eq!(net.server_field("s2", "active_calls"), 0);
+    let metrics = net.http("GET", "/metrics", "").1;
     assert!(
         metrics.contains("siplb_ejected{server=\"s1\"} 1"),
         "{metrics}"
@@ -938,10 +1220,10 @@ fn a_dead_server_or_a_503_costs_no_call() {
     drop(lb);
 
     // s1 answers every INVITE with 503: ACKed by the balancer, the call goes to s2.
-    let r1 = Responder::start(5081, "invite503");
-    let _lb = balancer();
-    both_up();
-    let (ok, failed, out) = uac(&[], 60, 20);
+    let r1 = net.responder(0, "invite503").expect("s1's port, ours");
+    let _lb = net.balancer().expect("the balancer back on its ports");
+    net.both_up();
+    let (ok, failed, out) = uac(net.sip_addr(), &[], 60, 20);
     assert_eq!(
         (ok, failed),
         (60, 0),
@@ -950,7 +1232,7 @@ fn a_dead_server_or_a_503_costs_no_call() {
     );
     let tried = r1.count("INVITE");
     assert!(tried >= 3, "s1 got INVITEs: {tried}");
-    assert_eq!(server_field("s1", "ejected"), true);
+    assert_eq!(net.server_field("s1", "ejected"), true);
     wait(Duration::from_secs(2), "every 503 ACKed", || {
         r1.count("ACK") == tried
     });
@@ -958,34 +1240,32 @@ fn a_dead_server_or_a_503_costs_no_call() {
 
 #[test]
 fn an_options_probe_takes_a_silent_server_out_and_back() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (dir, cfg_path, _) = edited_config(
-        "probe",
-        &[(
-            "agent = \"127.0.0.1:7071\"",
-            "agent = \"127.0.0.1:7071\"\nprobe = \"200ms\"",
-        )],
-    );
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let r1 = Responder::start(5081, "200");
-    let _r2 = Responder::start(5082, "200");
-    let _lb = balancer_with(&cfg_path);
-    both_up();
-    assert_eq!(server_field("s1", "probe_state"), "up");
-    assert_eq!(server_field("s2", "probe_state"), "off");
+    let edits = [(
+        "agent = \"127.0.0.1:7071\"",
+        "agent = \"127.0.0.1:7071\"\nprobe = \"200ms\"",
+    )];
+    let (net, (_a1, _a2, r1, _r2, _lb)) = setup("probe", false, &edits, |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.responder(0, "200")?,
+            n.responder(1, "200")?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    assert_eq!(net.server_field("s1", "probe_state"), "up");
+    assert_eq!(net.server_field("s2", "probe_state"), "off");
     wait(Duration::from_secs(3), "probes answered", || {
         r1.count("OPTIONS probe-s1") >= 2
     });
     // Silent (its agent still answers): down after 2 unanswered probes, and the probe says so.
     drop(r1);
     wait(Duration::from_secs(3), "s1 down by probe", || {
-        server_field("s1", "state") == "down"
+        net.server_field("s1", "state") == "down"
     });
-    assert_eq!(server_field("s1", "down_by"), "probe");
-    let metrics = http("GET", "/metrics", "").1;
+    assert_eq!(net.server_field("s1", "down_by"), "probe");
+    let metrics = net.http("GET", "/metrics", "").1;
     assert!(
         metrics.contains("siplb_probe_up{server=\"s1\"} 0"),
         "{metrics}"
@@ -995,44 +1275,41 @@ fn an_options_probe_takes_a_silent_server_out_and_back() {
         "s2 is not probed"
     );
     assert!(metrics.contains("siplb_down_by{server=\"s1\",signal=\"probe\"} 1"));
-    let ua = Ua::new();
-    let before = server_field("s1", "selected_total");
+    let ua = Ua::new(&net);
+    let before = net.server_field("s1", "selected_total");
     for i in 0..10 {
         ua.send("OPTIONS", &format!("probe-test-{i}"), None, "");
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        server_field("s1", "selected_total"),
+        net.server_field("s1", "selected_total"),
         before,
         "no new session to a server probed down"
     );
-    // Answering again: up after 2 answered probes.
-    let _r1 = Responder::start(5081, "200");
+    // Answering again (on s1's port, ours): up after 2 answered probes.
+    let _r1 = net.responder(0, "200").expect("s1's port, ours");
     wait(Duration::from_secs(3), "s1 up again", || {
-        server_field("s1", "state") == "up"
+        net.server_field("s1", "state") == "up"
     });
-    assert!(server_field("s1", "down_by").is_null());
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(net.server_field("s1", "down_by").is_null());
 }
 
 #[test]
 fn out_of_dialog_requests_fail_over_too() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // Ejection off: every request that lands on s1 must fail over by itself.
-    let (dir, cfg_path, _) = edited_config(
-        "nonivite",
-        &[("[routing]", "[routing]\noutlier_failures = 0")],
-    );
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    // s1 scores 70, s2 35: most first attempts go to s1.
-    let _a2 = agent(7072, "cpu=80%,mem=1GB");
-    let r1 = Responder::start(5081, "all503");
-    let r2 = Responder::start(5082, "200");
-    let _lb = balancer_with(&cfg_path);
-    both_up();
-    let ua = Ua::new();
+    let edits = [("[routing]", "[routing]\noutlier_failures = 0")];
+    let (net, (_a1, _a2, r1, r2, _lb)) = setup("noninvite", false, &edits, |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            // s1 scores 70, s2 35: most first attempts go to s1.
+            n.agent(1, "cpu=80%,mem=1GB")?,
+            n.responder(0, "all503")?,
+            n.responder(1, "200")?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let ua = Ua::new(&net);
     // s1 refuses everything with 503: SUBSCRIBE and MESSAGE move to s2; the
     // UA sees one 200 per request and never a 503 (nor a 100: RFC 4320).
     for i in 0..10 {
@@ -1059,7 +1336,7 @@ fn out_of_dialog_requests_fail_over_too() {
     // 4320: a server may work on it for 32 s without a word, so a second
     // server would get a duplicate MESSAGE); those the draw gives s2 succeed.
     drop(r1);
-    let before = server_field("s1", "failovers_total").as_u64().unwrap();
+    let before = net.server_field("s1", "failovers_total").as_u64().unwrap();
     let at_s2 = r2.count("MESSAGE");
     for i in 0..10 {
         ua.send("MESSAGE", &format!("silent-{i}"), None, "");
@@ -1078,11 +1355,32 @@ fn out_of_dialog_requests_fail_over_too() {
     assert!(got.len() < 10, "s1 (score 70) got some of them: {got:?}");
     assert!(before >= refused as u64);
     assert_eq!(
-        server_field("s1", "failovers_total").as_u64().unwrap(),
+        net.server_field("s1", "failovers_total").as_u64().unwrap(),
         before,
         "no failover of a non-INVITE on silence"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How to run a command in a network namespace of its own, its loopback up
+/// (`unshare --net`, as root or in a user namespace), tried once; `None`
+/// where neither works.
+fn netns() -> Option<&'static [&'static str]> {
+    static HOW: OnceLock<Option<&'static [&'static str]>> = OnceLock::new();
+    *HOW.get_or_init(|| {
+        let ways: [&'static [&'static str]; 2] = [
+            &["unshare", "--net"],
+            &["unshare", "--user", "--map-root-user", "--net"],
+        ];
+        ways.into_iter().find(|w| {
+            Command::new(w[0])
+                .args(&w[1..])
+                .args(["sh", "-c", "ip link set lo up"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    })
 }
 
 /// bench/kill.py in short: 200 calls/s for 9 s with calls held 500 ms; one
@@ -1091,15 +1389,37 @@ fn out_of_dialog_requests_fail_over_too() {
 /// killed or hung or the balancer restarted (in-dialog requests find their
 /// server by our Record-Route), only calls the killed server had answered
 /// when the server is killed.
+///
+/// bench/kill.py starts its own pool on fixed ports (those of
+/// examples/local.toml, and its UAC on 5070) and has no option to move them,
+/// so each run gets a network namespace of its own where one can be made (a
+/// loopback of its own: those ports are its alone, whatever else runs on this
+/// machine). Where none can, the runs share the machine's loopback and run
+/// one at a time (SERIAL); the other tests here never use those ports.
 fn kill_run(mode: &str) {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let private = netns();
+    let _g = private
+        .is_none()
+        .then(|| SERIAL.lock().unwrap_or_else(PoisonError::into_inner));
+    let _heavy = heavy();
     assert!(
         sipp_available(),
         "SIPp is required (apt-get install sip-tester)"
     );
-    let out = Command::new("python3")
+    let mut cmd = match private {
+        Some(unshare) => {
+            let mut c = Command::new(unshare[0]);
+            c.args(&unshare[1..]).args([
+                "sh",
+                "-c",
+                "ip link set lo up && exec \"$0\" \"$@\"",
+                "python3",
+            ]);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    let out = cmd
         .arg(root().join("bench/kill.py"))
         .args(["--mode", mode, "--rate", "200", "--seconds", "9"])
         .args(["--kill-at", "2", "--back-at", "6", "--settle", "2.5"])
@@ -1155,25 +1475,23 @@ fn restart_the_balancer_under_load() {
 
 #[test]
 fn a_server_that_dies_after_ringing_does_not_strand_the_call() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // s1 answers INVITE with 180 only, and OPTIONS probes; s2 answers 200.
-    let (dir, cfg_path, _) = edited_config(
-        "ring",
-        &[(
-            "agent = \"127.0.0.1:7071\"",
-            "agent = \"127.0.0.1:7071\"\nprobe = \"200ms\"",
-        )],
-    );
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    // s1 scores 70, s2 30: most calls start on s1.
-    let _a2 = agent(7072, "cpu=90%,mem=1GB");
-    let r1 = Responder::start(5081, "ring");
-    let _r2 = Responder::start(5082, "200");
-    let _lb = balancer_with(&cfg_path);
-    both_up();
-    let ua = Ua::new();
+    let edits = [(
+        "agent = \"127.0.0.1:7071\"",
+        "agent = \"127.0.0.1:7071\"\nprobe = \"200ms\"",
+    )];
+    let (net, (_a1, _a2, r1, _r2, _lb)) = setup("ring", false, &edits, |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            // s1 scores 70, s2 30: most calls start on s1.
+            n.agent(1, "cpu=90%,mem=1GB")?,
+            n.responder(0, "ring")?,
+            n.responder(1, "200")?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let ua = Ua::new(&net);
     for i in 0..10 {
         ua.send("INVITE", &format!("ring-{i}"), None, "");
     }
@@ -1188,7 +1506,6 @@ fn a_server_that_dies_after_ringing_does_not_strand_the_call() {
     let done_late = late.iter().filter(|r| status_of(r) == 200).count();
     assert_eq!(done_early + done_late, 10, "every call answered");
     assert_eq!(done_late, ringing, "each rung call rescued");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A CANCEL reaches the server with its INVITE's branch (RFC 3261 §9.1), so
@@ -1196,26 +1513,25 @@ fn a_server_that_dies_after_ringing_does_not_strand_the_call() {
 /// balancer after `invite_timeout` (Timer C) and the server a CANCEL.
 #[test]
 fn cancel_matches_its_invite_and_timer_c_ends_a_call_that_rings_for_ever() {
-    let _g = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (dir, cfg_path, _) = edited_config(
-        "timerc",
-        &[("[routing]", "[routing]\ninvite_timeout = \"1s\"")],
-    );
-    let _a1 = agent(7071, "cpu=10%,mem=1GB");
-    let _a2 = agent(7072, "cpu=10%,mem=1GB");
-    let r1 = Responder::start(5081, "ring");
-    let r2 = Responder::start(5082, "ring");
-    let _lb = balancer_with(&cfg_path);
-    both_up();
-    let ua = Ua::new();
+    let edits = [("[routing]", "[routing]\ninvite_timeout = \"1s\"")];
+    let (net, (_a1, _a2, r1, r2, _lb)) = setup("timerc", false, &edits, |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.responder(0, "ring")?,
+            n.responder(1, "ring")?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let ua = Ua::new(&net);
     // The UA cancels a ringing call.
     let invite = |m: &str| {
         format!(
-            "{m} sip:svc@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bKcancelme;rport\r\n\
+            "{m} sip:svc@{lb} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bKcancelme;rport\r\n\
 Max-Forwards: 70\r\nFrom: <sip:ua@127.0.0.1>;tag=ua1\r\nTo: <sip:svc@127.0.0.1>\r\nCall-ID: cancel-1\r\nCSeq: 1 {m}\r\n\
 Contact: <sip:ua@127.0.0.1:{p}>\r\nContent-Length: 0\r\n\r\n",
+            lb = ua.lb,
             p = ua.port
         )
     };
@@ -1246,5 +1562,4 @@ Contact: <sip:ua@127.0.0.1:{p}>\r\nContent-Length: 0\r\n\r\n",
         r1.count("CANCEL rings-for-ever") + r2.count("CANCEL rings-for-ever"),
         1
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
