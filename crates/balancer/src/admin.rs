@@ -450,6 +450,24 @@ async fn metrics(
     }
     let _ = writeln!(
         o,
+        "# HELP siplb_connections Inbound stream connections open.\n# TYPE siplb_connections gauge\nsiplb_connections {}",
+        p.stats
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for kind in ["refused", "closed"] {
+        let _ = writeln!(
+            o,
+            "# HELP siplb_connections_{kind}_total Inbound connections {kind} by siplb, by the limit that did it.\n# TYPE siplb_connections_{kind}_total counter"
+        );
+        for (k, r, n) in p.stats.conn_events() {
+            if k == kind {
+                let _ = writeln!(o, "siplb_connections_{kind}_total{{reason=\"{r}\"}} {n}");
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
         "# HELP siplb_sessions Sessions in the session table.\n# TYPE siplb_sessions gauge\nsiplb_sessions {}",
         p.sessions.len()
     );

@@ -85,6 +85,10 @@ struct SipSection {
     advertise: Option<String>,
     max_message_size: usize,
     udp_sockets: usize,
+    max_connections: usize,
+    max_connections_per_source: usize,
+    idle_timeout: String,
+    message_timeout: String,
 }
 
 impl Default for SipSection {
@@ -95,8 +99,79 @@ impl Default for SipSection {
             advertise: None,
             max_message_size: sip::DEFAULT_MAX_SIZE,
             udp_sockets: 2,
+            max_connections: 10_000,
+            max_connections_per_source: 256,
+            idle_timeout: "300s".into(),
+            message_timeout: "10s".into(),
         }
     }
+}
+
+/// What to do with a request over its source's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverLimit {
+    /// `503` with `Retry-After` (itself limited per source: past
+    /// `limits.reject_rate`, dropped).
+    Reject,
+    /// Drop it silently.
+    Drop,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LimitsSection {
+    enabled: bool,
+    new_session_rate: f64,
+    new_session_burst: f64,
+    register_rate: f64,
+    register_burst: f64,
+    request_rate: f64,
+    request_burst: f64,
+    reject_rate: f64,
+    over_limit: OverLimit,
+    allow: Vec<String>,
+    slots: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            enabled: true,
+            new_session_rate: 100.0,
+            new_session_burst: 400.0,
+            register_rate: 100.0,
+            register_burst: 400.0,
+            request_rate: 200.0,
+            request_burst: 800.0,
+            reject_rate: 10.0,
+            over_limit: OverLimit::Reject,
+            allow: Vec::new(),
+            slots: 65_536,
+        }
+    }
+}
+
+/// Per-source limits (`[limits]`), checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// Off: nothing is limited.
+    pub enabled: bool,
+    /// New sessions (INVITE, SUBSCRIBE, REFER without a To tag) per source.
+    pub new_session: crate::limits::Rate,
+    /// REGISTER per source (before the fork).
+    pub register: crate::limits::Rate,
+    /// Other out-of-dialog requests (MESSAGE, OPTIONS, PUBLISH, NOTIFY...) per source.
+    pub request: crate::limits::Rate,
+    /// Our `503`s for requests over a limit, per source; past it, drops.
+    pub reject: crate::limits::Rate,
+    /// Over a limit: reject or drop.
+    pub over_limit: OverLimit,
+    /// Sources exempt (pool servers always are).
+    pub allow: crate::limits::AllowList,
+    /// Buckets per kind (memory: 8 bytes each, whatever the number of sources).
+    pub slots: usize,
 }
 
 /// `[routing]`
@@ -274,6 +349,53 @@ pub struct AdminConfig {
     pub allowed_hosts: Vec<String>,
 }
 
+/// `[limits]` checked.
+fn limits_config(l: &LimitsSection) -> Result<LimitsConfig, ConfigError> {
+    let rate = |name: &str, rate: f64, burst: f64| {
+        if !(rate.is_finite() && rate > 0.0) {
+            return err(
+                format!("limits.{name}_rate"),
+                "a number of requests per second above 0",
+            );
+        }
+        if !(burst.is_finite() && (1.0..=1_000_000.0).contains(&burst)) {
+            return err(format!("limits.{name}_burst"), "between 1 and 1000000");
+        }
+        Ok(crate::limits::Rate {
+            per_second: rate,
+            burst,
+        })
+    };
+    let mut allow = Vec::with_capacity(l.allow.len());
+    for (i, a) in l.allow.iter().enumerate() {
+        let net = a
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .or_else(|_| {
+                err(
+                    format!("limits.allow[{i}]"),
+                    format!(
+                        "'{a}' is not an address or a CIDR network (10.0.0.0/8, 2001:db8::/32)"
+                    ),
+                )
+            })?;
+        allow.push(net);
+    }
+    if !(1..=(1 << 24)).contains(&l.slots) {
+        return err("limits.slots", "between 1 and 16777216");
+    }
+    Ok(LimitsConfig {
+        enabled: l.enabled,
+        new_session: rate("new_session", l.new_session_rate, l.new_session_burst)?,
+        register: rate("register", l.register_rate, l.register_burst)?,
+        request: rate("request", l.request_rate, l.request_burst)?,
+        reject: rate("reject", l.reject_rate, l.reject_rate.max(1.0))?,
+        over_limit: l.over_limit,
+        allow: crate::limits::AllowList(allow),
+        slots: l.slots,
+    })
+}
+
 /// `[admin]` checked; `None` when the admin API is off.
 fn admin_config(a: AdminSection, base: &Path) -> Result<Option<AdminConfig>, ConfigError> {
     let token = match &a.token_file {
@@ -359,6 +481,8 @@ struct FileConfig {
     #[serde(default)]
     admin: AdminSection,
     #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
     servers: Vec<ServerSection>,
 }
 
@@ -398,6 +522,15 @@ pub struct Config {
     pub max_message_size: usize,
     /// UDP sockets per address (SO_REUSEPORT), for more than one core.
     pub udp_sockets: usize,
+    /// Inbound stream connections at most, in all.
+    pub max_connections: usize,
+    /// Inbound stream connections at most from one source address.
+    pub max_connections_per_source: usize,
+    /// An inbound connection with nothing received this long is closed.
+    pub idle_timeout: Duration,
+    /// A message whose first byte came this long ago and is still not whole
+    /// closes its connection (slow senders).
+    pub message_timeout: Duration,
     /// Record-Route MAC secret.
     pub secret: Vec<u8>,
     /// Routing policy name.
@@ -441,6 +574,8 @@ pub struct Config {
     pub scoring: Scoring,
     /// Admin API (None: off).
     pub admin: Option<AdminConfig>,
+    /// Per-source limits.
+    pub limits: LimitsConfig,
     /// The pool.
     pub servers: Vec<ServerConfig>,
 }
@@ -499,6 +634,21 @@ impl Config {
         if !(1..=64).contains(&s.udp_sockets) {
             return err("sip.udp_sockets", "between 1 and 64");
         }
+        if s.max_connections == 0 {
+            return err("sip.max_connections", "at least 1");
+        }
+        if s.max_connections_per_source == 0 {
+            return err("sip.max_connections_per_source", "at least 1");
+        }
+        let idle_timeout = duration("sip.idle_timeout", &s.idle_timeout)?;
+        let message_timeout = duration("sip.message_timeout", &s.message_timeout)?;
+        if idle_timeout < Duration::from_secs(1) {
+            return err("sip.idle_timeout", "at least 1s");
+        }
+        if message_timeout < Duration::from_millis(100) {
+            return err("sip.message_timeout", "at least 100ms");
+        }
+        let limits = limits_config(&f.limits)?;
         let (advertise_host, advertise_port) = match &s.advertise {
             None => {
                 let a = s.listen[0];
@@ -719,6 +869,10 @@ impl Config {
             advertise_port,
             max_message_size: s.max_message_size,
             udp_sockets: s.udp_sockets,
+            max_connections: s.max_connections,
+            max_connections_per_source: s.max_connections_per_source,
+            idle_timeout,
+            message_timeout,
             secret,
             policy: r.policy,
             register: r.register,
@@ -743,6 +897,7 @@ impl Config {
             perf_server: p.perf_server,
             scoring: f.scoring,
             admin,
+            limits,
             servers,
         })
     }

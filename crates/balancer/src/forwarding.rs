@@ -80,6 +80,9 @@ struct Net {
     /// Our persistent connection to each TCP server.
     servers: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
     next_conn: AtomicU64,
+    /// Inbound connections open per source address (bounded by
+    /// `sip.max_connections` entries).
+    per_source: Mutex<HashMap<std::net::IpAddr, usize>>,
     timers: mpsc::UnboundedSender<(Instant, TimerKey)>,
     resolve: mpsc::Sender<(Box<str>, u16, Bytes)>,
     rng: Rng,
@@ -237,6 +240,7 @@ impl Balancer {
             conns: papaya::HashMap::new(),
             servers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            per_source: Mutex::new(HashMap::new()),
             timers: timers_tx,
             resolve: resolve_tx,
             rng: match seed {
@@ -333,9 +337,17 @@ async fn udp_loop(net: Arc<Net>, socket: Arc<UdpSocket>) {
 async fn accept_loop(net: Arc<Net>, l: TcpListener) {
     loop {
         match l.accept().await {
-            Ok((s, peer)) => {
-                tokio::spawn(tcp_conn(net.clone(), s, peer));
-            }
+            Ok((s, peer)) => match net.admit(peer.ip()) {
+                Ok(guard) => {
+                    tokio::spawn(tcp_conn(net.clone(), s, peer, guard));
+                }
+                Err(why) => {
+                    // Refused: closed at once, everyone else served.
+                    net.router.stats.conn_event(why);
+                    debug!(%peer, ?why, "tcp connection refused");
+                    drop(s);
+                }
+            },
             Err(e) => {
                 warn!(error = %e, "tcp accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -344,8 +356,58 @@ async fn accept_loop(net: Arc<Net>, l: TcpListener) {
     }
 }
 
+/// An admitted inbound connection: counted until it is dropped.
+struct Admitted {
+    net: std::sync::Weak<Net>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(net) = self.net.upgrade() {
+            net.router.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            let mut m = net
+                .per_source
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl Net {
+    /// Admits an inbound connection from `ip` under `sip.max_connections`
+    /// and `sip.max_connections_per_source`.
+    fn admit(&self, ip: std::net::IpAddr) -> Result<Admitted, crate::stats::ConnEvent> {
+        let cfg = self.router.config();
+        let mut m = self
+            .per_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = self.router.stats.connections.load(Ordering::Relaxed);
+        if open >= cfg.max_connections as u64 {
+            return Err(crate::stats::ConnEvent::RefusedTotal);
+        }
+        let n = m.entry(ip).or_insert(0);
+        if *n >= cfg.max_connections_per_source {
+            return Err(crate::stats::ConnEvent::RefusedPerSource);
+        }
+        *n += 1;
+        self.router
+            .stats
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Admitted { net: self.me(), ip })
+    }
+}
+
 /// Serves one inbound TCP connection.
-async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr) {
+async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr, admitted: Admitted) {
     let _ = stream.set_nodelay(true);
     let id = net.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
@@ -373,6 +435,7 @@ async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr) {
     {
         debug!(%peer, "tcp writer did not finish in time");
     }
+    drop(admitted);
 }
 
 /// Reads framed messages from a stream and hands them to the core.
@@ -384,6 +447,8 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, o
     // Remembers how far the message at the front was read: each byte is
     // looked at once however slowly it arrives.
     let mut framer = sip::Framer::default();
+    // When the first byte of the (incomplete) message at the front came.
+    let mut message_started: Option<Instant> = None;
     loop {
         // Hand over every whole message already buffered.
         let mut consumed = 0;
@@ -415,7 +480,37 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, o
             }
         }
         buf.drain(..consumed);
-        let n = match r.read(&mut chunk).await {
+        if consumed > 0 || buf.is_empty() {
+            message_started = None;
+        }
+        if !buf.is_empty() && message_started.is_none() {
+            message_started = Some(Instant::now());
+        }
+        // Our connections to servers are ours to keep; a user agent's
+        // connection must keep sending (CRLF keep-alives count), and finish
+        // each message it starts in time.
+        let read = r.read(&mut chunk);
+        let n = if let Origin::Conn { inbound: true, .. } = origin {
+            let cfg = net.router.config();
+            let (limit, why) = match message_started {
+                Some(t) => (
+                    cfg.message_timeout.saturating_sub(t.elapsed()),
+                    crate::stats::ConnEvent::ClosedSlow,
+                ),
+                None => (cfg.idle_timeout, crate::stats::ConnEvent::ClosedIdle),
+            };
+            match tokio::time::timeout(limit, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    net.router.stats.conn_event(why);
+                    debug!(?origin, ?why, "closing a tcp connection");
+                    return;
+                }
+            }
+        } else {
+            read.await
+        };
+        let n = match n {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };

@@ -83,9 +83,37 @@ pub const DROPS: [(DropReason, &str); 9] = [
     (DropReason::Absorbed, "absorbed"),
 ];
 
+/// Why an inbound connection was refused or closed by us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEvent {
+    /// Refused: `sip.max_connections` reached.
+    RefusedTotal,
+    /// Refused: `sip.max_connections_per_source` reached for its address.
+    RefusedPerSource,
+    /// Closed: nothing received for `sip.idle_timeout`.
+    ClosedIdle,
+    /// Closed: a message not whole within `sip.message_timeout`.
+    ClosedSlow,
+}
+
+/// Connection events with their metric names and labels.
+pub const CONN_EVENTS: [(ConnEvent, &str, &str); 4] = [
+    (ConnEvent::RefusedTotal, "refused", "max_connections"),
+    (
+        ConnEvent::RefusedPerSource,
+        "refused",
+        "max_connections_per_source",
+    ),
+    (ConnEvent::ClosedIdle, "closed", "idle_timeout"),
+    (ConnEvent::ClosedSlow, "closed", "message_timeout"),
+];
+
 /// Balancer-wide counters.
 #[derive(Debug)]
 pub struct Stats {
+    /// Inbound stream connections open now.
+    pub connections: AtomicU64,
+    conn_events: [AtomicU64; CONN_EVENTS.len()],
     requests: [AtomicU64; METHODS.len()],
     responses: Box<[AtomicU64]>,
     drops: [AtomicU64; DROPS.len()],
@@ -96,6 +124,8 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Stats {
+            connections: AtomicU64::new(0),
+            conn_events: std::array::from_fn(|_| AtomicU64::new(0)),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             responses: (0..600).map(|_| AtomicU64::new(0)).collect(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -122,6 +152,21 @@ impl Stats {
         if let Some(c) = self.refusals.get(usize::from(code).wrapping_sub(100)) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a connection refused or closed by us.
+    pub fn conn_event(&self, e: ConnEvent) {
+        if let Some(i) = CONN_EVENTS.iter().position(|(x, _, _)| *x == e) {
+            self.conn_events[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(kind, reason, count)` of connection events: kind `refused` or `closed`.
+    pub fn conn_events(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+        CONN_EVENTS
+            .iter()
+            .zip(&self.conn_events)
+            .map(|((_, k, r), c)| (*k, *r, c.load(Ordering::Relaxed)))
     }
 
     /// Counts a drop.
