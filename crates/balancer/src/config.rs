@@ -139,15 +139,16 @@ impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             enabled: true,
-            new_session_rate: 100.0,
-            new_session_burst: 400.0,
-            register_rate: 100.0,
-            register_burst: 400.0,
-            request_rate: 200.0,
-            request_burst: 800.0,
+            new_session_rate: 500.0,
+            new_session_burst: 1000.0,
+            register_rate: 200.0,
+            register_burst: 1000.0,
+            request_rate: 1000.0,
+            request_burst: 2000.0,
             reject_rate: 10.0,
             over_limit: OverLimit::Reject,
-            allow: Vec::new(),
+            // The host itself (test tools, a local SBC) is not the internet.
+            allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             slots: 65_536,
         }
     }
@@ -347,6 +348,12 @@ pub struct AdminConfig {
     pub auth_reads: bool,
     /// Further names accepted in `Host` (lower case, `host` or `host:port`).
     pub allowed_hosts: Vec<String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        limits_config(&LimitsSection::default()).expect("the defaults are valid")
+    }
 }
 
 /// `[limits]` checked.

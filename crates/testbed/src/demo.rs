@@ -223,6 +223,10 @@ pub fn loopback_config(
         advertise_port: lb_addr.port(),
         max_message_size: sip::DEFAULT_MAX_SIZE,
         udp_sockets: 1,
+        max_connections: 10_000,
+        max_connections_per_source: 256,
+        idle_timeout: Duration::from_secs(300),
+        message_timeout: Duration::from_secs(10),
         secret: perf::protocol::challenge().into_bytes(),
         policy: policy.into(),
         register: RegisterMode::Fork,
@@ -244,6 +248,11 @@ pub fn loopback_config(
         perf_server: None,
         scoring: Scoring::default(),
         admin: None,
+        // The test bed's UAC is one source on loopback placing every call.
+        limits: balancer::config::LimitsConfig {
+            enabled: false,
+            ..balancer::config::LimitsConfig::default()
+        },
         servers,
     }
 }

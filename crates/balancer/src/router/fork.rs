@@ -1,9 +1,13 @@
 //! REGISTER forked to every server (RFC 3261 §16.7 with the patent's
 //! registration to all servers): each leg built from the request as
 //! processed once, the finals merged ([`crate::merge`]), a 2xx passed at once.
+//! The answer the UA got is kept: a retransmission of the REGISTER gets it
+//! again (§17.2.2), while the fork runs and, over UDP, 64 × T1 after it
+//! ended (Timer J), so that no retransmission starts a fork of its own.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use sip::Message;
 use smallvec::SmallVec;
@@ -26,6 +30,11 @@ pub(super) struct Fork {
     legs: SmallVec<[(Arc<ServerStats>, bool); 4]>,
     finals: Vec<(u16, Vec<u8>)>,
     done: bool,
+    /// What the UA got (a 2xx passed at once, the merged answer, our 408).
+    answer: Option<Vec<u8>>,
+    /// Every leg settled: the entry only answers retransmissions until
+    /// then (ms).
+    linger_until: Option<u64>,
 }
 
 impl Fork {
@@ -56,6 +65,16 @@ impl Router {
         out: &mut Outbox,
     ) {
         let back = origin.reply_dest();
+        let id = self.txn_id(msg);
+        if let Some(f) = self.forks.pin().get(&id).cloned() {
+            // A retransmission: the servers were asked; the answer again if
+            // the UA has lost it.
+            let f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return match &f.answer {
+                Some(a) => out.send(f.reply_to.clone(), a),
+                None => self.drop_counted(DropReason::Merged, out),
+            };
+        }
         let targets: SmallVec<[Arc<Server>; 8]> = match cfg.register {
             RegisterMode::Registrar => cfg
                 .registrar
@@ -76,7 +95,6 @@ impl Router {
             let ra = format!("Retry-After: {}", cfg.retry_after);
             return self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
         }
-        let id = self.txn_id(msg);
         let loop_hash = self.loop_hash(msg);
         if targets.len() == 1 {
             let branch = Self::branch(id, Leg::Attempt(0), loop_hash);
@@ -89,10 +107,6 @@ impl Router {
                 out,
             );
         }
-        if self.forks.pin().get(&id).is_some() {
-            // A retransmission while the fork runs: the servers were asked.
-            return self.drop_counted(DropReason::Merged, out);
-        }
         let mut base = Vec::with_capacity(msg.as_bytes().len() + 64);
         self.write_processed(msg, pop_route, origin, &mut base);
         let Ok(processed) = Message::parse(&base) else {
@@ -104,6 +118,8 @@ impl Router {
             legs: targets.iter().map(|s| (s.stats.clone(), true)).collect(),
             finals: Vec::new(),
             done: false,
+            answer: None,
+            linger_until: None,
         };
         let fork = Arc::new(std::sync::Mutex::new(fork));
         let mut guard = fork
@@ -134,7 +150,7 @@ impl Router {
         leg: u16,
         msg: &Message<'_>,
         code: u16,
-        _now: Now,
+        now: Now,
         out: &mut Outbox,
     ) {
         if code < 200 {
@@ -146,30 +162,41 @@ impl Router {
         let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         f.settle(usize::from(leg));
         if f.done {
-            return self.drop_counted(DropReason::Merged, out);
-        }
-        if (200..300).contains(&code) {
+            self.drop_counted(DropReason::Merged, out);
+        } else if (200..300).contains(&code) {
             f.done = true;
             self.stats.response(code);
-            return out.send_with(f.reply_to.clone(), |b| super::txn::without_top_via(msg, b));
+            let mut answer = Vec::with_capacity(msg.as_bytes().len());
+            super::txn::without_top_via(msg, &mut answer);
+            out.send(f.reply_to.clone(), &answer);
+            f.answer = Some(answer);
+        } else {
+            let mut without = Vec::with_capacity(msg.as_bytes().len());
+            super::txn::without_top_via(msg, &mut without);
+            f.finals.push((code, without));
+            self.drop_counted(DropReason::Merged, out);
         }
-        let mut without = Vec::with_capacity(msg.as_bytes().len());
-        super::txn::without_top_via(msg, &mut without);
-        f.finals.push((code, without));
-        self.drop_counted(DropReason::Merged, out);
-        if f.pending() == 0 {
+        if f.pending() == 0 && f.linger_until.is_none() {
             drop(f);
-            self.finish_fork(id, false, out);
+            self.finish_fork(id, false, now, out);
         }
     }
 
     /// Sends the merged answer once every server answered (or at the
-    /// timeout, which also ends the fork).
-    pub(super) fn finish_fork(&self, id: u64, timed_out: bool, out: &mut Outbox) {
+    /// timeout, which also ends the fork); the entry then stays for the
+    /// UA's retransmissions (over UDP) until its last timer.
+    pub(super) fn finish_fork(&self, id: u64, timed_out: bool, now: Now, out: &mut Outbox) {
         let Some(f) = self.forks.pin().get(&id).cloned() else {
             return;
         };
         let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(until) = f.linger_until {
+            if timed_out && self.ms(now) >= until {
+                drop(f);
+                self.forks.pin().remove(&id);
+            }
+            return;
+        }
         if !f.done && (timed_out || f.pending() == 0) {
             f.done = true;
             let codes: SmallVec<[u16; 8]> = f.finals.iter().map(|(c, _)| *c).collect();
@@ -178,14 +205,23 @@ impl Router {
                     let bytes = merge_challenges(&f.finals, i);
                     self.stats.response(merge::outgoing_status(f.finals[i].0));
                     out.send(f.reply_to.clone(), &bytes);
+                    f.answer = Some(bytes);
                 }
                 None => {
                     // Nobody answered: 408.
                     if let Ok(req) = Message::parse(&f.request) {
                         let tag = self.to_tag(&req);
-                        out.send_with(f.reply_to.clone(), |b| {
-                            sip::reply::response_for(&req, 408, "Request Timeout", &tag, &[], b);
-                        });
+                        let mut bytes = Vec::with_capacity(f.request.len());
+                        sip::reply::response_for(
+                            &req,
+                            408,
+                            "Request Timeout",
+                            &tag,
+                            &[],
+                            &mut bytes,
+                        );
+                        out.send(f.reply_to.clone(), &bytes);
+                        f.answer = Some(bytes);
                         self.stats.refusal(408);
                     }
                 }
@@ -195,8 +231,17 @@ impl Router {
             for i in 0..f.legs.len() {
                 f.settle(i);
             }
-            drop(f);
-            self.forks.pin().remove(&id);
+            if f.reply_to.reliable() {
+                drop(f);
+                self.forks.pin().remove(&id);
+            } else {
+                // Timer J: the UA retransmits until its Timer F.
+                f.linger_until = Some(self.ms(now) + super::txn::TXN_MS);
+                out.arm(
+                    now.at + Duration::from_millis(super::txn::TXN_MS),
+                    TimerKey::Fork { fork: id },
+                );
+            }
         }
     }
 }

@@ -333,7 +333,13 @@ impl Router {
         match key {
             TimerKey::Failover { txn, attempt } => self.failover_timer(txn, attempt, now, rng, out),
             TimerKey::Retransmit { txn, n } => self.retransmit_timer(txn, n, now, out),
-            TimerKey::Fork { fork } => self.finish_fork(fork, true, out),
+            TimerKey::Resend {
+                txn,
+                attempt,
+                bye,
+                n,
+            } => self.resend_timer(txn, attempt, bye, n, now, out),
+            TimerKey::Fork { fork } => self.finish_fork(fork, true, now, out),
         }
     }
 

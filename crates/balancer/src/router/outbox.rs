@@ -115,7 +115,22 @@ pub enum TimerKey {
         /// How many retransmissions came before.
         n: u8,
     },
-    /// A forked REGISTER's `routing.register_timeout`.
+    /// Retransmit (RFC 3261 §17.1.2.2 Timer E, over UDP) a request of our
+    /// own to attempt `attempt` of client transaction `txn`: its CANCEL
+    /// (`bye: false`), or the BYE of the 2xx of an attempt given up; the
+    /// `n`th time.
+    Resend {
+        /// Transaction id.
+        txn: u64,
+        /// Attempt index.
+        attempt: u8,
+        /// The BYE (else the CANCEL).
+        bye: bool,
+        /// How many retransmissions came before.
+        n: u8,
+    },
+    /// A forked REGISTER's `routing.register_timeout`; then (over UDP) the
+    /// end of the entry that answers the UA's retransmissions.
     Fork {
         /// Fork id.
         fork: u64,

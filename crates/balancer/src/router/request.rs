@@ -305,11 +305,12 @@ impl Router {
         self.start_attempt(cfg, &mut guard, id, &server, now, out);
     }
 
-    /// The UA's ACK: of our own final (absorbed), of a non-2xx final we
-    /// relayed (to the server that sent it, by the transaction), or of a 2xx
-    /// (in the dialog: our Route, else the session). With no state at all
-    /// (a restart, a full table) a non-2xx ACK goes to every server: the one
-    /// that has the transaction takes it, the others ignore it.
+    /// The UA's ACK: of our own final (absorbed, also when we answered
+    /// without a transaction: our To tag), of a non-2xx final we relayed
+    /// (to the server that sent it, by the transaction, every copy), or of
+    /// a 2xx (in the dialog: our Route, else the session). With no state at
+    /// all (a restart, a full table) a non-2xx ACK goes to every server: the
+    /// one that has the transaction takes it, the others ignore it.
     fn ack(
         &self,
         msg: &Message<'_>,
@@ -326,8 +327,12 @@ impl Router {
             match self.ack_of(&mut t, now) {
                 txn::AckOf::Ours => return,
                 txn::AckOf::Server { index, server } => {
+                    // The entry stays until it expires (64 × T1 after the
+                    // final): if this ACK is lost, the server repeats its
+                    // final, the UA its ACK, and that copy needs the
+                    // attempt's branch too (without the entry it would go
+                    // to the session's server as attempt 0).
                     drop(t);
-                    self.txns.pin().remove(&id);
                     if let Some(s) = pool.by_id(&server) {
                         let branch = Self::branch(id, Leg::Attempt(index), loop_hash);
                         self.forward_to_server(
@@ -343,6 +348,12 @@ impl Router {
                 }
                 txn::AckOf::NotThis => {}
             }
+        }
+        if msg.to().ok().and_then(|t| t.tag()) == Some(&self.to_tag(msg)[..]) {
+            // The ACK of a final we sent without a transaction (our 503
+            // when no server is available, our answer to a bad request):
+            // ours to absorb; no server has that transaction.
+            return self.drop_counted(DropReason::Absorbed, out);
         }
         let ms = self.ms(now);
         let target = route.target.clone().or_else(|| {

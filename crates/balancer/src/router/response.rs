@@ -42,34 +42,41 @@ impl Router {
                 }
                 return;
             }
-            // Answers to our own ACK/BYE of a 2xx given up.
-            Leg::Local(_) => return self.drop_counted(DropReason::Absorbed, out),
+            // Answers to our own BYE of a 2xx given up (an ACK has none).
+            Leg::Local(i) => {
+                if method == Method::Bye && code >= 200 {
+                    self.own_answered(branch.txn, i, true);
+                }
+                return self.drop_counted(DropReason::Absorbed, out);
+            }
             Leg::Fork(i) => return self.fork_response(branch.txn, i, msg, code, now, out),
             Leg::Attempt(_) => {}
         }
         if method == Method::Cancel {
-            // We answered the UA's CANCEL ourselves (§16.10).
+            // We answered the UA's CANCEL ourselves (§16.10); this answers
+            // the CANCEL we sent to the attempt (its retransmissions stop).
+            if let Leg::Attempt(i) = branch.leg
+                && code >= 200
+            {
+                self.own_answered(branch.txn, i, false);
+            }
             return self.drop_counted(DropReason::Absorbed, out);
         }
         let Leg::Attempt(index) = branch.leg else {
             return;
         };
-        let mut remove = false;
+        let mut status = code;
         if txn::starts_session(method)
             && let Some(t) = self.txns.pin().get(&branch.txn).cloned()
         {
             let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match self.txn_response(cfg, &mut t, branch.txn, index, msg, now, rng, out) {
                 TxnVerdict::Done => return,
-                TxnVerdict::Relay => {}
-                TxnVerdict::RelayAndRemove => remove = true,
+                TxnVerdict::Relay => status = crate::merge::outgoing_status(code),
             }
         } else if code == 100 {
             // Hop by hop (§16.7 step 3).
             return self.drop_counted(DropReason::Absorbed, out);
-        }
-        if remove {
-            self.txns.pin().remove(&branch.txn);
         }
         let ms = self.ms(now);
         match (method, code) {
@@ -79,13 +86,14 @@ impl Router {
             (Method::Bye, 200..) => self.sessions.remove(msg.call_id()),
             _ => {}
         }
-        self.relay(msg, out);
-        self.stats.response(code);
+        self.relay(msg, status, out);
+        self.stats.response(status);
     }
 
-    /// Sends a response on, our Via removed: down the connection named in
-    /// our Via, else to the next Via (RFC 3261 §18.2.2, RFC 3581).
-    pub(super) fn relay(&self, msg: &Message<'_>, out: &mut Outbox) {
+    /// Sends a response on, our Via removed, with `status` (its own, or
+    /// 500 for a 503): down the connection named in our Via, else to the
+    /// next Via (RFC 3261 §18.2.2, RFC 3581).
+    pub(super) fn relay(&self, msg: &Message<'_>, status: u16, out: &mut Outbox) {
         let dest = match crate::codec::parse_conn(msg.top_via().raw) {
             Some(conn) => Dest::Conn(conn),
             None => match msg.vias().nth(1) {
@@ -96,7 +104,14 @@ impl Router {
                 _ => return self.drop_counted(DropReason::NoRoute, out),
             },
         };
-        out.send_with(dest, |b| txn::without_top_via(msg, b));
+        let code = msg.status().unwrap_or(0);
+        out.send_with(dest, |b| {
+            let start = b.len();
+            txn::without_top_via(msg, b);
+            if status != code {
+                crate::merge::set_outgoing_status(&mut b[start..], code);
+            }
+        });
     }
 }
 

@@ -14,7 +14,19 @@
 //! elsewhere by then: passing the 2xx up would open a second dialog it did
 //! not ask for); its non-2xx finals are ACKed. Our own final response (503,
 //! 408, 487, or the best failure when every attempt failed) is retransmitted
-//! over UDP until the UA's ACK (§17.2.1).
+//! over UDP until the UA's ACK (§17.2.1). Our CANCELs and BYEs are
+//! retransmitted over UDP until answered (Timer E, as any non-INVITE
+//! request), the entry staying meanwhile.
+//!
+//! An entry outlives its final response by 64 × T1 (UDP): after a 2xx in
+//! the Accepted state of RFC 6026 (INVITE retransmissions absorbed, the
+//! 2xx's retransmissions relayed, any other attempt's 2xx ACKed and BYEd);
+//! after a non-2xx for the UA's ACK and its copies (each forwarded with
+//! the attempt's branch) and for a server's repeats of a final we ACKed
+//! (Timer D); after a non-INVITE's final for the UA's retransmissions,
+//! which get the final again (Timer J) and never reach a server as a new
+//! transaction. Only when every attempt has its final over TCP does the
+//! ACK of our own final shorten that (Timer I).
 //!
 //! Each attempt's branch is `Leg::Attempt(n)`; the transaction holds the
 //! request as processed once, and every copy (a failover, a CANCEL) comes
@@ -90,8 +102,22 @@ pub(super) struct Try {
     final_seen: bool,
     /// We CANCELled it.
     cancel_sent: bool,
+    /// Our CANCEL got its final response (its retransmissions stop).
+    cancel_answered: bool,
     /// We sent a BYE for its late 2xx.
     byed: bool,
+    /// That BYE, retransmitted over UDP until it is answered.
+    bye: Option<Vec<u8>>,
+    /// Our BYE got its final response.
+    bye_answered: bool,
+}
+
+impl Try {
+    /// A CANCEL or BYE of ours to it still waits for its answer.
+    fn own_pending(&self) -> bool {
+        self.cancel_sent && !self.cancel_answered && !self.final_seen
+            || self.bye.is_some() && !self.bye_answered
+    }
 }
 
 /// Where the transaction is towards the UA.
@@ -102,6 +128,13 @@ pub(super) enum Phase {
     /// A final went to the UA; the entry stays for the ACK (INVITE non-2xx)
     /// or for retransmissions until `expires_ms`.
     Completed,
+    /// An INVITE's 2xx went to the UA (RFC 6026 §7: Accepted). Its ACK is a
+    /// transaction of its own, but the entry stays 64 × T1: the INVITE's
+    /// retransmissions are absorbed (not a new transaction, perhaps on
+    /// another server), the 2xx's retransmissions are relayed, and a 2xx
+    /// of an attempt given up is ACKed and BYEd, not passed up as a second
+    /// dialog.
+    Accepted,
 }
 
 /// A new session's first transaction.
@@ -124,12 +157,19 @@ pub(super) struct ClientTxn {
     best: Option<(u16, Vec<u8>)>,
     /// Our own final response to the UA, retransmitted until its ACK.
     local_final: Option<Vec<u8>>,
+    /// The server's final response as relayed to the UA (non-2xx INVITE,
+    /// non-INVITE): sent again when the UA retransmits its request
+    /// (§17.2.1, §17.2.2), which no server must see as a new transaction.
+    relayed: Option<Vec<u8>>,
     acked: bool,
     /// Timer C runs from here (ms): the last forwarding or provisional.
     timer_c_from: u64,
     created_ms: u64,
     /// When a completed entry may go (ms).
     expires_ms: u64,
+    /// A CANCEL or BYE of ours may still be retransmitted until then (ms):
+    /// the entry stays while one waits for its answer.
+    own_until_ms: u64,
 }
 
 /// What the UA's ACK belongs to.
@@ -165,10 +205,29 @@ impl ClientTxn {
             cancelled_ms: 0,
             best: None,
             local_final: None,
+            relayed: None,
             acked: false,
             timer_c_from: now_ms,
             created_ms: now_ms,
             expires_ms: u64::MAX,
+            own_until_ms: 0,
+        }
+    }
+
+    /// Whether a completed entry may go at `ms`.
+    fn over(&self, ms: u64) -> bool {
+        ms >= self.expires_ms
+            && (ms >= self.own_until_ms || !self.tries.iter().any(Try::own_pending))
+    }
+
+    /// How long a completed entry stays after its final: 64 × T1 for an
+    /// INVITE (Timers H, L) or a UA on UDP, whose retransmissions must be
+    /// answered from here until its Timer F (our Timer J); else T4.
+    fn linger_ms(&self) -> u64 {
+        if self.invite || !self.reply_to.reliable() {
+            TXN_MS
+        } else {
+            T4_MS
         }
     }
 
@@ -237,7 +296,10 @@ impl Router {
             provisional: false,
             final_seen: false,
             cancel_sent: false,
+            cancel_answered: false,
             byed: false,
+            bye: None,
+            bye_answered: false,
         });
         server.stats.outstanding.fetch_add(1, Ordering::Relaxed);
         t.timer_c_from = self.ms(now);
@@ -292,11 +354,11 @@ impl Router {
         msg: &Message<'_>,
         out: &mut Outbox,
     ) {
-        if let Some(f) = &t.local_final {
-            // Our final was lost: again (§17.2.1).
+        if let Some(f) = t.local_final.as_ref().or(t.relayed.as_ref()) {
+            // The final was lost: again (§17.2.1, §17.2.2).
             return out.send(t.reply_to.clone(), f);
         }
-        if t.cancelled || t.phase == Phase::Completed {
+        if t.cancelled || t.phase != Phase::Trying {
             return self.drop_counted(DropReason::Merged, out);
         }
         let Some(cur) = t.tries.last() else { return };
@@ -314,26 +376,33 @@ impl Router {
 
     /// The UA's CANCEL for this INVITE transaction.
     pub(super) fn cancel_txn(&self, t: &mut ClientTxn, id: u64, now: Now, out: &mut Outbox) {
-        if t.phase == Phase::Completed || t.cancelled {
+        if t.phase != Phase::Trying || t.cancelled {
             return;
         }
         t.cancelled = true;
         t.cancelled_ms = self.ms(now);
         let i = t.current() as usize;
         if t.tries.get(i).is_some_and(|x| x.provisional) {
-            self.cancel_attempt(t, id, i, out);
+            self.cancel_attempt(t, id, i, now, out);
         }
         // Else the CANCEL waits for a provisional response (§9.1); if none
         // comes by the failover timeout, the UA gets our 487.
     }
 
-    /// Sends a CANCEL to attempt `i` (once).
-    fn cancel_attempt(&self, t: &mut ClientTxn, id: u64, i: usize, out: &mut Outbox) {
+    /// CANCELs attempt `i` (once; over UDP retransmitted by Timer E until
+    /// it is answered or the attempt's final comes, RFC 3261 §9.1, §17.1.2.2).
+    fn cancel_attempt(&self, t: &mut ClientTxn, id: u64, i: usize, now: Now, out: &mut Outbox) {
         let Some(x) = t.tries.get_mut(i) else { return };
         if x.cancel_sent || x.final_seen {
             return;
         }
         x.cancel_sent = true;
+        self.write_cancel(t, id, i, out);
+        self.own_request_sent(t, id, i, false, now, out);
+    }
+
+    fn write_cancel(&self, t: &ClientTxn, id: u64, i: usize, out: &mut Outbox) {
+        let Some(x) = t.tries.get(i) else { return };
         let (address, transport) = (x.address, x.transport);
         let Ok(invite) = Message::parse(&t.request) else {
             return;
@@ -344,6 +413,95 @@ impl Router {
         out.send_with(dest_of(address, transport), |b| {
             build::cancel_for(&invite, &via.0, b);
         });
+    }
+
+    /// A CANCEL (`bye: false`) or BYE of ours went to attempt `i`: the
+    /// entry stays for its answer, and over UDP it is retransmitted.
+    fn own_request_sent(
+        &self,
+        t: &mut ClientTxn,
+        id: u64,
+        i: usize,
+        bye: bool,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        t.own_until_ms = t.own_until_ms.max(self.ms(now) + TXN_MS);
+        if t.tries
+            .get(i)
+            .is_some_and(|x| x.transport == Transport::Udp)
+        {
+            out.arm(
+                now.at + T1,
+                TimerKey::Resend {
+                    txn: id,
+                    attempt: i as u8,
+                    bye,
+                    n: 0,
+                },
+            );
+        }
+    }
+
+    /// Timer E of a CANCEL or BYE of ours: again, until it is answered
+    /// (a CANCEL also once the attempt's final came) or for 64 × T1.
+    pub(super) fn resend_timer(
+        &self,
+        id: u64,
+        attempt: u8,
+        bye: bool,
+        n: u8,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let Some(t) = self.txns.pin().get(&id).cloned() else {
+            return;
+        };
+        let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = usize::from(attempt);
+        let Some(x) = t.tries.get(i) else { return };
+        if bye {
+            let Some(b) = x.bye.as_ref().filter(|_| !x.bye_answered) else {
+                return;
+            };
+            out.send(dest_of(x.address, x.transport), b);
+        } else {
+            if x.cancel_answered || x.final_seen {
+                return;
+            }
+            self.write_cancel(&t, id, i, out);
+        }
+        // Timer E: T1, 2 T1, ... up to T2; Timer F ends it at 64 × T1.
+        let next = (T1 * 2u32.saturating_pow(u32::from(n) + 1)).min(T2);
+        let sent: Duration = (0..=u32::from(n))
+            .map(|k| (T1 * 2u32.saturating_pow(k)).min(T2))
+            .sum();
+        if (sent + next).as_millis() < u128::from(TXN_MS) {
+            out.arm(
+                now.at + next,
+                TimerKey::Resend {
+                    txn: id,
+                    attempt,
+                    bye,
+                    n: n.saturating_add(1),
+                },
+            );
+        }
+    }
+
+    /// The answer to a CANCEL (`bye: false`) or BYE of ours to attempt `i`.
+    pub(super) fn own_answered(&self, id: u64, i: u8, bye: bool) {
+        let Some(t) = self.txns.pin().get(&id).cloned() else {
+            return;
+        };
+        let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(x) = t.tries.get_mut(usize::from(i)) {
+            if bye {
+                x.bye_answered = true;
+            } else {
+                x.cancel_answered = true;
+            }
+        }
     }
 
     /// ACKs a non-2xx final of attempt `i` (RFC 3261 §17.1.1.3).
@@ -364,6 +522,7 @@ impl Router {
         id: u64,
         i: usize,
         resp: &Message<'_>,
+        now: Now,
         out: &mut Outbox,
     ) {
         let Some(x) = t.tries.get_mut(i) else { return };
@@ -383,22 +542,21 @@ impl Router {
         if bye {
             warn!(call_id = %String::from_utf8_lossy(resp.call_id()), server = %x.server, "2xx from an attempt given up: ACK and BYE");
             let mut via = ViaText::default();
-            let bye_branch = Self::branch(
-                self.keys.hash(&[&id.to_be_bytes(), b"bye"]),
-                Leg::Local(i as u8),
-                t.loop_hash,
-            );
+            // The transaction's own id: its answer finds the entry.
+            let bye_branch = Self::branch(id, Leg::Local(i as u8), t.loop_hash);
             self.write_via(&mut via.0, transport, bye_branch, None);
-            out.send_with(dest, |b| {
-                build::in_dialog(
-                    resp,
-                    b"BYE",
-                    resp.cseq().seq.saturating_add(1),
-                    &via.0,
-                    &self.me.rr,
-                    b,
-                );
-            });
+            let mut b = Vec::with_capacity(512);
+            build::in_dialog(
+                resp,
+                b"BYE",
+                resp.cseq().seq.saturating_add(1),
+                &via.0,
+                &self.me.rr,
+                &mut b,
+            );
+            out.send(dest, &b);
+            t.tries[i].bye = Some(b);
+            self.own_request_sent(t, id, i, true, now, out);
         }
     }
 
@@ -436,13 +594,16 @@ impl Router {
                 }
             } else if code < 200 {
                 if t.invite {
-                    self.cancel_attempt(t, id, i, out);
+                    self.cancel_attempt(t, id, i, now, out);
                 }
             } else {
                 t.tries[i].final_seen = true;
                 t.release(i);
+                // Its repeats (if our ACK is lost) must find the entry
+                // (Timer D); the entry is not over before then.
+                t.expires_ms = t.expires_ms.max(self.ms(now) + TXN_MS);
                 if t.invite && (200..300).contains(&code) {
-                    self.ack_and_bye(t, id, i, msg, out);
+                    self.ack_and_bye(t, id, i, msg, now, out);
                 } else if t.invite {
                     self.ack_attempt(t, i, msg, out);
                 }
@@ -463,7 +624,7 @@ impl Router {
                 t.timer_c_from = self.ms(now);
             }
             if t.cancelled {
-                self.cancel_attempt(t, id, i, out);
+                self.cancel_attempt(t, id, i, now, out);
             }
             if code == 100 {
                 // Hop by hop (§16.7 step 3): we sent our own.
@@ -495,12 +656,32 @@ impl Router {
         }
         t.phase = Phase::Completed;
         t.best = None;
+        t.expires_ms = self.ms(now) + t.linger_ms();
         if t.invite && (200..300).contains(&code) {
-            // Its ACK is a transaction of its own: this one is over.
-            return TxnVerdict::RelayAndRemove;
+            // Its ACK is a transaction of its own; the entry stays (Timer L)
+            // so that a late 2xx from another attempt is ACKed and BYEd, and
+            // a CANCEL or INVITE retransmission crossing the 2xx is absorbed.
+            t.phase = Phase::Accepted;
+            if t.tries.len() == 1 && !t.tries.iter().any(Try::own_pending) {
+                // The only server tried answered (nearly every call): no late
+                // 2xx can come from another, so the entry only has to absorb
+                // what crosses the 2xx. It keeps T4 (as Kamailio's wait
+                // timer), without its request, so the table does not hold
+                // every call for 64 × T1.
+                t.request = Vec::new();
+                t.expires_ms = self.ms(now) + T4_MS;
+            }
+        } else {
+            let mut relayed = Vec::with_capacity(msg.as_bytes().len());
+            without_top_via(msg, &mut relayed);
+            merge::set_outgoing_status(&mut relayed, code);
+            t.relayed = Some(relayed);
+            if !t.invite {
+                // Retransmissions get `relayed`; the request is not needed
+                // any more (it is the bulk of the entry).
+                t.request = Vec::new();
+            }
         }
-        let ms = self.ms(now);
-        t.expires_ms = ms + if t.invite { TXN_MS } else { T4_MS };
         TxnVerdict::Relay
     }
 
@@ -617,7 +798,7 @@ impl Router {
         out.send(t.reply_to.clone(), &bytes);
         t.phase = Phase::Completed;
         t.local_final = Some(bytes);
-        t.expires_ms = self.ms(now) + if t.invite { TXN_MS } else { T4_MS };
+        t.expires_ms = self.ms(now) + t.linger_ms();
         if t.invite && !t.reply_to.reliable() {
             out.arm(now.at + T1, TimerKey::Retransmit { txn: id, n: 0 });
         }
@@ -631,8 +812,18 @@ impl Router {
         if t.local_final.is_some() {
             if !t.acked {
                 t.acked = true;
-                // Absorb the ACK's retransmissions a while (Timer I).
-                t.expires_ms = self.ms(now) + if t.reply_to.reliable() { 0 } else { T4_MS };
+                // Absorb the ACK's retransmissions a while (Timer I); but an
+                // attempt given up without its final may still answer (a
+                // 2xx to ACK and BYE here, never to pass up), and a server
+                // on UDP repeats a final we ACKed if our ACK was lost (our
+                // Timer D): then the entry keeps its 64 × T1.
+                if t.tries
+                    .iter()
+                    .all(|x| x.final_seen && x.transport != Transport::Udp)
+                {
+                    let i = if t.reply_to.reliable() { 0 } else { T4_MS };
+                    t.expires_ms = t.expires_ms.min(self.ms(now) + i);
+                }
             }
             return AckOf::Ours;
         }
@@ -710,7 +901,7 @@ impl Router {
         for (id, t) in &self.txns.pin() {
             let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let over = match t.phase {
-                Phase::Completed => ms >= t.expires_ms,
+                Phase::Completed | Phase::Accepted => t.over(ms),
                 Phase::Trying if t.invite => {
                     let ringing = t.tries.last().is_some_and(|x| x.provisional);
                     if ringing && ms.saturating_sub(t.timer_c_from) >= limit
@@ -731,6 +922,12 @@ impl Router {
                 gone.push(*id);
             }
         }
+        // In a fixed order: the table's iteration order comes from its
+        // hasher's random keys, and what is done here (the order of the
+        // sends, the draws, which server an ejection budget lets go) must
+        // follow from the inputs alone.
+        timer_c.sort_unstable();
+        gone.sort_unstable();
         for id in timer_c {
             self.timer_c(id, now, rng, out);
         }
@@ -770,7 +967,7 @@ impl Router {
             warn!(call_id = %String::from_utf8_lossy(&req), "no final response within invite_timeout: CANCEL, 408");
             (408, "Request Timeout")
         };
-        self.cancel_attempt(&mut t, id, i, out);
+        self.cancel_attempt(&mut t, id, i, now, out);
         t.release(i);
         self.sessions.demote(&req, self.ms(now));
         self.final_from_request(&mut t, id, code, reason, &[], now, out);
@@ -788,7 +985,7 @@ impl Router {
         out: &mut Outbox,
     ) {
         let cfg = self.cfg.load();
-        let stuck: SmallVec<[u64; 8]> = self
+        let mut stuck: SmallVec<[u64; 8]> = self
             .txns
             .pin()
             .iter()
@@ -803,13 +1000,15 @@ impl Router {
                 .then_some(*id)
             })
             .collect();
+        // In a fixed order (see `txn_round`): each move draws a server.
+        stuck.sort_unstable();
         for id in stuck {
             let Some(t) = self.txns.pin().get(&id).cloned() else {
                 continue;
             };
             let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let i = t.current() as usize;
-            self.cancel_attempt(&mut t, id, i, out);
+            self.cancel_attempt(&mut t, id, i, now, out);
             t.release(i);
             self.next_attempt(
                 &cfg,
@@ -829,10 +1028,9 @@ impl Router {
 pub(super) enum TxnVerdict {
     /// Nothing more (absorbed, or handled).
     Done,
-    /// Relay it to the UA.
+    /// Relay it to the UA (a server's 503 as 500: RFC 3261 §16.7 step 6,
+    /// the UA must not take the pool as unavailable because one server is).
     Relay,
-    /// Relay it and forget the transaction.
-    RelayAndRemove,
 }
 
 /// Whether a final `code` makes a new session's request try another server.
