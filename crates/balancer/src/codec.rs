@@ -358,6 +358,47 @@ impl Keys {
         Some(id)
     }
 
+    /// The `sb` value that binds `server` to one dialog: `<id>.<mac>`, the
+    /// MAC (HMAC-SHA256, 64 bits in hex) over `"siplb-sb2 "`, the id, a
+    /// space and the Call-ID. A token seen in one call does not route
+    /// another. Appended to `out` (no allocation beyond its growth).
+    pub fn write_sb_bound(&self, server: &str, call_id: &[u8], out: &mut impl Sink) {
+        let tag = self.sb_bound_mac(server, call_id).finalize().into_bytes();
+        out.put(server.as_bytes());
+        out.put(b".");
+        for &b in &tag[..SB_HEX / 2] {
+            out.put(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        }
+    }
+
+    /// The server id of an `sb` value bound to `call_id`
+    /// ([`Keys::write_sb_bound`]), checked in constant time.
+    #[must_use]
+    pub fn verify_sb_bound<'a>(&self, sb: &'a [u8], call_id: &[u8]) -> Option<&'a str> {
+        let dot = sb.iter().rposition(|&b| b == b'.')?;
+        let (id, mac_hex) = sb.split_at_checked(dot)?;
+        let id = std::str::from_utf8(id).ok()?;
+        let mac_hex = mac_hex.get(1..)?;
+        if mac_hex.len() != SB_HEX {
+            return None;
+        }
+        let mut mac = [0u8; SB_HEX / 2];
+        hex::decode_to_slice(mac_hex, &mut mac).ok()?;
+        self.sb_bound_mac(id, call_id)
+            .verify_truncated_left(&mac)
+            .ok()?;
+        Some(id)
+    }
+
+    fn sb_bound_mac(&self, server: &str, call_id: &[u8]) -> Hmac<Sha256> {
+        self.sb
+            .clone()
+            .chain_update(b"siplb-sb2 ")
+            .chain_update(server.as_bytes())
+            .chain_update(b" ")
+            .chain_update(call_id)
+    }
+
     /// The `sb` HMAC state after the id.
     fn sb_mac(&self, server: &str) -> Hmac<Sha256> {
         self.sb
@@ -635,6 +676,33 @@ mod tests {
         ] {
             assert_eq!(parse_conn(bad), None, "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn a_bound_sb_routes_its_own_dialog_only() {
+        let keys = Keys::new(SECRET);
+        let mut sb = Vec::new();
+        keys.write_sb_bound("s1", b"call-a@host", &mut sb);
+        assert_eq!(keys.verify_sb_bound(&sb, b"call-a@host"), Some("s1"));
+        assert_eq!(
+            keys.verify_sb_bound(&sb, b"call-b@host"),
+            None,
+            "another call"
+        );
+        assert_eq!(keys.verify_sb(&sb), None, "not an unbound token");
+        let unbound = keys.sb("s1");
+        assert_eq!(
+            keys.verify_sb_bound(unbound.as_bytes(), b"call-a@host"),
+            None
+        );
+        let forged = String::from_utf8(sb.clone())
+            .unwrap()
+            .replacen("s1.", "s2.", 1);
+        assert_eq!(
+            keys.verify_sb_bound(forged.as_bytes(), b"call-a@host"),
+            None
+        );
+        assert_eq!(sb.len(), "s1.".len() + SB_HEX);
     }
 
     #[test]

@@ -109,6 +109,37 @@ fn unpack(v: u64) -> (u64, u32) {
     (v >> 32, v as u32)
 }
 
+/// The buckets of every kind of request a source may send, from `[limits]`.
+#[derive(Debug)]
+pub struct Limiter {
+    /// New sessions: INVITE, SUBSCRIBE, REFER without a To tag.
+    pub new_session: Buckets,
+    /// REGISTER, before the fork.
+    pub register: Buckets,
+    /// Other out-of-dialog requests (MESSAGE, OPTIONS, CANCEL, an ACK with
+    /// no state...).
+    pub request: Buckets,
+    /// Our 503s to requests over a limit.
+    pub reject: Buckets,
+    /// The settings they were built from.
+    pub cfg: crate::config::LimitsConfig,
+}
+
+impl Limiter {
+    /// The buckets for `cfg`, their hashes keyed by `key`.
+    #[must_use]
+    pub fn new(cfg: &crate::config::LimitsConfig, key: (u64, u64)) -> Limiter {
+        let b = |r: Rate, salt: u64| Buckets::new(cfg.slots, r, (key.0 ^ salt, key.1));
+        Limiter {
+            new_session: b(cfg.new_session, 1),
+            register: b(cfg.register, 2),
+            request: b(cfg.request, 3),
+            reject: b(cfg.reject, 4),
+            cfg: cfg.clone(),
+        }
+    }
+}
+
 /// Addresses exempt from every limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllowList(pub Vec<IpNet>);

@@ -1,11 +1,10 @@
 //! The pool of SIP servers as the running balancer holds it: each server's
-//! configuration, its signed Record-Route token and its counters, kept by id
+//! configuration and its counters, kept by id
 //! across reloads.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::codec::Keys;
 use crate::config::{ServerConfig, Transport};
 use crate::router::outbox::Dest;
 use crate::stats::ServerStats;
@@ -17,8 +16,6 @@ pub struct Server {
     pub cfg: ServerConfig,
     /// Its id, shared with the session table.
     pub id: Arc<str>,
-    /// `sb` value of our Record-Route for it.
-    pub sb: String,
     /// Counters, health and drain state (kept across reloads).
     pub stats: Arc<ServerStats>,
     /// Where its entry is expected in the performance table (the order of
@@ -48,7 +45,7 @@ impl Pool {
     /// Builds the pool for `servers`, keeping the counters and drain state of
     /// every id that `old` has; new ids start fresh.
     #[must_use]
-    pub fn build(servers: &[ServerConfig], old: &Pool, keys: &Keys) -> Pool {
+    pub fn build(servers: &[ServerConfig], old: &Pool) -> Pool {
         let mut slot = 0;
         let servers = servers
             .iter()
@@ -58,7 +55,6 @@ impl Pool {
                 let prev = old.by_id(&c.id);
                 Arc::new(Server {
                     id: c.id.as_str().into(),
-                    sb: keys.sb(&c.id),
                     stats: prev.map_or_else(Arc::default, |p| p.stats.clone()),
                     cfg: c.clone(),
                     slot: this_slot,

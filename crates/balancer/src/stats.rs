@@ -64,6 +64,12 @@ pub enum DropReason {
     Merged,
     /// Session table full (the request was still routed).
     SessionTableFull,
+    /// A response whose top Via is ours but whose branch MAC does not verify
+    /// over the hop it would be relayed to: forged or edited.
+    Forged,
+    /// A request over its source's limit (`[limits]`), dropped (or answered
+    /// 503: then counted as a local response).
+    RateLimited,
     /// A response that ends here by design: a server's `100 Trying` (hop by
     /// hop), the answer to a CANCEL we answered ourselves, late answers of
     /// an attempt given up, answers to our own ACK/BYE.
@@ -71,7 +77,7 @@ pub enum DropReason {
 }
 
 /// All drop reasons, with their metric labels.
-pub const DROPS: [(DropReason, &str); 9] = [
+pub const DROPS: [(DropReason, &str); 11] = [
     (DropReason::Unparseable, "unparseable"),
     (DropReason::ViaNotOurs, "via_not_ours"),
     (DropReason::NoRoute, "no_route"),
@@ -81,6 +87,8 @@ pub const DROPS: [(DropReason, &str); 9] = [
     (DropReason::Merged, "merged"),
     (DropReason::SessionTableFull, "session_table_full"),
     (DropReason::Absorbed, "absorbed"),
+    (DropReason::Forged, "forged_response"),
+    (DropReason::RateLimited, "rate_limited"),
 ];
 
 /// Why an inbound connection was refused or closed by us.

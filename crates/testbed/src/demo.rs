@@ -241,6 +241,7 @@ pub fn loopback_config(
         max_attempts: 3,
         failover_statuses: vec![500, 503],
         health: Health::Both,
+        legacy_sb: false,
         outlier: balancer::outlier::OutlierConfig::default(),
         key,
         poll,

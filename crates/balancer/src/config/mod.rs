@@ -134,6 +134,7 @@ struct RoutingSection {
     max_attempts: u8,
     failover_statuses: Vec<u16>,
     health: Health,
+    legacy_sb: bool,
     outlier_failures: u32,
     ejection_time: String,
     max_ejection_time: String,
@@ -161,6 +162,7 @@ impl Default for RoutingSection {
             max_attempts: 3,
             failover_statuses: vec![500, 503],
             health: Health::Both,
+            legacy_sb: false,
             outlier_failures: 3,
             ejection_time: "10s".into(),
             max_ejection_time: "300s".into(),
@@ -339,6 +341,9 @@ pub struct Config {
     pub scoring: Scoring,
     /// Admin API (None: off).
     pub admin: Option<AdminConfig>,
+    /// Accept Record-Route tokens of earlier versions (bound to the server
+    /// only, not to the dialog) on in-dialog requests: for a rolling upgrade.
+    pub legacy_sb: bool,
     /// Per-source limits.
     pub limits: LimitsConfig,
     /// The pool.
@@ -655,6 +660,7 @@ impl Config {
             max_attempts: r.max_attempts,
             failover_statuses: r.failover_statuses,
             health: r.health,
+            legacy_sb: r.legacy_sb,
             outlier,
             key,
             poll,

@@ -230,13 +230,14 @@ impl Router {
             st.probe_sent.store(seq, Ordering::Relaxed);
             let host = format!("{}:{}", self.me.host, self.me.port);
             let mut branch = Vec::with_capacity(40);
-            Branch {
+            let probe_branch = Branch {
                 txn: seq,
                 leg: Leg::Probe,
                 loop_hash: 0,
                 mac: None,
-            }
-            .write(&mut branch);
+            };
+            self.seal(probe_branch, &super::Dest::Udp(s.cfg.address))
+                .write(&mut branch);
             let probe = format!(
                 "OPTIONS sip:{addr} SIP/2.0\r\nVia: SIP/2.0/{t} {host};branch={b}\r\n\
                  Max-Forwards: 70\r\nFrom: <sip:siplb@{host}>;tag=probe\r\nTo: <sip:{addr}>\r\n\

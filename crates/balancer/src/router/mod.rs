@@ -105,6 +105,8 @@ pub struct Router {
     /// Next OPTIONS probe due per server id, and the last sweep (ms).
     probe_due: Mutex<std::collections::HashMap<Arc<str>, u64>>,
     last_sweep: AtomicU64,
+    /// Per-source token buckets (`[limits]`), rebuilt when a reload changes them.
+    limiter: ArcSwap<crate::limits::Limiter>,
 }
 
 impl std::fmt::Debug for Router {
@@ -137,7 +139,8 @@ impl Router {
             via_tcp: format!("SIP/2.0/TCP {hostport};branch="),
             rr: format!("<sip:{hostport};lr;sb="),
         };
-        let pool = Pool::build(&cfg.servers, &Pool::default(), &keys);
+        let pool = Pool::build(&cfg.servers, &Pool::default());
+        let limiter = crate::limits::Limiter::new(&cfg.limits, limiter_key(&keys));
         Ok(Router {
             sessions: Sessions::new(cfg.max_sessions),
             scoring: LiveScoring::new(cfg.scoring)?,
@@ -155,6 +158,7 @@ impl Router {
             stopping: AtomicBool::new(false),
             probe_due: Mutex::new(std::collections::HashMap::new()),
             last_sweep: AtomicU64::new(0),
+            limiter: ArcSwap::from_pointee(limiter),
             cfg: ArcSwap::from_pointee(cfg),
         })
     }
@@ -194,6 +198,12 @@ impl Router {
             warn!(error = %e, "scoring not changed");
         }
         self.apply_servers(&new.servers);
+        if new.limits != self.limiter.load().cfg {
+            self.limiter.store(Arc::new(crate::limits::Limiter::new(
+                &new.limits,
+                limiter_key(&self.keys),
+            )));
+        }
         if new.policy != cur.policy
             && let Err(e) = self.set_policy(&new.policy)
         {
@@ -207,8 +217,7 @@ impl Router {
     /// state; new ids start fresh; removed ids go (their sessions idle out).
     pub fn apply_servers(&self, servers: &[crate::config::ServerConfig]) {
         let old = self.pool.load_full();
-        self.pool
-            .store(Arc::new(Pool::build(servers, &old, &self.keys)));
+        self.pool.store(Arc::new(Pool::build(servers, &old)));
     }
 
     /// The routing policy in force.
@@ -439,6 +448,24 @@ impl Router {
         }
     }
 
+    /// `branch` with its MAC over `hop`, where the responses to the request
+    /// it goes on will be relayed (RFC 3261 §18.2.2): a forged or edited
+    /// response cannot be relayed anywhere else.
+    fn seal(&self, mut branch: Branch, hop: &Dest) -> Branch {
+        let text = HopText::of(hop);
+        branch.mac =
+            Some(
+                self.keys
+                    .branch_mac(branch.txn, branch.leg, branch.loop_hash, text.as_bytes()),
+            );
+        branch
+    }
+
+    /// Whether `branch` carries our MAC over `hop`.
+    fn sealed_for(&self, branch: &Branch, hop: &Dest) -> bool {
+        self.keys.verify_branch(branch, HopText::of(hop).as_bytes())
+    }
+
     /// Draws a server for a new session among those not in `exclude`.
     fn select(
         &self,
@@ -532,6 +559,40 @@ impl Router {
             let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             t.check(*id);
         }
+    }
+}
+
+/// The key of the per-source buckets' hash, from the routing secret.
+fn limiter_key(keys: &Keys) -> (u64, u64) {
+    (keys.hash(&[b"limits-0"]), keys.hash(&[b"limits-1"]))
+}
+
+/// A hop as the bytes the branch MAC binds, on the stack.
+struct HopText {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl HopText {
+    fn of(hop: &Dest) -> HopText {
+        use std::io::Write;
+        let mut t = HopText {
+            buf: [0; 96],
+            len: 0,
+        };
+        let mut c = std::io::Cursor::new(&mut t.buf[..]);
+        let _ = match hop {
+            Dest::Udp(a) => write!(c, "u{a}"),
+            Dest::Tcp(a) => write!(c, "t{a}"),
+            Dest::Conn(id) => write!(c, "c{id}"),
+            Dest::Resolve { host, port } => write!(c, "n{host}:{port}"),
+        };
+        t.len = c.position() as usize;
+        t
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 

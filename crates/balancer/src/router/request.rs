@@ -77,7 +77,8 @@ impl Router {
                 return self.reply(msg, 482, "Loop Detected", &[], back, out);
             }
         }
-        let Some(route) = self.our_route(msg) else {
+        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        let Some(route) = self.our_route(cfg, msg, to_tag) else {
             return self.reply(
                 msg,
                 403,
@@ -100,11 +101,24 @@ impl Router {
         };
         if let Some(server) = from_server {
             // A request from a server goes towards the user agent.
-            return self.forward_outward(msg, &server, route.pop, back, out);
+            return self.forward_outward(msg, &server, route.pop, origin, out);
         }
 
         let method = msg.method();
-        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        // Per-source limits: servers of the pool never; in-dialog requests
+        // (a To tag, or our token) never; REGISTER before its fork.
+        let kind: Option<fn(&crate::limits::Limiter) -> &crate::limits::Buckets> = match method {
+            Method::Register => Some(|l| &l.register),
+            Method::Ack => None,
+            _ if to_tag => None,
+            m if txn::creates_dialog(m) => Some(|l| &l.new_session),
+            _ => Some(|l| &l.request),
+        };
+        if let Some(kind) = kind
+            && !self.within_limit(msg, kind, origin, now, out)
+        {
+            return;
+        }
         match method {
             Method::Ack => return self.ack(msg, &pool, route, origin, now, out),
             Method::Cancel => return self.cancel(msg, &pool, route, origin, now, out),
@@ -161,9 +175,13 @@ impl Router {
         );
     }
 
-    /// Our own Route on top: `None` when it carries an `sb` token that does
-    /// not verify (or names no server of the pool).
-    fn our_route(&self, msg: &Message<'_>) -> Option<OurRoute> {
+    /// Our own Route on top: `None` when an in-dialog request carries an
+    /// `sb` token that does not verify for its own Call-ID (or names no
+    /// server of the pool). A request without a To tag starts a session:
+    /// its token is ignored (the policy draws its server, whatever Route it
+    /// carries, so a token seen once pins nothing and reaches no drained
+    /// server).
+    fn our_route(&self, cfg: &Config, msg: &Message<'_>, to_tag: bool) -> Option<OurRoute> {
         let mut r = OurRoute {
             pop: false,
             target: None,
@@ -172,15 +190,54 @@ impl Router {
             && top.uri.host.is_some_and(|h| self.is_ours(&h, top.uri.port))
         {
             r.pop = true;
-            if let Some(sb) = top.uri.param(b"sb") {
+            if let Some(sb) = top.uri.param(b"sb")
+                && to_tag
+            {
                 let pool = self.pool.load();
-                let s = sb
-                    .and_then(|v| self.keys.verify_sb(v))
-                    .and_then(|id| pool.by_id(id))?;
+                let id = sb.and_then(|v| {
+                    self.keys
+                        .verify_sb_bound(v, msg.call_id())
+                        .or_else(|| cfg.legacy_sb.then(|| self.keys.verify_sb(v)).flatten())
+                });
+                let s = id.and_then(|id| pool.by_id(id))?;
                 r.target = Some(s.clone());
             }
         }
         Some(r)
+    }
+
+    /// Whether a request from `ip` is within its source's limit; when it is
+    /// not, answers it (503, itself limited) or drops it, counted.
+    fn within_limit(
+        &self,
+        msg: &Message<'_>,
+        kind: fn(&crate::limits::Limiter) -> &crate::limits::Buckets,
+        origin: Origin,
+        now: Now,
+        out: &mut Outbox,
+    ) -> bool {
+        let limiter = self.limiter.load();
+        let ip = origin.peer().ip();
+        if !limiter.cfg.enabled || limiter.cfg.allow.contains(ip) {
+            return true;
+        }
+        let ms = self.ms(now);
+        if kind(&limiter).take(ip, ms) {
+            return true;
+        }
+        self.drop_counted(DropReason::RateLimited, out);
+        if limiter.cfg.over_limit == crate::config::OverLimit::Reject && limiter.reject.take(ip, ms)
+        {
+            self.reply(
+                msg,
+                503,
+                "Service Unavailable (rate limited)",
+                &[b"Retry-After: 1"],
+                origin.reply_dest(),
+                out,
+            );
+        }
+        false
     }
 
     /// A server for a new session, or our refusal (503, or a counted drop)
@@ -429,15 +486,15 @@ impl Router {
         out: &mut Vec<u8>,
     ) {
         let peer = origin.peer();
-        let top = msg.top_via();
-        let needs_received = top.host.ip() != Some(peer.ip()) || top.rport.is_some();
+        // Always our own `received` (RFC 3261 §18.2.1, RFC 3581): one the
+        // client wrote would aim the responses elsewhere.
         let mut ip = IpText::default();
         ip.set(peer.ip());
         msg.write_edited(
             &Edits {
                 remove_top_route: pop_route,
                 max_forwards: MaxForwards::Decrement,
-                received: needs_received.then_some(Received {
+                received: Some(Received {
                     received: ip.as_bytes(),
                     rport: peer.port(),
                 }),
@@ -458,16 +515,17 @@ impl Router {
         out: &mut Outbox,
     ) {
         let peer = origin.peer();
-        let top = msg.top_via();
-        let needs_received = hop.fresh && (top.host.ip() != Some(peer.ip()) || top.rport.is_some());
+        let needs_received = hop.fresh;
         let mut ip = IpText::default();
         ip.set(peer.ip());
+        let branch = self.seal(branch, &response_hop(msg, origin, hop.fresh));
         let mut via = ViaText::default();
         self.write_via(&mut via.0, server.cfg.transport, branch, conn_of(origin));
         let mut rr = ViaText::default();
         if hop.record_route {
             rr.0.extend_from_slice(self.me.rr.as_bytes());
-            rr.0.extend_from_slice(server.sb.as_bytes());
+            self.keys
+                .write_sb_bound(&server.id, msg.call_id(), &mut rr.0);
             rr.0.push(b'>');
         }
         out.send_with(server.dest(), |b| {
@@ -501,9 +559,10 @@ impl Router {
         msg: &Message<'_>,
         server: &Server,
         pop_route: bool,
-        back: Dest,
+        origin: Origin,
         out: &mut Outbox,
     ) {
+        let back = origin.reply_dest();
         let next_route = msg.routes().flatten().nth(usize::from(pop_route));
         let uri = next_route.map_or_else(|| *msg.request_uri().expect("request"), |r| r.uri);
         let Some(host) = uri.host else {
@@ -523,14 +582,19 @@ impl Router {
         let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
         let record_route = txn::creates_dialog(msg.method()) && !to_tag;
         let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), self.loop_hash(msg));
+        let branch = self.seal(branch, &response_hop(msg, origin, true));
         let mut via = ViaText::default();
         self.write_via(&mut via.0, Transport::Udp, branch, None);
         let mut rr = ViaText::default();
         if record_route {
             rr.0.extend_from_slice(self.me.rr.as_bytes());
-            rr.0.extend_from_slice(server.sb.as_bytes());
+            self.keys
+                .write_sb_bound(&server.id, msg.call_id(), &mut rr.0);
             rr.0.push(b'>');
         }
+        let peer = origin.peer();
+        let mut ip = IpText::default();
+        ip.set(peer.ip());
         out.send_with(dest, |b| {
             msg.write_edited(
                 &Edits {
@@ -538,6 +602,10 @@ impl Router {
                     record_route: record_route.then_some(&rr.0[..]),
                     remove_top_route: pop_route,
                     max_forwards: MaxForwards::Decrement,
+                    received: Some(Received {
+                        received: ip.as_bytes(),
+                        rport: peer.port(),
+                    }),
                     ..Edits::default()
                 },
                 b,
@@ -555,6 +623,27 @@ impl Hop {
             fresh: true,
         }
     }
+}
+
+/// Where the responses to a request from `origin` will be relayed, as the
+/// response path will compute it from the request as forwarded: its
+/// inbound connection, else its top Via with our `received` (and `rport`
+/// when asked) — `fresh` — or as the processed copy already carries them.
+pub(super) fn response_hop(msg: &Message<'_>, origin: Origin, fresh: bool) -> Dest {
+    if let Some(c) = conn_of(origin) {
+        return Dest::Conn(c);
+    }
+    let top = msg.top_via();
+    let peer = origin.peer();
+    if fresh {
+        let port = if top.rport.is_some() {
+            peer.port()
+        } else {
+            top.port.unwrap_or(5060)
+        };
+        return Dest::Udp(std::net::SocketAddr::new(peer.ip(), port));
+    }
+    super::response::next_hop(top).unwrap_or(Dest::Udp(peer))
 }
 
 /// The inbound connection a request came on, for our Via's `lbc`.

@@ -32,10 +32,23 @@ impl Router {
             return self.drop_counted(DropReason::ViaNotOurs, out);
         };
         let method = msg.cseq().method;
+        // Where it would be relayed, and whether our MAC says it may: a
+        // response is relayed only to the hop its request came from.
+        let dest = self.response_dest(cfg, msg);
+        if matches!(branch.leg, Leg::Attempt(_) | Leg::Fork(_)) && method != Method::Cancel {
+            match &dest {
+                Some(d) if self.sealed_for(&branch, d) => {}
+                Some(_) => return self.drop_counted(DropReason::Forged, out),
+                None => return self.drop_counted(DropReason::NoRoute, out),
+            }
+        }
         match branch.leg {
             Leg::Probe => {
-                // The answer to one of our OPTIONS probes: any status means alive.
-                if let Some(s) = self.pool.load().by_addr(origin.peer()) {
+                // The answer to one of our OPTIONS probes: any status means
+                // alive (from the server it went to, with our MAC).
+                if let Some(s) = self.pool.load().by_addr(origin.peer())
+                    && self.sealed_for(&branch, &Dest::Udp(s.cfg.address))
+                {
                     s.stats
                         .probe_answered
                         .fetch_max(branch.txn, Ordering::Relaxed);
@@ -86,24 +99,31 @@ impl Router {
             (Method::Bye, 200..) => self.sessions.remove(msg.call_id()),
             _ => {}
         }
-        self.relay(msg, status, out);
-        self.stats.response(status);
+        if let Some(dest) = dest {
+            self.relay(msg, dest, status, out);
+            self.stats.response(status);
+        }
+    }
+
+    /// Where a response goes: down the connection named in our Via, else to
+    /// the next Via (RFC 3261 §18.2.2, RFC 3581); never to ourselves.
+    fn response_dest(&self, cfg: &Config, msg: &Message<'_>) -> Option<Dest> {
+        let dest = match crate::codec::parse_conn(msg.top_via().raw) {
+            Some(conn) => Dest::Conn(conn),
+            None => next_hop(&msg.vias().nth(1)?.ok()?)?,
+        };
+        if let Dest::Udp(a) = dest
+            && (cfg.listen.contains(&a) || self.me.ip == Some(a.ip()) && a.port() == self.me.port)
+        {
+            return None;
+        }
+        Some(dest)
     }
 
     /// Sends a response on, our Via removed, with `status` (its own, or
     /// 500 for a 503): down the connection named in our Via, else to the
     /// next Via (RFC 3261 §18.2.2, RFC 3581).
-    pub(super) fn relay(&self, msg: &Message<'_>, status: u16, out: &mut Outbox) {
-        let dest = match crate::codec::parse_conn(msg.top_via().raw) {
-            Some(conn) => Dest::Conn(conn),
-            None => match msg.vias().nth(1) {
-                Some(Ok(next)) => match next_hop(&next) {
-                    Some(d) => d,
-                    None => return self.drop_counted(DropReason::NoRoute, out),
-                },
-                _ => return self.drop_counted(DropReason::NoRoute, out),
-            },
-        };
+    pub(super) fn relay(&self, msg: &Message<'_>, dest: Dest, status: u16, out: &mut Outbox) {
         let code = msg.status().unwrap_or(0);
         out.send_with(dest, |b| {
             let start = b.len();
@@ -117,7 +137,7 @@ impl Router {
 
 /// Where a response goes after the hop whose Via is `v`: `received` (else
 /// the sent-by host), `rport` (else the sent-by port, else 5060).
-fn next_hop(v: &sip::Via<'_>) -> Option<Dest> {
+pub(super) fn next_hop(v: &sip::Via<'_>) -> Option<Dest> {
     let ip = v
         .received
         .and_then(|r| {

@@ -234,6 +234,20 @@ impl ClientTxn {
         }
     }
 
+    /// The origin to forward the stored request as: its inbound connection
+    /// (for `lbc`); the address only stands in (the copy carries its
+    /// `received` already).
+    fn origin_for(&self, peer: std::net::SocketAddr) -> super::Origin {
+        match self.conn {
+            Some(conn) => super::Origin::Conn {
+                peer,
+                conn,
+                inbound: true,
+            },
+            None => super::Origin::Udp { peer },
+        }
+    }
+
     fn current(&self) -> u8 {
         self.tries.len().saturating_sub(1) as u8
     }
@@ -325,16 +339,7 @@ impl Router {
             return;
         };
         let branch = Self::branch(id, Leg::Attempt(t.current()), t.loop_hash);
-        let origin = match t.conn {
-            Some(conn) => super::Origin::Conn {
-                peer: server.cfg.address,
-                conn,
-                inbound: true,
-            },
-            None => super::Origin::Udp {
-                peer: server.cfg.address,
-            },
-        };
+        let origin = t.origin_for(server.cfg.address);
         self.forward_to_server(
             &msg,
             server,
