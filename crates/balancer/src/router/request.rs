@@ -424,7 +424,12 @@ impl Router {
                 self.forward_to_server(msg, &s, Hop::stateless(route.pop), branch, origin, out)
             }
             None if route.pop || msg.routes().next().is_none() => {
-                // No state: every server (a 2xx ACK would carry our sb).
+                // No state: every server (a 2xx ACK would carry our sb). An
+                // amplification of N: limited per source like any request
+                // out of dialog (the ACK of our own 503 never gets here).
+                if !self.within_limit(msg, |l| &l.request, origin, now, out) {
+                    return;
+                }
                 for s in &pool.servers {
                     self.forward_to_server(msg, s, Hop::stateless(route.pop), branch, origin, out);
                 }
