@@ -413,10 +413,31 @@ async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr, admitted: 
     let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
     net.conns.pin().insert(id, tx);
     let (r, mut w) = stream.into_split();
+    let (closing, mut closed) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
-            if w.write_all(&b).await.is_err() {
-                break;
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(b) => {
+                        if w.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                _ = &mut closed => {
+                    // The reader is done: flush what is queued (e.g. our
+                    // 400/513 before the close), then close. (The registry's
+                    // sender may outlive its removal a while: the map frees
+                    // entries lazily, so its drop cannot be the signal.)
+                    while let Ok(b) = rx.try_recv() {
+                        if w.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = w.shutdown().await;
+                    return;
+                }
             }
         }
     });
@@ -426,14 +447,15 @@ async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr, admitted: 
         inbound: true,
     };
     read_stream(net.clone(), r, origin).await;
-    // Dropping the registry's sender lets the writer flush what is queued
-    // (e.g. our 400/513 before the close), then end.
     net.conns.pin().remove(&id);
+    let _ = closing.send(());
+    let abort = writer.abort_handle();
     if tokio::time::timeout(Duration::from_secs(1), writer)
         .await
         .is_err()
     {
         debug!(%peer, "tcp writer did not finish in time");
+        abort.abort();
     }
     drop(admitted);
 }

@@ -36,7 +36,18 @@ impl Router {
         // response is relayed only to the hop its request came from.
         let dest = self.response_dest(cfg, msg);
         if matches!(branch.leg, Leg::Attempt(_) | Leg::Fork(_)) && method != Method::Cancel {
+            // A response to a request that came on a user agent's
+            // connection comes from the server it went to: never from
+            // anyone else (a replayed branch must not reach that stream).
+            let from_pool = match origin {
+                Origin::Conn { inbound: false, .. } => true,
+                Origin::Conn { inbound: true, .. } => false,
+                Origin::Udp { peer } => self.pool.load().by_addr(peer).is_some(),
+            };
             match &dest {
+                Some(Dest::Conn(_)) if !from_pool => {
+                    return self.drop_counted(DropReason::Forged, out);
+                }
                 Some(d) if self.sealed_for(&branch, d) => {}
                 Some(_) => return self.drop_counted(DropReason::Forged, out),
                 None => return self.drop_counted(DropReason::NoRoute, out),
