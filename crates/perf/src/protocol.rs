@@ -414,6 +414,19 @@ impl Session {
         }
     }
 
+    /// One end of a session keyed from `transcript` without a handshake, for
+    /// fuzzing the message layer (`accepting`: the agent's end).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn for_fuzzing(key: &Key, role: &str, transcript: &str, accepting: bool) -> Session {
+        let side = if accepting {
+            Side::Accepting
+        } else {
+            Side::Connecting
+        };
+        Session::new(key, role, transcript, side)
+    }
+
     /// The two halves, for code that frames lines itself.
     #[must_use]
     pub fn split(self) -> (Sealer, Opener) {

@@ -28,6 +28,8 @@
 //! What the core writes and reads back (our branch, the connection
 //! reference, the Record-Route token) is [`crate::codec`].
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod outbox;
 
 mod build;
