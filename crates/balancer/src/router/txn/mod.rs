@@ -370,10 +370,11 @@ impl Router {
             return self.drop_counted(DropReason::Merged, out);
         }
         let Some(cur) = t.tries.last() else { return };
-        if t.invite && !cur.provisional {
-            // Our 100 was lost.
-            self.reply(msg, 100, "Trying", &[], t.reply_to.clone(), out);
-        }
+        // No second 100 of ours here: under load it raced the server's 180
+        // relayed by another socket's task and reached the UA after it (SIPp
+        // counts that as an unexpected message). The server answers the
+        // duplicate with its latest response, in its flow's order.
+        let _ = msg;
         // The server absorbs a duplicate and repeats its last answer.
         if cur.transport == Transport::Udp
             && let Some(s) = self.pool.load().by_id(&cur.server)
