@@ -601,11 +601,18 @@ async fn a_sample_altered_on_the_path_is_refused_and_never_reaches_the_table() {
     );
     assert!((t.get("s1").unwrap().sample.unwrap().cpu - 0.2).abs() < 1e-9);
 
+    let before = t.get("s1").unwrap().sample.unwrap().seq;
     mitm.set(Attack::Relay);
+    // Up again with a fresh sample (the table keeps the last good one while
+    // the agent is down, so "up" alone may still show the old one).
     until(&shared, Duration::from_secs(10), "s1 up again", |t| {
         cpu_is(t, 0.2)
+            && t.get("s1")
+                .is_some_and(|e| e.sample.is_some_and(|s| s.seq > before))
     })
     .await;
+    // Let the watcher see it too.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     watcher.abort();
     let seen = seen.lock().unwrap();
     assert!(seen.len() >= 2, "before and after: {seen:?}");
