@@ -32,7 +32,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// At most this many tests place SIPp load (hundreds of calls at a rate,
 /// shares of the draw, the kill.py runs) at once.
-const HEAVY: usize = 2;
+const HEAVY: usize = 1;
 static HEAVY_RUNNING: Mutex<usize> = Mutex::new(0);
 static HEAVY_FREED: Condvar = Condvar::new();
 
