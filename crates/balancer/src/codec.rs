@@ -345,15 +345,7 @@ impl Keys {
     /// The server id of a valid `sb` value, checked in constant time.
     #[must_use]
     pub fn verify_sb<'a>(&self, sb: &'a [u8]) -> Option<&'a str> {
-        let dot = sb.iter().rposition(|&b| b == b'.')?;
-        let (id, mac_hex) = sb.split_at_checked(dot)?;
-        let id = std::str::from_utf8(id).ok()?;
-        let mac_hex = mac_hex.get(1..)?;
-        if mac_hex.len() != SB_HEX {
-            return None;
-        }
-        let mut mac = [0u8; SB_HEX / 2];
-        hex::decode_to_slice(mac_hex, &mut mac).ok()?;
+        let (id, mac) = split_sb(sb)?;
         self.sb_mac(id).verify_truncated_left(&mac).ok()?;
         Some(id)
     }
@@ -375,15 +367,7 @@ impl Keys {
     /// ([`Keys::write_sb_bound`]), checked in constant time.
     #[must_use]
     pub fn verify_sb_bound<'a>(&self, sb: &'a [u8], call_id: &[u8]) -> Option<&'a str> {
-        let dot = sb.iter().rposition(|&b| b == b'.')?;
-        let (id, mac_hex) = sb.split_at_checked(dot)?;
-        let id = std::str::from_utf8(id).ok()?;
-        let mac_hex = mac_hex.get(1..)?;
-        if mac_hex.len() != SB_HEX {
-            return None;
-        }
-        let mut mac = [0u8; SB_HEX / 2];
-        hex::decode_to_slice(mac_hex, &mut mac).ok()?;
+        let (id, mac) = split_sb(sb)?;
         self.sb_bound_mac(id, call_id)
             .verify_truncated_left(&mac)
             .ok()?;
@@ -406,6 +390,21 @@ impl Keys {
             .chain_update(b"siplb-sb ")
             .chain_update(server.as_bytes())
     }
+}
+
+/// An `sb` value's server id and MAC bytes (`<id>.<16 hex>`, the last `.`
+/// ends the id), before any check of the MAC.
+fn split_sb(sb: &[u8]) -> Option<(&str, [u8; SB_HEX / 2])> {
+    let dot = sb.iter().rposition(|&b| b == b'.')?;
+    let (id, mac_hex) = sb.split_at_checked(dot)?;
+    let id = std::str::from_utf8(id).ok()?;
+    let mac_hex = mac_hex.get(1..)?;
+    if mac_hex.len() != SB_HEX {
+        return None;
+    }
+    let mut mac = [0u8; SB_HEX / 2];
+    hex::decode_to_slice(mac_hex, &mut mac).ok()?;
+    Some((id, mac))
 }
 
 /// Appends the low `digits` hex digits of `v`, lower-case, most significant first.
