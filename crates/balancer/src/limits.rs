@@ -74,20 +74,45 @@ impl Buckets {
         &self.slots[i]
     }
 
+    /// Milli-tokens in a bucket last refilled at `at` with `tokens`, at `now`.
+    fn refilled(&self, tokens: u64, at: u32, now: u32) -> u64 {
+        let burst = (self.rate.burst * MILLI as f64) as u64;
+        let elapsed = now.wrapping_sub(at);
+        // A time "in the future" (two threads racing): no refill.
+        let elapsed = if elapsed > u32::MAX / 2 { 0 } else { elapsed };
+        let refill = (f64::from(elapsed) * self.rate.per_second) as u64;
+        (tokens + refill).min(burst)
+    }
+
+    /// Whether `ip`'s bucket has a token at `now_ms`, taking none (a source
+    /// is refused while it has spent its budget of failures).
+    #[must_use]
+    pub fn available(&self, ip: IpAddr, now_ms: u64) -> bool {
+        let (tokens, at) = unpack(self.slot(ip).load(Ordering::Relaxed));
+        self.refilled(tokens, at, now_ms as u32) >= MILLI
+    }
+
+    /// Seconds until `ip`'s bucket has a token again (0 when it has one).
+    #[must_use]
+    pub fn wait_seconds(&self, ip: IpAddr, now_ms: u64) -> u64 {
+        let (tokens, at) = unpack(self.slot(ip).load(Ordering::Relaxed));
+        let missing = MILLI.saturating_sub(self.refilled(tokens, at, now_ms as u32));
+        if missing == 0 || self.rate.per_second <= 0.0 {
+            return 0;
+        }
+        // per_second milli-tokens a millisecond.
+        ((missing as f64 / self.rate.per_second) / 1000.0).ceil() as u64
+    }
+
     /// Takes one token from `ip`'s bucket at `now_ms`; `false` when it has
     /// none left (the request is over the limit).
     pub fn take(&self, ip: IpAddr, now_ms: u64) -> bool {
         let slot = self.slot(ip);
-        let burst = (self.rate.burst * MILLI as f64) as u64;
         let now = now_ms as u32;
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
             let (tokens, at) = unpack(cur);
-            let elapsed = now.wrapping_sub(at);
-            // A time "in the future" (two threads racing): no refill.
-            let elapsed = if elapsed > u32::MAX / 2 { 0 } else { elapsed };
-            let refill = (f64::from(elapsed) * self.rate.per_second) as u64;
-            let tokens = (tokens + refill).min(burst);
+            let tokens = self.refilled(tokens, at, now);
             let (next, ok) = if tokens >= MILLI {
                 (pack(tokens - MILLI, now), true)
             } else {
@@ -119,6 +144,10 @@ pub struct Limiter {
     /// Other out-of-dialog requests (MESSAGE, OPTIONS, CANCEL, an ACK with
     /// no state...).
     pub request: Buckets,
+    /// Failed authentications (a request with credentials answered 401 or
+    /// 407): a source that has spent this budget has its requests with
+    /// credentials refused until it refills (password guessing).
+    pub auth_failure: Buckets,
     /// Our 503s to requests over a limit.
     pub reject: Buckets,
     /// The settings they were built from.
@@ -135,6 +164,7 @@ impl Limiter {
             register: b(cfg.register, 2),
             request: b(cfg.request, 3),
             reject: b(cfg.reject, 4),
+            auth_failure: b(cfg.auth_failure, 5),
             cfg: cfg.clone(),
         }
     }
@@ -245,6 +275,29 @@ mod tests {
         assert!(b.take(a, near + 10), "past 2^32 ms");
         // A time slightly in the past (threads racing) refills nothing.
         assert!(!b.take(a, near + 5));
+    }
+
+    #[test]
+    fn a_budget_of_failures_is_looked_at_without_spending_it() {
+        let b = Buckets::new(
+            16,
+            Rate {
+                per_second: 0.5,
+                burst: 2.0,
+            },
+            (7, 8),
+        );
+        let a = ip("192.0.2.1");
+        let t = 1_000_000;
+        assert!(b.available(a, t));
+        assert!(b.available(a, t), "looking takes nothing");
+        assert!(b.take(a, t) && b.take(a, t));
+        assert!(!b.available(a, t));
+        assert_eq!(b.wait_seconds(a, t), 2, "one token in 2 s at 0.5/s");
+        assert!(!b.available(a, t + 1_999));
+        assert!(b.available(a, t + 2_000));
+        assert_eq!(b.wait_seconds(a, t + 2_000), 0);
+        assert!(b.available(ip("192.0.2.2"), t), "others keep theirs");
     }
 
     #[test]

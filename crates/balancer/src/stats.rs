@@ -70,6 +70,10 @@ pub enum DropReason {
     /// A request over its source's limit (`[limits]`), dropped (or answered
     /// 503: then counted as a local response).
     RateLimited,
+    /// A request with credentials from a source that has spent its budget
+    /// of failed authentications (`limits.auth_failure_*`), dropped (or
+    /// answered 503: then counted as a local response too).
+    AuthFailures,
     /// A response that ends here by design: a server's `100 Trying` (hop by
     /// hop), the answer to a CANCEL we answered ourselves, late answers of
     /// an attempt given up, answers to our own ACK/BYE.
@@ -77,7 +81,7 @@ pub enum DropReason {
 }
 
 /// All drop reasons, with their metric labels.
-pub const DROPS: [(DropReason, &str); 11] = [
+pub const DROPS: [(DropReason, &str); 12] = [
     (DropReason::Unparseable, "unparseable"),
     (DropReason::ViaNotOurs, "via_not_ours"),
     (DropReason::NoRoute, "no_route"),
@@ -89,6 +93,7 @@ pub const DROPS: [(DropReason, &str); 11] = [
     (DropReason::Absorbed, "absorbed"),
     (DropReason::Forged, "forged_response"),
     (DropReason::RateLimited, "rate_limited"),
+    (DropReason::AuthFailures, "auth_failures"),
 ];
 
 /// Why an inbound connection was refused or closed by us.

@@ -61,6 +61,12 @@ pub enum HeaderName {
     Expires,
     /// `Retry-After`
     RetryAfter,
+    /// `Authorization`
+    Authorization,
+    /// `Proxy-Authorization`
+    ProxyAuthorization,
+    /// `Path` (RFC 3327)
+    Path,
     /// Any other header.
     Other,
 }
@@ -102,7 +108,7 @@ impl HeaderName {
         let candidates: &[(&[u8], HeaderName)] = match name.len() {
             2 => &[(b"to", To)],
             3 => &[(b"via", Via)],
-            4 => &[(b"from", From), (b"cseq", CSeq)],
+            4 => &[(b"from", From), (b"cseq", CSeq), (b"path", Path)],
             5 => &[(b"route", Route), (b"event", Event)],
             7 => &[
                 (b"call-id", CallId),
@@ -123,6 +129,7 @@ impl HeaderName {
             13 => &[
                 (b"proxy-require", ProxyRequire),
                 (b"identity-info", IdentityInfo),
+                (b"authorization", Authorization),
             ],
             14 => &[
                 (b"content-length", ContentLength),
@@ -131,7 +138,10 @@ impl HeaderName {
             ],
             15 => &[(b"session-expires", SessionExpires)],
             16 => &[(b"content-encoding", ContentEncoding)],
-            19 => &[(b"request-disposition", RequestDisposition)],
+            19 => &[
+                (b"request-disposition", RequestDisposition),
+                (b"proxy-authorization", ProxyAuthorization),
+            ],
             _ => return Other,
         };
         // The literals are letters and '-', so OR-ing 0x20 into the name
@@ -175,6 +185,9 @@ impl HeaderName {
             Identity => "Identity",
             Expires => "Expires",
             RetryAfter => "Retry-After",
+            Authorization => "Authorization",
+            ProxyAuthorization => "Proxy-Authorization",
+            Path => "Path",
             Other => "extension header",
         }
     }
@@ -197,6 +210,9 @@ mod tests {
             (b"record-route", RecordRoute),
             (b"m", Contact),
             (b"x", SessionExpires),
+            (b"Authorization", Authorization),
+            (b"PROXY-authorization", ProxyAuthorization),
+            (b"Path", Path),
             (b"q", Other),
             (b"NewFangledHeader", Other),
             (b"Vias", Other),

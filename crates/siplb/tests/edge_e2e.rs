@@ -583,7 +583,8 @@ fn call(ua: &Ua, servers: &[Peer], bye: bool) -> (usize, Msg, Msg) {
 }
 
 /// A SIP server that answers by itself on its own thread (200 to every
-/// request but ACK), counting the requests it gets by method.
+/// request but ACK; with `challenge`, a REGISTER without the right
+/// credentials gets 401), counting the requests it gets by method.
 struct AutoServer {
     addr: SocketAddr,
     counts: Arc<Mutex<HashMap<String, u64>>>,
@@ -593,6 +594,16 @@ struct AutoServer {
 
 impl AutoServer {
     fn start() -> AutoServer {
+        AutoServer::start_with(false)
+    }
+
+    /// A registrar that challenges: 200 only to a REGISTER whose
+    /// Authorization says `response="right"`, else 401.
+    fn challenging() -> AutoServer {
+        AutoServer::start_with(true)
+    }
+
+    fn start_with(challenge: bool) -> AutoServer {
         let sock = UdpSocket::bind((LOCAL, 0)).unwrap();
         sock.set_read_timeout(Some(ms(50))).unwrap();
         let addr = sock.local_addr().unwrap();
@@ -612,7 +623,23 @@ impl AutoServer {
                 };
                 let Some(method) = m.method() else { continue };
                 *c.lock().unwrap().entry(method.to_owned()).or_insert(0) += 1;
-                if method != "ACK" {
+                if method == "REGISTER" && m.header("authorization").is_some() {
+                    *c.lock()
+                        .unwrap()
+                        .entry("REGISTER+credentials".into())
+                        .or_insert(0) += 1;
+                }
+                let right = m
+                    .header("authorization")
+                    .is_some_and(|a| a.contains("response=\"right\""));
+                if challenge && method == "REGISTER" && !right {
+                    let r = response_to(&m, 401, "Unauthorized", &tag, addr).replacen(
+                        "Content-Length: 0",
+                        "WWW-Authenticate: Digest realm=\"test\", nonce=\"n\"\r\nContent-Length: 0",
+                        1,
+                    );
+                    let _ = sock.send_to(r.as_bytes(), from);
+                } else if method != "ACK" {
                     let r = response_to(&m, 200, "OK", &tag, addr);
                     let _ = sock.send_to(r.as_bytes(), from);
                 }
@@ -1624,6 +1651,138 @@ fn a_register_flood_from_one_source_does_not_hurt_others() {
         problems.push(format!(
             "the flooder got {ok} 200s (and {rejected} 503s): past the limit it must get \
              503s or nothing"
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A REGISTER sent from `sock` to the balancer with the Authorization
+/// `response` given (none: no credentials); its final status, if any came
+/// within `within`.
+fn register_once(
+    sock: &UdpSocket,
+    lb: SocketAddr,
+    user: &str,
+    n: u64,
+    response: Option<&str>,
+    within: Duration,
+) -> Option<u16> {
+    let me = sock.local_addr().unwrap();
+    let auth = response.map_or(String::new(), |r| {
+        format!(
+            "Authorization: Digest username=\"{user}\", realm=\"test\", nonce=\"n\", \
+             uri=\"sip:127.0.0.1\", response=\"{r}\"\r\n"
+        )
+    });
+    let call_id = format!("{user}-{n}-{}", std::process::id());
+    let msg = format!(
+        "REGISTER sip:127.0.0.1:{} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {me};branch=z9hG4bK{user}{n};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:{user}@127.0.0.1>;tag={user}\r\n\
+         To: <sip:{user}@127.0.0.1>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: {} REGISTER\r\n\
+         Contact: <sip:{user}@{me}>\r\n\
+         {auth}Expires: 60\r\n\
+         Content-Length: 0\r\n\r\n",
+        lb.port(),
+        n + 1
+    );
+    sock.send_to(msg.as_bytes(), lb).ok()?;
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 65536];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        sock.set_read_timeout(Some(left.max(ms(1)))).unwrap();
+        let Ok(k) = sock.recv(&mut buf) else { break };
+        let text = String::from_utf8_lossy(&buf[..k]);
+        if !text.contains(&call_id) {
+            continue;
+        }
+        if let Some(code) = text.get(8..11).and_then(|c| c.parse::<u16>().ok())
+            && code >= 200
+        {
+            return Some(code);
+        }
+    }
+    None
+}
+
+#[test]
+fn password_guessing_is_refused_past_its_budget_of_failures() {
+    let _heavy = heavy();
+    let a = AutoServer::challenging();
+    let b = AutoServer::challenging();
+    let lb = Balancer::start(
+        &[a.addr.port(), b.addr.port()],
+        Setup {
+            sections: "[limits]\nauth_failure_rate = 1\nauth_failure_burst = 10\nreject_rate = 1000\n\
+                       # loopback is exempt by default; this test guesses from it\nallow = []\n",
+            log: "warn",
+            ..Setup::default()
+        },
+    );
+    // A guesser (svcrack's pattern): REGISTER after REGISTER with wrong
+    // credentials, 400 of them as fast as the answers come.
+    let guesser = UdpSocket::bind((LOCAL, 0)).unwrap();
+    let start = Instant::now();
+    let mut codes: HashMap<Option<u16>, u64> = HashMap::new();
+    for n in 0..400u64 {
+        let c = register_once(
+            &guesser,
+            lb.sip,
+            "guess",
+            n,
+            Some(&format!("wrong{n}")),
+            ms(500),
+        );
+        *codes.entry(c).or_insert(0) += 1;
+    }
+    let took = start.elapsed();
+    // A phone at another address meanwhile: challenged, then registered.
+    let phone = UdpSocket::bind((LOCAL2, 0)).unwrap();
+    let mut phone_codes = Vec::new();
+    for n in 0..20u64 {
+        phone_codes.push(register_once(
+            &phone,
+            lb.sip,
+            "phone",
+            2 * n,
+            None,
+            ms(1000),
+        ));
+        phone_codes.push(register_once(
+            &phone,
+            lb.sip,
+            "phone",
+            2 * n + 1,
+            Some("right"),
+            ms(1000),
+        ));
+    }
+    let mut problems = Vec::new();
+    let allowed = 10 + took.as_secs() + 3;
+    for (name, s) in [("s1", &a), ("s2", &b)] {
+        let n = s.count("REGISTER+credentials");
+        // The guesser's tries, plus the phone's 20 right ones.
+        if n > allowed + 20 {
+            problems.push(format!(
+                "{name} got {n} REGISTERs with credentials in {took:?} \
+                 (auth_failure_burst 10 + 1/s: at most {allowed} guesses + 20 of the phone)"
+            ));
+        }
+    }
+    let refused =
+        codes.get(&Some(503)).copied().unwrap_or(0) + codes.get(&None).copied().unwrap_or(0);
+    if refused < 300 {
+        problems.push(format!(
+            "the guesser was refused {refused} times of 400: {codes:?}"
+        ));
+    }
+    let expected: Vec<Option<u16>> = (0..20).flat_map(|_| [Some(401), Some(200)]).collect();
+    if phone_codes != expected {
+        problems.push(format!(
+            "a phone at another address, challenged then right, got {phone_codes:?}"
         ));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

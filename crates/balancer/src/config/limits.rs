@@ -27,6 +27,8 @@ pub(super) struct LimitsSection {
     request_rate: f64,
     request_burst: f64,
     reject_rate: f64,
+    auth_failure_rate: f64,
+    auth_failure_burst: f64,
     over_limit: OverLimit,
     allow: Vec<String>,
     slots: usize,
@@ -43,6 +45,10 @@ impl Default for LimitsSection {
             request_rate: 1000.0,
             request_burst: 2000.0,
             reject_rate: 10.0,
+            // A phone with a wrong password retries once per registration
+            // interval; a guesser thousands of times a minute.
+            auth_failure_rate: 0.2,
+            auth_failure_burst: 30.0,
             over_limit: OverLimit::Reject,
             // The host itself (test tools, a local SBC) is not the internet.
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
@@ -64,6 +70,9 @@ pub struct LimitsConfig {
     pub request: crate::limits::Rate,
     /// Our `503`s for requests over a limit, per source; past it, drops.
     pub reject: crate::limits::Rate,
+    /// Failed authentications (401/407 to a request with credentials) per
+    /// source; past it, requests with credentials are refused.
+    pub auth_failure: crate::limits::Rate,
     /// Over a limit: reject or drop.
     pub over_limit: OverLimit,
     /// Sources exempt (pool servers always are).
@@ -119,6 +128,7 @@ pub(super) fn limits_config(l: &LimitsSection) -> Result<LimitsConfig, ConfigErr
         register: rate("register", l.register_rate, l.register_burst)?,
         request: rate("request", l.request_rate, l.request_burst)?,
         reject: rate("reject", l.reject_rate, l.reject_rate.max(1.0))?,
+        auth_failure: rate("auth_failure", l.auth_failure_rate, l.auth_failure_burst)?,
         over_limit: l.over_limit,
         allow: crate::limits::AllowList(allow),
         slots: l.slots,

@@ -35,6 +35,9 @@ pub(super) struct Fork {
     /// Every leg settled: the entry only answers retransmissions until
     /// then (ms).
     linger_until: Option<u64>,
+    /// The REGISTER carried credentials from this source: a merged 401/407
+    /// spends one of its failed authentications.
+    auth_from: Option<std::net::IpAddr>,
 }
 
 impl Fork {
@@ -96,7 +99,9 @@ impl Router {
             return self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
         }
         let loop_hash = self.loop_hash(msg);
-        if targets.len() == 1 {
+        let auth_from = self.credentials_from(msg, origin);
+        // One server and no credentials to account for: stateless.
+        if targets.len() == 1 && auth_from.is_none() {
             let branch = Self::branch(id, Leg::Attempt(0), loop_hash);
             return self.forward_to_server(
                 msg,
@@ -120,6 +125,7 @@ impl Router {
             done: false,
             answer: None,
             linger_until: None,
+            auth_from,
         };
         let fork = Arc::new(std::sync::Mutex::new(fork));
         let mut guard = fork
@@ -203,6 +209,7 @@ impl Router {
             match merge::best(&codes) {
                 Some(i) => {
                     let bytes = merge_challenges(&f.finals, i);
+                    self.auth_failed(f.auth_from, f.finals[i].0, now);
                     self.stats.response(merge::outgoing_status(f.finals[i].0));
                     out.send(f.reply_to.clone(), &bytes);
                     f.answer = Some(bytes);

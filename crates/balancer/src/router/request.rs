@@ -119,6 +119,12 @@ impl Router {
         {
             return;
         }
+        if method != Method::Ack
+            && method != Method::Cancel
+            && !self.may_authenticate(msg, origin, now, out)
+        {
+            return;
+        }
         match method {
             Method::Ack => return self.ack(msg, &pool, route, origin, now, out),
             Method::Cancel => return self.cancel(msg, &pool, route, origin, now, out),
@@ -225,19 +231,97 @@ impl Router {
         if kind(&limiter).take(ip, ms) {
             return true;
         }
-        self.drop_counted(DropReason::RateLimited, out);
+        self.refuse(&limiter, msg, origin, ms, DropReason::RateLimited, 1, out);
+        false
+    }
+
+    /// Whether a request may carry credentials from its source: `false`
+    /// (refused like a request over a limit) when the source has spent its
+    /// budget of failed authentications (`limits.auth_failure_*`: password
+    /// guessing, svcrack). A request without credentials always may (its
+    /// challenge costs the guesser nothing it can use).
+    fn may_authenticate(
+        &self,
+        msg: &Message<'_>,
+        origin: Origin,
+        now: Now,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(ip) = self.credentials_from(msg, origin) else {
+            return true;
+        };
+        let limiter = self.limiter.load();
+        let ms = self.ms(now);
+        if limiter.auth_failure.available(ip, ms) {
+            return true;
+        }
+        let wait = limiter.auth_failure.wait_seconds(ip, ms).max(1);
+        self.refuse(
+            &limiter,
+            msg,
+            origin,
+            ms,
+            DropReason::AuthFailures,
+            wait,
+            out,
+        );
+        false
+    }
+
+    /// The source address to charge when this request's challenge comes
+    /// back: a request with credentials (Authorization, Proxy-Authorization)
+    /// from a source the limits apply to.
+    pub(super) fn credentials_from(
+        &self,
+        msg: &Message<'_>,
+        origin: Origin,
+    ) -> Option<std::net::IpAddr> {
+        if msg.header(HeaderName::Authorization).is_none()
+            && msg.header(HeaderName::ProxyAuthorization).is_none()
+        {
+            return None;
+        }
+        let limiter = self.limiter.load();
+        let ip = origin.peer().ip();
+        (limiter.cfg.enabled && !limiter.cfg.allow.contains(ip)).then_some(ip)
+    }
+
+    /// A 401 or 407 answered a request with credentials from `ip`: one
+    /// failure spent from its budget.
+    pub(super) fn auth_failed(&self, ip: Option<std::net::IpAddr>, code: u16, now: Now) {
+        if let Some(ip) = ip
+            && matches!(code, 401 | 407)
+        {
+            let _ = self.limiter.load().auth_failure.take(ip, self.ms(now));
+        }
+    }
+
+    /// A request refused by a limit: counted; answered 503 with
+    /// `Retry-After` (our answers themselves limited per source) unless the
+    /// limits say drop.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &self,
+        limiter: &crate::limits::Limiter,
+        msg: &Message<'_>,
+        origin: Origin,
+        ms: u64,
+        reason: DropReason,
+        retry_after: u64,
+        out: &mut Outbox,
+    ) {
+        self.drop_counted(reason, out);
+        let ip = origin.peer().ip();
         if limiter.cfg.over_limit == crate::config::OverLimit::Reject && limiter.reject.take(ip, ms)
         {
-            self.reply(
-                msg,
-                503,
-                "Service Unavailable (rate limited)",
-                &[b"Retry-After: 1"],
-                origin.reply_dest(),
-                out,
-            );
+            let ra = format!("Retry-After: {retry_after}");
+            let why = if reason == DropReason::AuthFailures {
+                "Service Unavailable (too many failed authentications)"
+            } else {
+                "Service Unavailable (rate limited)"
+            };
+            self.reply(msg, 503, why, &[ra.as_bytes()], origin.reply_dest(), out);
         }
-        false
     }
 
     /// A server for a new session, or our refusal (503, or a counted drop)
@@ -348,6 +432,8 @@ impl Router {
             self.loop_hash(msg),
             ms,
         );
+        let mut t = t;
+        t.auth_from = self.credentials_from(msg, origin);
         let t = Arc::new(std::sync::Mutex::new(t));
         let mut guard = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.txns.pin().try_insert(id, t.clone()).is_err() {

@@ -173,6 +173,9 @@ pub(super) struct ClientTxn {
     /// A CANCEL or BYE of ours may still be retransmitted until then (ms):
     /// the entry stays while one waits for its answer.
     own_until_ms: u64,
+    /// The request carried credentials from this source: a 401/407 final
+    /// spends one of its failed authentications (`limits.auth_failure_*`).
+    pub auth_from: Option<std::net::IpAddr>,
 }
 
 /// What the UA's ACK belongs to.
@@ -214,6 +217,7 @@ impl ClientTxn {
             created_ms: now_ms,
             expires_ms: u64::MAX,
             own_until_ms: 0,
+            auth_from: None,
         }
     }
 
@@ -495,6 +499,7 @@ impl Router {
         t.phase = Phase::Completed;
         t.best = None;
         t.expires_ms = self.ms(now) + t.linger_ms();
+        self.auth_failed(t.auth_from, code, now);
         if t.invite && (200..300).contains(&code) {
             // Its ACK is a transaction of its own; the entry stays (Timer L)
             // so that a late 2xx from another attempt is ACKed and BYEd, and
