@@ -74,6 +74,9 @@ pub enum DropReason {
     /// of failed authentications (`limits.auth_failure_*`), dropped (or
     /// answered 503: then counted as a local response too).
     AuthFailures,
+    /// A new transaction refused (503) because `routing.max_transactions`
+    /// are held.
+    TransactionTableFull,
     /// A response that ends here by design: a server's `100 Trying` (hop by
     /// hop), the answer to a CANCEL we answered ourselves, late answers of
     /// an attempt given up, answers to our own ACK/BYE.
@@ -81,7 +84,7 @@ pub enum DropReason {
 }
 
 /// All drop reasons, with their metric labels.
-pub const DROPS: [(DropReason, &str); 12] = [
+pub const DROPS: [(DropReason, &str); 13] = [
     (DropReason::Unparseable, "unparseable"),
     (DropReason::ViaNotOurs, "via_not_ours"),
     (DropReason::NoRoute, "no_route"),
@@ -94,6 +97,7 @@ pub const DROPS: [(DropReason, &str); 12] = [
     (DropReason::Forged, "forged_response"),
     (DropReason::RateLimited, "rate_limited"),
     (DropReason::AuthFailures, "auth_failures"),
+    (DropReason::TransactionTableFull, "transaction_table_full"),
 ];
 
 /// Why an inbound connection was refused or closed by us.

@@ -235,6 +235,7 @@ pub fn loopback_config(
         on_no_server: OnNoServer::Reject,
         retry_after: 5,
         max_sessions: 10_000,
+        max_transactions: 10_000,
         session_idle_timeout: Duration::from_secs(3600),
         failover_timeout: Duration::from_millis(500),
         invite_timeout: Duration::from_secs(181),

@@ -128,6 +128,7 @@ struct RoutingSection {
     on_no_server: OnNoServer,
     retry_after: u32,
     max_sessions: usize,
+    max_transactions: usize,
     session_idle_timeout: String,
     failover_timeout: String,
     invite_timeout: String,
@@ -156,6 +157,7 @@ impl Default for RoutingSection {
             on_no_server: OnNoServer::Reject,
             retry_after: 5,
             max_sessions: 100_000,
+            max_transactions: 100_000,
             session_idle_timeout: "1h".into(),
             failover_timeout: "500ms".into(),
             invite_timeout: "181s".into(),
@@ -314,6 +316,9 @@ pub struct Config {
     pub retry_after: u32,
     /// Session table bound.
     pub max_sessions: usize,
+    /// Bound on the transactions we hold (new sessions' first transactions
+    /// and REGISTER forks); past it a new one is answered 503.
+    pub max_transactions: usize,
     /// A session with no message this long leaves the table.
     pub session_idle_timeout: Duration,
     /// No response to a new INVITE within this: try another server.
@@ -478,6 +483,9 @@ impl Config {
         }
         if r.max_sessions == 0 {
             return err("routing.max_sessions", "must be at least 1");
+        }
+        if r.max_transactions == 0 {
+            return err("routing.max_transactions", "must be at least 1");
         }
         if !(1..=16).contains(&r.max_attempts) {
             return err("routing.max_attempts", "between 1 and 16");
@@ -651,6 +659,7 @@ impl Config {
             on_no_server: r.on_no_server,
             retry_after: r.retry_after,
             max_sessions: r.max_sessions,
+            max_transactions: r.max_transactions,
             session_idle_timeout: duration(
                 "routing.session_idle_timeout",
                 &r.session_idle_timeout,

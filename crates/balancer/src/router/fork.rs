@@ -112,6 +112,9 @@ impl Router {
                 out,
             );
         }
+        if !self.room_for_transaction(cfg, msg, back.clone(), out) {
+            return;
+        }
         let mut base = Vec::with_capacity(msg.as_bytes().len() + 64);
         self.write_processed(msg, pop_route, origin, &mut base);
         let Ok(processed) = Message::parse(&base) else {

@@ -324,6 +324,31 @@ impl Router {
         }
     }
 
+    /// Whether one more transaction may be held (`routing.max_transactions`);
+    /// else the request is answered 503 and counted.
+    pub(super) fn room_for_transaction(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        back: Dest,
+        out: &mut Outbox,
+    ) -> bool {
+        if self.txns.len() + self.forks.len() < cfg.max_transactions {
+            return true;
+        }
+        self.drop_counted(DropReason::TransactionTableFull, out);
+        let ra = format!("Retry-After: {}", cfg.retry_after);
+        self.reply(
+            msg,
+            503,
+            "Service Unavailable (too many transactions)",
+            &[ra.as_bytes()],
+            back,
+            out,
+        );
+        false
+    }
+
     /// A server for a new session, or our refusal (503, or a counted drop)
     /// when there is none. `prefer` is tried first when usable.
     #[allow(clippy::too_many_arguments)]
@@ -387,6 +412,9 @@ impl Router {
         }
         let ms = self.ms(now);
         let back = origin.reply_dest();
+        if !self.room_for_transaction(cfg, msg, back.clone(), out) {
+            return;
+        }
         // The server of the session first (a request re-sent with the
         // credentials its challenge asked for), else a draw.
         let prefer = route.target.clone().or_else(|| {
