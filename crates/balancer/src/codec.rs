@@ -24,7 +24,18 @@
 //! conn-param = ";lbc=" 1*20DIGIT  ; a Via parameter: inbound connection id (u64)
 //! sb-value   = server-id "." 16HEXDIG ; in our Record-Route: <sip:HOST:PORT;lr;sb=sb-value>
 //! server-id  = *OCTET             ; UTF-8, the configured id; the last "." ends it
+//!
+//! flow-value = flow-body "." 16LHEX   ; in our Record-Route and Path: ;flow=flow-value
+//! flow-body  = "c" 16LHEX             ; a connection the UA opened (id, u64)
+//!            / "4" 8LHEX 4LHEX        ; a UDP flow: IPv4 address and port
+//!            / "6" 32LHEX 4LHEX       ; a UDP flow: IPv6 address and port
 //! ```
+//!
+//! The flow MAC is SipHash-2-4 keyed with the first 16 bytes of
+//! HMAC-SHA256(secret, `"siplb-flow-mac"`) over the body (length-prefixed)
+//! and the flow's peer address (IP octets, port LE): for a connection, the
+//! address it came from, so a token of a closed connection does not name a
+//! later connection that got the same id.
 //!
 //! The `sb` MAC is written lower-case and read in either case, as before.
 //!
@@ -98,6 +109,7 @@
 //!   longest transaction (Timer C for INVITEs) first.
 
 use std::hash::Hasher;
+use std::net::SocketAddr;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -243,6 +255,54 @@ pub fn write_conn(conn: u64, out: &mut impl Sink) {
     put_dec(out, conn);
 }
 
+/// A flow (RFC 5626 §5.2): how a user agent is reached again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// The connection it opened to us (the shell's id).
+    Conn(u64),
+    /// Its address as our UDP socket saw it (its NAT binding).
+    Udp(SocketAddr),
+}
+
+/// A flow token's body, on the stack.
+#[derive(Default)]
+struct FlowText(smallvec::SmallVec<[u8; 40]>);
+
+impl FlowText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Sink for FlowText {
+    fn put(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+}
+
+fn put_hex_bytes(out: &mut impl Sink, bytes: &[u8]) {
+    for &b in bytes {
+        out.put(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+    }
+}
+
+/// `N` bytes from exactly `2N` lower-case hex digits.
+fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
+    if text.len() != 2 * N {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = (digit(text[2 * i])? << 4) | digit(text[2 * i + 1])?;
+    }
+    Some(out)
+}
+
 /// Finds lbc=N among the ;-params of a raw Via value (as proxy.rs lbc() does today).
 #[must_use]
 pub fn parse_conn(via_value: &[u8]) -> Option<u64> {
@@ -271,6 +331,8 @@ pub struct Keys {
     hash: SipHasher24,
     /// SipHash-2-4 keyed for [`Keys::branch_mac`].
     branch: SipHasher24,
+    /// SipHash-2-4 keyed for the flow token's MAC.
+    flow: SipHasher24,
 }
 
 impl std::fmt::Debug for Keys {
@@ -293,6 +355,7 @@ impl Keys {
         Keys {
             hash: derive(b"siplb-hash-key"),
             branch: derive(b"siplb-branch-mac"),
+            flow: derive(b"siplb-flow-mac"),
             sb,
         }
     }
@@ -319,6 +382,95 @@ impl Keys {
         h.write(&loop_hash.to_le_bytes());
         h.write(&(next_hop.len() as u64).to_le_bytes());
         h.write(next_hop);
+        h.finish()
+    }
+
+    /// Writes the flow token of `flow` (RFC 5626 §5.2): the `flow` parameter's
+    /// value in our Record-Route and Path. A connection is bound to its peer
+    /// address too (`peer`), so a token of a closed connection never names
+    /// a later one that got the same id.
+    pub fn write_flow(&self, flow: Flow, peer: SocketAddr, out: &mut impl Sink) {
+        let mut body = FlowText::default();
+        match flow {
+            Flow::Conn(id) => {
+                body.put(b"c");
+                put_hex_bytes(&mut body, &id.to_be_bytes());
+            }
+            Flow::Udp(a) => {
+                match a.ip() {
+                    std::net::IpAddr::V4(ip) => {
+                        body.put(b"4");
+                        put_hex_bytes(&mut body, &ip.octets());
+                    }
+                    std::net::IpAddr::V6(ip) => {
+                        body.put(b"6");
+                        put_hex_bytes(&mut body, &ip.octets());
+                    }
+                }
+                put_hex_bytes(&mut body, &a.port().to_be_bytes());
+            }
+        }
+        out.put(body.as_bytes());
+        out.put(b".");
+        put_hex_bytes(out, &self.flow_mac(body.as_bytes(), peer).to_be_bytes());
+    }
+
+    /// The flow a token names, unchecked: its MAC is checked by
+    /// [`Keys::verify_flow`] against the peer the flow has now.
+    #[must_use]
+    pub fn parse_flow(token: &[u8]) -> Option<Flow> {
+        let dot = token.iter().rposition(|&b| b == b'.')?;
+        let (body, mac) = (&token[..dot], &token[dot + 1..]);
+        if mac.len() != 16 {
+            return None;
+        }
+        let (&kind, rest) = body.split_first()?;
+        match kind {
+            b'c' => Some(Flow::Conn(u64::from_be_bytes(unhex::<8>(rest)?))),
+            b'4' if rest.len() == 12 => {
+                let ip: [u8; 4] = unhex(&rest[..8])?;
+                let port: [u8; 2] = unhex(&rest[8..])?;
+                Some(Flow::Udp(SocketAddr::new(
+                    ip.into(),
+                    u16::from_be_bytes(port),
+                )))
+            }
+            b'6' if rest.len() == 36 => {
+                let ip: [u8; 16] = unhex(&rest[..32])?;
+                let port: [u8; 2] = unhex(&rest[32..])?;
+                Some(Flow::Udp(SocketAddr::new(
+                    ip.into(),
+                    u16::from_be_bytes(port),
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `token` is ours for a flow whose peer is `peer` (for a UDP
+    /// flow, the address it names).
+    #[must_use]
+    pub fn verify_flow(&self, token: &[u8], peer: SocketAddr) -> bool {
+        let Some(dot) = token.iter().rposition(|&b| b == b'.') else {
+            return false;
+        };
+        let Some(mac) = unhex::<8>(&token[dot + 1..]) else {
+            return false;
+        };
+        // Constant time is not needed for a 64-bit PRF output compared
+        // once per request; equality of the decoded value is exact.
+        u64::from_be_bytes(mac) == self.flow_mac(&token[..dot], peer)
+    }
+
+    fn flow_mac(&self, body: &[u8], peer: SocketAddr) -> u64 {
+        let mut h = self.flow;
+        h.write(&(body.len() as u64).to_le_bytes());
+        h.write(body);
+        match peer.ip() {
+            std::net::IpAddr::V4(ip) => h.write(&ip.octets()),
+            std::net::IpAddr::V6(ip) => h.write(&ip.octets()),
+        }
+        h.write(&peer.port().to_le_bytes());
         h.finish()
     }
 
@@ -889,5 +1041,42 @@ mod tests {
             prop_assert_eq!(parse_conn(&out), Some(conn));
             let _ = parse_conn(prefix.as_bytes());
         }
+    }
+
+    #[test]
+    fn flow_tokens_round_trip_and_are_bound() {
+        let k = Keys::new(b"flow-test-secret-0123456789");
+        let peer: SocketAddr = "198.51.100.7:40123".parse().unwrap();
+        for flow in [
+            Flow::Conn(0),
+            Flow::Conn(u64::MAX),
+            Flow::Udp(peer),
+            Flow::Udp("[2001:db8::1]:5060".parse().unwrap()),
+        ] {
+            let at = match flow {
+                Flow::Udp(a) => a,
+                Flow::Conn(_) => peer,
+            };
+            let mut t = Vec::new();
+            k.write_flow(flow, at, &mut t);
+            assert!(
+                t.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'.'),
+                "a URI param token"
+            );
+            assert_eq!(Keys::parse_flow(&t), Some(flow));
+            assert!(k.verify_flow(&t, at));
+            let other: SocketAddr = "198.51.100.7:40124".parse().unwrap();
+            assert!(!k.verify_flow(&t, other), "bound to its peer");
+            assert!(!Keys::new(b"another-secret-0123456789").verify_flow(&t, at));
+            let mut bad = t.clone();
+            bad[3] = if bad[3] == b'0' { b'1' } else { b'0' };
+            assert!(!k.verify_flow(&bad, at), "an edited body fails");
+        }
+        assert_eq!(Keys::parse_flow(b"c00.0123456789abcdef"), None);
+        assert_eq!(
+            Keys::parse_flow(b"x0000000000000000.0123456789abcdef"),
+            None
+        );
+        assert_eq!(Keys::parse_flow(b""), None);
     }
 }

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Transport};
 use crate::router::{ConnId, Dest, Now, Origin, Outbox, Router, TimerKey};
 use crate::stats::DropReason;
 
@@ -62,6 +62,8 @@ pub struct Sockets {
     pub udp: Vec<Arc<UdpSocket>>,
     /// TCP listeners.
     pub tcp: Vec<TcpListener>,
+    /// TLS listeners (TCP sockets on `sip.tls_port`; the handshake is ours).
+    pub tls: Vec<TcpListener>,
 }
 
 /// Where selection draws its randomness.
@@ -86,6 +88,8 @@ struct Net {
     timers: mpsc::UnboundedSender<(Instant, TimerKey)>,
     resolve: mpsc::Sender<(Box<str>, u16, Bytes)>,
     rng: Rng,
+    /// The TLS certificate in force, when there are TLS listeners.
+    tls: Option<Arc<crate::tls::TlsListener>>,
     me: std::sync::Weak<Net>,
 }
 
@@ -115,6 +119,8 @@ impl Net {
                     .get(id)
                     .is_some_and(|tx| tx.try_send(Bytes::copy_from_slice(bytes)).is_ok()),
                 Dest::Tcp(to) => self.send_tcp_server(*to, bytes),
+                // The config refuses TLS towards servers (not built yet).
+                Dest::Tls(_) => false,
                 Dest::Resolve { host, port } => self
                     .resolve
                     .try_send((host.clone(), *port, Bytes::copy_from_slice(bytes)))
@@ -202,6 +208,7 @@ impl Net {
 /// A running balancer: the routing core and the shell's tasks.
 pub struct Balancer {
     router: Arc<Router>,
+    tls: Option<Arc<crate::tls::TlsListener>>,
     tasks: JoinSet<()>,
 }
 
@@ -219,7 +226,8 @@ impl Balancer {
     /// serves SIP. `seed` makes selection repeatable (test beds).
     ///
     /// # Errors
-    /// An invalid scoring config, or no UDP socket.
+    /// An invalid scoring config, no UDP socket, or TLS listeners without a
+    /// usable certificate.
     pub async fn start(
         cfg: Config,
         sockets: Sockets,
@@ -229,6 +237,12 @@ impl Balancer {
         if sockets.udp.is_empty() {
             return Err("the balancer needs at least one UDP socket".into());
         }
+        let tls = if sockets.tls.is_empty() {
+            None
+        } else {
+            let t = cfg.tls.as_ref().ok_or("TLS listeners without [sip.tls]")?;
+            Some(Arc::new(crate::tls::TlsListener::new(t)?))
+        };
         wait_for_first_data(&cfg, &table).await;
         let router = Arc::new(Router::new(cfg, table, Instant::now()).map_err(|e| e.to_string())?);
         let (timers_tx, timers_rx) = mpsc::unbounded_channel();
@@ -247,18 +261,40 @@ impl Balancer {
                 Some(s) => Rng::Seeded(Box::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(s)))),
                 None => Rng::Os,
             },
+            tls: tls.clone(),
         });
         let mut tasks = JoinSet::new();
         for sock in sockets.udp {
             tasks.spawn(udp_loop(net.clone(), sock));
         }
         for l in sockets.tcp {
-            tasks.spawn(accept_loop(net.clone(), l));
+            tasks.spawn(accept_loop(net.clone(), l, false));
+        }
+        for l in sockets.tls {
+            tasks.spawn(accept_loop(net.clone(), l, true));
         }
         tasks.spawn(timer_task(net.clone(), timers_rx));
         tasks.spawn(tick_task(net.clone()));
         tasks.spawn(resolver_task(net.clone(), resolve_rx));
-        Ok(Balancer { router, tasks })
+        Ok(Balancer { router, tls, tasks })
+    }
+
+    /// Re-reads the TLS certificate and key (a reload): new handshakes use
+    /// them, established connections keep theirs.
+    ///
+    /// # Errors
+    /// The files cannot be used; the certificate in force stays.
+    pub fn reload_tls(&self, cfg: &Config) -> Result<(), String> {
+        match (&self.tls, &cfg.tls) {
+            (Some(l), Some(t)) => l.reload(t),
+            _ => Ok(()),
+        }
+    }
+
+    /// The TLS listener's certificate holder, for a reload hook.
+    #[must_use]
+    pub fn tls(&self) -> Option<Arc<crate::tls::TlsListener>> {
+        self.tls.clone()
     }
 
     /// The routing core (for the admin API and the test beds).
@@ -334,12 +370,17 @@ async fn udp_loop(net: Arc<Net>, socket: Arc<UdpSocket>) {
     }
 }
 
-async fn accept_loop(net: Arc<Net>, l: TcpListener) {
+async fn accept_loop(net: Arc<Net>, l: TcpListener, tls: bool) {
     loop {
         match l.accept().await {
             Ok((s, peer)) => match net.admit(peer.ip()) {
                 Ok(guard) => {
-                    tokio::spawn(tcp_conn(net.clone(), s, peer, guard));
+                    let _ = s.set_nodelay(true);
+                    if tls {
+                        tokio::spawn(tls_conn(net.clone(), s, peer, guard));
+                    } else {
+                        tokio::spawn(stream_conn(net.clone(), s, peer, guard, Transport::Tcp));
+                    }
                 }
                 Err(why) => {
                     // Refused: closed at once, everyone else served.
@@ -352,6 +393,28 @@ async fn accept_loop(net: Arc<Net>, l: TcpListener) {
                 warn!(error = %e, "tcp accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// The TLS handshake of an admitted connection (bounded by
+/// `sip.message_timeout`, like a message head), then the connection.
+async fn tls_conn(net: Arc<Net>, s: TcpStream, peer: SocketAddr, admitted: Admitted) {
+    let Some(tls) = net.tls.clone() else { return };
+    let limit = net.router.config().message_timeout;
+    match tokio::time::timeout(limit, tls.acceptor().accept(s)).await {
+        Ok(Ok(stream)) => stream_conn(net, stream, peer, admitted, Transport::Tls).await,
+        Ok(Err(e)) => {
+            net.router
+                .stats
+                .conn_event(crate::stats::ConnEvent::TlsFailed);
+            debug!(%peer, error = %e, "tls handshake failed");
+        }
+        Err(_) => {
+            net.router
+                .stats
+                .conn_event(crate::stats::ConnEvent::ClosedSlow);
+            debug!(%peer, "tls handshake not done in time");
         }
     }
 }
@@ -406,13 +469,22 @@ impl Net {
     }
 }
 
-/// Serves one inbound TCP connection.
-async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr, admitted: Admitted) {
-    let _ = stream.set_nodelay(true);
+/// Serves one inbound stream connection (TCP, or TLS after its handshake):
+/// a flow of the core's (RFC 5626) while it is open.
+async fn stream_conn<S>(
+    net: Arc<Net>,
+    stream: S,
+    peer: SocketAddr,
+    admitted: Admitted,
+    transport: Transport,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let id = net.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
     net.conns.pin().insert(id, tx);
-    let (r, mut w) = stream.into_split();
+    net.router.conn_opened(id, peer, transport);
+    let (r, mut w) = tokio::io::split(stream);
     let (closing, mut closed) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
         loop {
@@ -447,6 +519,7 @@ async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr, admitted: 
         inbound: true,
     };
     read_stream(net.clone(), r, origin).await;
+    net.router.conn_closed(id);
     net.conns.pin().remove(&id);
     let _ = closing.send(());
     let abort = writer.abort_handle();
@@ -454,7 +527,7 @@ async fn tcp_conn(net: Arc<Net>, stream: TcpStream, peer: SocketAddr, admitted: 
         .await
         .is_err()
     {
-        debug!(%peer, "tcp writer did not finish in time");
+        debug!(%peer, "stream writer did not finish in time");
         abort.abort();
     }
     drop(admitted);
@@ -471,17 +544,31 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, o
     let mut framer = sip::Framer::default();
     // When the first byte of the (incomplete) message at the front came.
     let mut message_started: Option<Instant> = None;
+    // CR/LF bytes since the last message: a CRLFCRLF ping gets a CRLF pong
+    // (RFC 5626 §4.4.1), however the bytes were split.
+    let mut crlf = 0usize;
     loop {
         // Hand over every whole message already buffered.
         let mut consumed = 0;
         loop {
             match framer.check(&buf[consumed..], max) {
                 Ok(sip::Frame::Message(n)) => {
+                    crlf = 0;
                     net.handle(&buf[consumed..consumed + n], origin, &mut out)
                         .await;
                     consumed += n;
                 }
-                Ok(sip::Frame::KeepAlive(n)) => consumed += n,
+                Ok(sip::Frame::KeepAlive(n)) => {
+                    consumed += n;
+                    crlf += n;
+                    if crlf >= 4 {
+                        crlf = 0;
+                        if let Origin::Conn { inbound: true, .. } = origin {
+                            out.send(origin.reply_dest(), b"\r\n");
+                            net.perform(&mut out).await;
+                        }
+                    }
+                }
                 Ok(sip::Frame::Incomplete) => break,
                 Err(e) => {
                     debug!(error = %e, ?origin, "stream framing error; closing");

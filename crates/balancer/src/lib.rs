@@ -35,6 +35,8 @@ pub mod service;
 pub mod sessions;
 pub mod sim;
 pub mod stats;
+pub mod stun;
+pub mod tls;
 
 pub use load::{Input, Load, MemMin, Scoring, ScoringError};
 pub use query::{LiveScoring, ScoringPatch, input_for};

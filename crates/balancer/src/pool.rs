@@ -30,6 +30,7 @@ impl Server {
         match self.cfg.transport {
             Transport::Udp => Dest::Udp(self.cfg.address),
             Transport::Tcp => Dest::Tcp(self.cfg.address),
+            Transport::Tls => Dest::Tls(self.cfg.address),
         }
     }
 }

@@ -78,6 +78,17 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
             );
         }
     }
+    let mut tls = Vec::new();
+    if cfg.transports.contains(&Transport::Tls) {
+        for a in &cfg.listen {
+            let a = SocketAddr::new(a.ip(), cfg.tls_port);
+            tls.push(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("sip.tls_port {a} (tls): {e}"))?,
+            );
+        }
+    }
 
     // Performance data: embedded performance server, or a standalone one.
     let (table, perf_server) = match &cfg.perf_server {
@@ -99,7 +110,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
     };
 
     let admin_cfg = cfg.admin.clone();
-    let balancer = Balancer::start(cfg, Sockets { udp, tcp }, table, None).await?;
+    let balancer = Balancer::start(cfg, Sockets { udp, tcp, tls }, table, None).await?;
+    let tls = balancer.tls();
     let proxy = balancer.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -107,8 +119,14 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         let p = proxy.clone();
         let path = config_path.clone();
         let ps = perf_server.clone();
+        let tls = tls.clone();
         move || -> Result<(), String> {
             let new = Config::load(&path).map_err(|e| e.to_string())?;
+            // The certificate first: a reload with unusable files changes
+            // nothing and says why.
+            if let (Some(l), Some(t)) = (&tls, &new.tls) {
+                l.reload(t)?;
+            }
             if let Some(ps) = &ps {
                 ps.set_agents(&agent_specs(&new));
             }

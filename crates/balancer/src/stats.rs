@@ -109,12 +109,15 @@ pub enum ConnEvent {
     RefusedPerSource,
     /// Closed: nothing received for `sip.idle_timeout`.
     ClosedIdle,
-    /// Closed: a message not whole within `sip.message_timeout`.
+    /// Closed: a message (or a TLS handshake) not whole within
+    /// `sip.message_timeout`.
     ClosedSlow,
+    /// Closed: the TLS handshake failed.
+    TlsFailed,
 }
 
 /// Connection events with their metric names and labels.
-pub const CONN_EVENTS: [(ConnEvent, &str, &str); 4] = [
+pub const CONN_EVENTS: [(ConnEvent, &str, &str); 5] = [
     (ConnEvent::RefusedTotal, "refused", "max_connections"),
     (
         ConnEvent::RefusedPerSource,
@@ -123,6 +126,7 @@ pub const CONN_EVENTS: [(ConnEvent, &str, &str); 4] = [
     ),
     (ConnEvent::ClosedIdle, "closed", "idle_timeout"),
     (ConnEvent::ClosedSlow, "closed", "message_timeout"),
+    (ConnEvent::TlsFailed, "closed", "tls_handshake"),
 ];
 
 /// Balancer-wide counters.

@@ -77,7 +77,11 @@ address = "{S2}"
     fn feed(&mut self, text: &str, origin: Origin, ms: u64) -> Vec<(Dest, String)> {
         self.out.clear();
         let now = self.now(ms);
-        let bytes = text.replace('\n', "\r\n");
+        let bytes = if text.contains("\r\n") {
+            text.to_owned()
+        } else {
+            text.replace('\n', "\r\n")
+        };
         self.router
             .on_message(bytes.as_bytes(), origin, now, &mut self.rng, &mut self.out);
         self.out
@@ -139,4 +143,323 @@ fn the_transaction_table_is_bounded() {
             .drops_of(balancer::stats::DropReason::TransactionTableFull),
         1
     );
+}
+
+fn header_values<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
+    msg.split("\r\n")
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+        .flat_map(|v| v.split(", "))
+        .collect()
+}
+
+fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
+    sent.iter()
+        .find_map(|(d, t)| match d {
+            Dest::Udp(a) if *a == addr(S1) || *a == addr(S2) => Some((*a, t.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
+}
+
+/// The server's 200 to `req` (its Record-Route echoed, its Via on top).
+fn ok_for(req: &str, server: SocketAddr) -> String {
+    let mut out = String::from("SIP/2.0 200 OK\r\n");
+    for l in req.split("\r\n").skip(1).take_while(|l| !l.is_empty()) {
+        let name = l
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match name.as_str() {
+            "via" | "from" | "call-id" | "cseq" | "record-route" => {
+                out.push_str(l);
+                out.push_str("\r\n");
+            }
+            "to" => {
+                out.push_str(l);
+                out.push_str(";tag=srv\r\n");
+            }
+            _ => {}
+        }
+    }
+    out.push_str(&format!(
+        "Contact: <sip:bob@{server}>\r\nContent-Length: 0\r\n\r\n"
+    ));
+    out
+}
+
+/// A BYE from the server (the callee's side) in the dialog of `ok`: its
+/// route set is the Record-Route in order (RFC 3261 §12.1.1).
+fn bye_from_server(ok: &str, contact: &str, server: SocketAddr) -> String {
+    let routes: String = header_values(ok, "record-route")
+        .iter()
+        .map(|r| format!("Route: {r}\r\n"))
+        .collect();
+    let call = header_values(ok, "call-id")[0];
+    format!(
+        "BYE {contact} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {server};branch=z9hG4bKsrvbye{call}\r\n\
+         Max-Forwards: 70\r\n\
+         {routes}\
+         From: <sip:bob@127.0.0.1>;tag=srv\r\n\
+         To: <sip:alice@127.0.0.1>;tag=a-{call}\r\n\
+         Call-ID: {call}\r\n\
+         CSeq: 1 BYE\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+#[test]
+fn the_callees_bye_reaches_a_tcp_caller_over_its_connection() {
+    let mut core = Core::new("tcp-bye", "");
+    let ua = addr("198.51.100.20:50123");
+    core.router
+        .conn_opened(7, ua, balancer::config::Transport::Tcp);
+    let from_ua = Origin::Conn {
+        peer: ua,
+        conn: 7,
+        inbound: true,
+    };
+    let sent = core.feed(&invite("tcp-bye", ua, "TCP"), from_ua, 0);
+    let (server, inv) = to_server(&sent);
+    let rr = header_values(&inv, "record-route");
+    assert_eq!(
+        rr.len(),
+        2,
+        "TCP in, UDP out: a double Record-Route (RFC 5658): {inv}"
+    );
+    assert!(
+        !rr[0].contains("transport=") && !rr[0].contains("flow="),
+        "server side on top: {}",
+        rr[0]
+    );
+    assert!(
+        rr[1].contains(";transport=tcp;") && rr[1].contains(";flow=c"),
+        "the UA's side with its flow: {}",
+        rr[1]
+    );
+    let ok = ok_for(&inv, server);
+    let sent = core.feed(&ok, Origin::Udp { peer: server }, 5);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Conn(7) && t.starts_with("SIP/2.0 200")),
+        "{sent:?}"
+    );
+
+    // The callee hangs up: the BYE goes down the caller's connection, not
+    // over UDP to its Contact.
+    let bye = bye_from_server(&ok, &format!("sip:alice@{ua};transport=tcp"), server);
+    let sent = core.feed(&bye, Origin::Udp { peer: server }, 10);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        sent[0].0,
+        Dest::Conn(7),
+        "over the caller's connection: {sent:?}"
+    );
+    let out = &sent[0].1;
+    assert!(out.starts_with("BYE "), "{out}");
+    assert!(
+        header_values(out, "route").is_empty(),
+        "both our Routes popped: {out}"
+    );
+    assert!(
+        header_values(out, "via")[0].starts_with("SIP/2.0/TCP "),
+        "{out}"
+    );
+    assert!(out.contains("Content-Length: 0"), "{out}");
+
+    // Once the connection is gone, the server hears 430 Flow Failed.
+    core.router.conn_closed(7);
+    let sent = core.feed(
+        &bye.replace("CSeq: 1 BYE", "CSeq: 2 BYE")
+            .replace("z9hG4bKsrvbye", "z9hG4bKsrvbye2"),
+        Origin::Udp { peer: server },
+        20,
+    );
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, Dest::Udp(server));
+    assert_eq!(status(&sent[0].1), Some(430), "{}", sent[0].1);
+}
+
+fn register(user: &str, via_host: SocketAddr, contact: &str, transport: &str) -> String {
+    format!(
+        "REGISTER sip:127.0.0.1 SIP/2.0\r\n\
+         Via: SIP/2.0/{transport} {via_host};branch=z9hG4bKreg{user};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:{user}@127.0.0.1>;tag=r{user}\r\n\
+         To: <sip:{user}@127.0.0.1>\r\n\
+         Call-ID: reg-{user}\r\n\
+         CSeq: 1 REGISTER\r\n\
+         Contact: <{contact}>\r\n\
+         Expires: 300\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// An INVITE from `server` to a registered contact, by the Path it stored.
+fn invite_by_path(path: &str, contact: &str, server: SocketAddr, call: &str) -> String {
+    format!(
+        "INVITE {contact} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {server};branch=z9hG4bKsrvinv{call}\r\n\
+         Max-Forwards: 69\r\n\
+         Route: {path}\r\n\
+         From: <sip:carol@127.0.0.1>;tag=c-{call}\r\n\
+         To: <sip:bob@127.0.0.1>\r\n\
+         Call-ID: {call}\r\n\
+         CSeq: 1 INVITE\r\n\
+         Contact: <sip:carol@{server}>\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+#[test]
+fn a_phone_behind_nat_registers_with_our_path_and_gets_its_calls() {
+    let mut core = Core::new("nat", "");
+    // Over UDP: its private Contact, its NAT binding as the source.
+    let nat = addr("203.0.113.5:40000");
+    let sent = core.feed(
+        &register("bob", addr("10.0.0.5:5060"), "sip:bob@10.0.0.5:5060", "UDP"),
+        Origin::Udp { peer: nat },
+        0,
+    );
+    let (server, reg) = to_server(&sent);
+    let path = header_values(&reg, "path");
+    assert_eq!(path.len(), 1, "{reg}");
+    assert!(path[0].contains(";lr;ob;flow=4"), "{}", path[0]);
+    let sent = core.feed(
+        &invite_by_path(path[0], "sip:bob@10.0.0.5:5060", server, "nat-1"),
+        Origin::Udp { peer: server },
+        10,
+    );
+    let to_phone: Vec<_> = sent
+        .iter()
+        .filter(|(_, t)| t.starts_with("INVITE"))
+        .collect();
+    assert_eq!(to_phone.len(), 1, "{sent:?}");
+    assert_eq!(
+        to_phone[0].0,
+        Dest::Udp(nat),
+        "to the NAT binding, not the private Contact"
+    );
+    assert!(header_values(&to_phone[0].1, "route").is_empty());
+    let rr = header_values(&to_phone[0].1, "record-route");
+    assert_eq!(rr.len(), 1, "UDP both sides: one Record-Route");
+    assert!(
+        rr[0].contains(";flow=4"),
+        "the phone's side carries its flow: {}",
+        rr[0]
+    );
+
+    // Over TCP: the registration's connection.
+    let phone = addr("203.0.113.6:41000");
+    core.router
+        .conn_opened(9, phone, balancer::config::Transport::Tcp);
+    let sent = core.feed(
+        &register(
+            "dave",
+            addr("10.0.0.6:5060"),
+            "sip:dave@10.0.0.6:5060;transport=tcp",
+            "TCP",
+        ),
+        Origin::Conn {
+            peer: phone,
+            conn: 9,
+            inbound: true,
+        },
+        20,
+    );
+    let (server, reg) = to_server(&sent);
+    let path = header_values(&reg, "path");
+    assert!(path[0].contains(";flow=c"), "{}", path[0]);
+    assert!(
+        !path[0].contains("transport="),
+        "the server reaches us over UDP: {}",
+        path[0]
+    );
+    let sent = core.feed(
+        &invite_by_path(
+            path[0],
+            "sip:dave@10.0.0.6:5060;transport=tcp",
+            server,
+            "nat-2",
+        ),
+        Origin::Udp { peer: server },
+        30,
+    );
+    let inv = sent
+        .iter()
+        .find(|(_, t)| t.starts_with("INVITE"))
+        .expect("the INVITE goes on");
+    assert_eq!(inv.0, Dest::Conn(9), "{sent:?}");
+    let rr = header_values(&inv.1, "record-route");
+    assert_eq!(rr.len(), 2, "{}", inv.1);
+    assert!(
+        rr[0].contains("transport=tcp") && rr[0].contains("flow=c"),
+        "the phone's side on top: {}",
+        rr[0]
+    );
+    assert!(!rr[1].contains("transport="), "{}", rr[1]);
+}
+
+#[test]
+fn a_server_reaches_only_a_dialog_or_registration_of_ours() {
+    let mut core = Core::new("outward", "");
+    let server = addr(S1);
+    // No Route of ours: a relay anywhere. Refused.
+    let sent = core.feed(
+        &invite_by_path(
+            "<sip:198.51.100.99;lr>",
+            "sip:victim@198.51.100.99",
+            server,
+            "out-1",
+        )
+        .replace("Route: <sip:198.51.100.99;lr>\r\n", ""),
+        Origin::Udp { peer: server },
+        0,
+    );
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(status(&sent[0].1), Some(403), "{}", sent[0].1);
+    // A forged flow token: refused as well.
+    let sent = core.feed(
+        &invite_by_path(
+            "<sip:127.0.0.1:5060;lr;ob;flow=4c63364630270f.0123456789abcdef>",
+            "sip:victim@198.51.100.99",
+            server,
+            "out-2",
+        ),
+        Origin::Udp { peer: server },
+        1,
+    );
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(status(&sent[0].1), Some(403), "{}", sent[0].1);
+}
+
+#[test]
+fn a_stun_keepalive_is_answered() {
+    let mut core = Core::new("stun", "");
+    let peer = addr("203.0.113.9:4444");
+    let mut req = vec![0u8, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+    req.extend_from_slice(b"0123456789ab");
+    core.out.clear();
+    let now = core.now(0);
+    core.router.on_message(
+        &req,
+        Origin::Udp { peer },
+        now,
+        &mut core.rng,
+        &mut core.out,
+    );
+    let sent: Vec<_> = core
+        .out
+        .sends()
+        .map(|(d, b)| (d.clone(), b.to_vec()))
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, Dest::Udp(peer));
+    assert_eq!(&sent[0].1[..2], &[1, 1], "a Binding success response");
 }

@@ -40,6 +40,12 @@ pub struct Edits<'e> {
     pub record_route: Option<&'e [u8]>,
     /// Remove the top Route value (it named us).
     pub remove_top_route: bool,
+    /// Remove this many top Route values (they all named us: a double
+    /// Record-Route, RFC 5658); `remove_top_route` is the same as 1.
+    pub remove_routes: u8,
+    /// A Path value to put on top (RFC 3327 §5.1: a proxy adds its own
+    /// above those already there).
+    pub path: Option<&'e [u8]>,
     /// Max-Forwards handling.
     pub max_forwards: MaxForwards,
     /// `received`/`rport` for the top Via. Not to be combined with
@@ -106,16 +112,31 @@ impl<'a> Message<'a> {
                 ins: Ins::Nothing,
             });
         }
-        if let Some((start, end)) = edits
-            .remove_top_route
-            .then(|| self.top_value_range(HeaderName::Route))
-            .flatten()
-        {
+        if let Some(p) = edits.path {
+            let at = first_line_of(HeaderName::Path).unwrap_or(first_via_line);
             splices.push(Splice {
-                start,
-                end,
-                ins: Ins::Nothing,
+                start: at,
+                end: at,
+                ins: Ins::Line("Path", p),
             });
+        }
+        let pop = edits.remove_routes.max(u8::from(edits.remove_top_route));
+        if pop == 1 {
+            if let Some((start, end)) = self.top_value_range(HeaderName::Route) {
+                splices.push(Splice {
+                    start,
+                    end,
+                    ins: Ins::Nothing,
+                });
+            }
+        } else if pop > 1 {
+            for (start, end) in self.top_values_ranges(HeaderName::Route, usize::from(pop)) {
+                splices.push(Splice {
+                    start,
+                    end,
+                    ins: Ins::Nothing,
+                });
+            }
         }
         let mf = match edits.max_forwards {
             MaxForwards::Keep => None,
@@ -229,6 +250,32 @@ impl<'a> Message<'a> {
     }
 }
 
+impl Message<'_> {
+    /// The bytes to cut to remove the `k` topmost values of a list header:
+    /// each line all of whose values go, and on the line where the first
+    /// value that stays is, the values before it.
+    fn top_values_ranges(&self, name: HeaderName, k: usize) -> SmallVec<[(u32, u32); 2]> {
+        let vals: SmallVec<[crate::message::ValuePos; 4]> =
+            self.value_positions(name).take(k + 1).collect();
+        let gone = &vals[..k.min(vals.len())];
+        let stays = vals.get(k);
+        let mut out: SmallVec<[(u32, u32); 2]> = SmallVec::new();
+        let mut i = 0;
+        while i < gone.len() {
+            let h = gone[i].header;
+            let first = gone[i].start;
+            while i < gone.len() && gone[i].header == h {
+                i += 1;
+            }
+            match stays {
+                Some(next) if next.header == h => out.push((first, next.start)),
+                _ => out.push(self.header_pos(h).line_at),
+            }
+        }
+        out
+    }
+}
+
 fn put_u32(out: &mut impl BufMut, mut n: u32) {
     let mut digits = [0u8; 10];
     let mut i = digits.len();
@@ -262,6 +309,53 @@ CSeq: 1 INVITE\r\n\
         let mut out = Vec::new();
         m.write_edited(e, &mut out);
         out
+    }
+
+    #[test]
+    fn two_routes_removed_and_a_path_added() {
+        let msg = b"REGISTER sip:example.com SIP/2.0\r\n\
+Route: <sip:a;lr>\r\n\
+Route: <sip:b;lr>, <sip:c;lr>\r\n\
+Via: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa\r\n\
+Path: <sip:old;lr>\r\n\
+From: <sip:alice@example.com>;tag=1\r\n\
+To: <sip:alice@example.com>\r\n\
+Call-ID: p1\r\n\
+CSeq: 1 REGISTER\r\n\
+\r\n";
+        let e = Edits {
+            remove_routes: 2,
+            path: Some(b"<sip:lb;lr;ob>"),
+            ..Edits::default()
+        };
+        let out = String::from_utf8(edited(msg, &e)).unwrap();
+        assert!(out.contains("\r\nRoute: <sip:c;lr>\r\nVia:"), "{out}");
+        assert!(!out.contains("sip:a;") && !out.contains("sip:b;"), "{out}");
+        assert!(
+            out.contains("Path: <sip:lb;lr;ob>\r\nPath: <sip:old;lr>\r\n"),
+            "ours above the others: {out}"
+        );
+        let m = Message::parse(out.as_bytes()).unwrap();
+        assert_eq!(m.routes().count(), 1);
+        // All three, and one of one line of two.
+        let all = edited(
+            msg,
+            &Edits {
+                remove_routes: 3,
+                ..Edits::default()
+            },
+        );
+        assert!(!String::from_utf8_lossy(&all).contains("Route"));
+        let msg2 = b"BYE sip:x SIP/2.0\r\nRoute: <sip:a;lr>, <sip:b;lr>, <sip:c;lr>\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKb\r\nFrom: <sip:f>;tag=1\r\nTo: <sip:t>\r\nCall-ID: p2\r\nCSeq: 2 BYE\r\n\r\n";
+        let two = String::from_utf8(edited(
+            msg2,
+            &Edits {
+                remove_routes: 2,
+                ..Edits::default()
+            },
+        ))
+        .unwrap();
+        assert!(two.contains("\r\nRoute: <sip:c;lr>\r\n"), "{two}");
     }
 
     #[test]

@@ -121,6 +121,7 @@ fn untouched(m: &Message<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
                     | HeaderName::Route
                     | HeaderName::RecordRoute
                     | HeaderName::MaxForwards
+                    | HeaderName::Path
             )
         })
         .map(|h| (h.raw_name.to_vec(), h.value.to_vec()))
@@ -137,6 +138,8 @@ proptest! {
         remove_via in any::<bool>(),
         rr in any::<bool>(),
         remove_route in any::<bool>(),
+        pops in 0u8..4,
+        path in any::<bool>(),
         mf in 0u8..3,
         received in any::<bool>(),
     ) {
@@ -152,6 +155,8 @@ proptest! {
             remove_top_via: remove_via,
             record_route: rr.then_some(&b"<sip:127.0.0.1:5060;lr;sb=s1.mac>"[..]),
             remove_top_route: remove_route,
+            remove_routes: pops,
+            path: path.then_some(&b"<sip:127.0.0.1:5060;lr;ob;flow=u7f0000011f90.0123>"[..]),
             max_forwards: [MaxForwards::Keep, MaxForwards::Decrement, MaxForwards::Set(9)][mf as usize],
             received: received.then_some(Received { received: b"192.0.2.200", rport: 4242 }),
             add_content_length: true,
@@ -179,8 +184,13 @@ proptest! {
             prop_assert_eq!(&got_vias[skip..], &want_vias[..]);
         }
         let got_routes: Vec<Vec<u8>> = e.values(HeaderName::Route).map(<[u8]>::to_vec).collect();
-        let want_routes = if remove_route && !routes.is_empty() { routes[1..].to_vec() } else { routes };
+        let pop = usize::from(pops.max(u8::from(remove_route))).min(routes.len());
+        let want_routes = routes[pop..].to_vec();
         prop_assert_eq!(got_routes, want_routes);
+        if path {
+            let top = e.values(HeaderName::Path).next().unwrap();
+            prop_assert_eq!(top, &b"<sip:127.0.0.1:5060;lr;ob;flow=u7f0000011f90.0123>"[..]);
+        }
         if rr {
             let top = e.record_routes().next().unwrap().unwrap();
             prop_assert_eq!(top.uri.param(b"sb"), Some(Some(&b"s1.mac"[..])));

@@ -146,6 +146,7 @@ async fn scenario(
     let sockets = Sockets {
         udp: vec![sock],
         tcp: Vec::new(),
+        tls: Vec::new(),
     };
     let lb = Balancer::start(cfg, sockets, ps.shared().clone(), Some(seed)).await?;
     let proxy = lb.router().clone();
@@ -219,6 +220,9 @@ pub fn loopback_config(
     Config {
         listen: vec![lb_addr],
         transports: vec![Transport::Udp],
+        tls_port: 5061,
+        tls: None,
+        path: balancer::config::PathMode::Always,
         advertise_host: lb_addr.ip().to_string(),
         advertise_port: lb_addr.port(),
         max_message_size: sip::DEFAULT_MAX_SIZE,

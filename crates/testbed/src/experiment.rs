@@ -410,6 +410,7 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
         let sockets = Sockets {
             udp: vec![sock],
             tcp: Vec::new(),
+            tls: Vec::new(),
         };
         let lb = Balancer::start(c, sockets, ps.shared().clone(), None).await?;
         lbs.push((lb, addr, ps));

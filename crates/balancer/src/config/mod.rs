@@ -43,17 +43,61 @@ pub enum Transport {
     Udp,
     /// TCP.
     Tcp,
+    /// TLS over TCP (RFC 3261 §26.2; inbound on `sip.tls_port`).
+    Tls,
 }
 
 impl Transport {
-    /// `UDP` or `TCP`, as in a Via.
+    /// `UDP`, `TCP` or `TLS`, as in a Via.
     #[must_use]
     pub fn via_name(self) -> &'static str {
         match self {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
         }
     }
+
+    /// Whether it is a stream (messages framed by Content-Length).
+    #[must_use]
+    pub fn is_stream(self) -> bool {
+        self != Transport::Udp
+    }
+}
+
+/// When to add our Path to a REGISTER (RFC 3327).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathMode {
+    /// To every REGISTER from a user agent (the registrar then reaches it
+    /// through us, over its flow).
+    Always,
+    /// Only when the REGISTER says `Supported: path`.
+    Supported,
+    /// Never.
+    Off,
+}
+
+/// `[sip.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    certificate: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+/// The certificate and key of the TLS listener, checked at load and
+/// re-read on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA certificates: when given, clients must present a certificate
+    /// signed by one of them.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Where REGISTER goes.
@@ -97,6 +141,9 @@ struct SipSection {
     max_connections_per_source: usize,
     idle_timeout: String,
     message_timeout: String,
+    tls_port: u16,
+    tls: Option<TlsSection>,
+    path: PathMode,
 }
 
 impl Default for SipSection {
@@ -111,6 +158,9 @@ impl Default for SipSection {
             max_connections_per_source: 256,
             idle_timeout: "300s".into(),
             message_timeout: "10s".into(),
+            tls_port: 5061,
+            tls: None,
+            path: PathMode::Always,
         }
     }
 }
@@ -283,6 +333,12 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Transports served on each.
     pub transports: Vec<Transport>,
+    /// TLS listens on each listen address at this port.
+    pub tls_port: u16,
+    /// The TLS listener's certificate (required with `tls`).
+    pub tls: Option<TlsConfig>,
+    /// When REGISTER gets our Path.
+    pub path: PathMode,
     /// `host[:port]` written into our Via and Record-Route.
     pub advertise_host: String,
     /// Port written with it.
@@ -401,7 +457,51 @@ impl Config {
             return err("sip.listen", "at least one address");
         }
         if s.transports.is_empty() {
-            return err("sip.transports", "at least one of \"udp\", \"tcp\"");
+            return err(
+                "sip.transports",
+                "at least one of \"udp\", \"tcp\", \"tls\"",
+            );
+        }
+        let tls = match (&s.tls, s.transports.contains(&Transport::Tls)) {
+            (None, true) => {
+                return err(
+                    "sip.tls",
+                    "transports has \"tls\": give [sip.tls] certificate and key",
+                );
+            }
+            (Some(t), _) => {
+                let t = TlsConfig {
+                    certificate: resolve(base, &t.certificate),
+                    key: resolve(base, &t.key),
+                    client_ca: t.client_ca.as_ref().map(|p| resolve(base, p)),
+                };
+                for (field, p) in [
+                    ("sip.tls.certificate", Some(&t.certificate)),
+                    ("sip.tls.key", Some(&t.key)),
+                    ("sip.tls.client_ca", t.client_ca.as_ref()),
+                ] {
+                    if let Some(p) = p
+                        && let Err(e) = std::fs::metadata(p)
+                    {
+                        return err(field, format!("{}: {e}", p.display()));
+                    }
+                }
+                Some(t)
+            }
+            (None, false) => None,
+        };
+        if s.tls_port == 0 {
+            return err("sip.tls_port", "a port (1-65535)");
+        }
+        if s.transports.contains(&Transport::Tls) && s.listen.iter().any(|a| a.port() == s.tls_port)
+        {
+            return err(
+                "sip.tls_port",
+                format!(
+                    "{} is also a listen port (TCP and TLS cannot share it)",
+                    s.tls_port
+                ),
+            );
         }
         if !(1024..=(1 << 20)).contains(&s.max_message_size) {
             return err("sip.max_message_size", "between 1024 and 1048576");
@@ -598,6 +698,12 @@ impl Config {
             {
                 return err(field("capacity"), "sessions per second, more than 0");
             }
+            if sv.transport == Transport::Tls {
+                return err(
+                    field("transport"),
+                    "\"tls\" towards servers is not supported yet: \"udp\" or \"tcp\" (TLS is for user agents, sip.transports)",
+                );
+            }
             let probe = match &sv.probe {
                 Some(p) => {
                     let d = duration(&field("probe"), p)?;
@@ -643,6 +749,9 @@ impl Config {
         Ok(Config {
             listen: s.listen,
             transports: s.transports,
+            tls_port: s.tls_port,
+            tls,
+            path: s.path,
             advertise_host,
             advertise_port,
             max_message_size: s.max_message_size,

@@ -62,7 +62,7 @@ impl Router {
         cfg: &Config,
         msg: &Message<'_>,
         pool: &Pool,
-        pop_route: bool,
+        pop_route: u8,
         origin: Origin,
         now: Now,
         out: &mut Outbox,
@@ -106,7 +106,10 @@ impl Router {
             return self.forward_to_server(
                 msg,
                 &targets[0],
-                Hop::stateless(pop_route),
+                Hop {
+                    path: self.wants_path(cfg, msg),
+                    ..Hop::stateless(pop_route)
+                },
                 branch,
                 origin,
                 out,
@@ -137,13 +140,15 @@ impl Router {
         if self.forks.pin().try_insert(id, fork.clone()).is_err() {
             return self.drop_counted(DropReason::Merged, out);
         }
+        let path = self.wants_path(cfg, msg);
         for (i, s) in targets.iter().enumerate() {
             s.stats.outstanding.fetch_add(1, Ordering::Relaxed);
             let branch = Self::branch(id, Leg::Fork(i as u16), loop_hash);
             let hop = Hop {
-                pop_route: false,
+                pop_routes: 0,
                 record_route: false,
                 fresh: false,
+                path,
             };
             self.forward_to_server(&processed, s, hop, branch, origin, out);
         }

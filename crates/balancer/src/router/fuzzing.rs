@@ -142,7 +142,7 @@ impl Harness {
         for (dest, bytes) in self.out.sends() {
             assert!(!bytes.is_empty(), "an empty send to {dest:?}");
             match dest {
-                Dest::Udp(a) | Dest::Tcp(a) => {
+                Dest::Udp(a) | Dest::Tcp(a) | Dest::Tls(a) => {
                     assert_ne!(*a, lb, "a send to ourselves");
                     let back = self.seen.contains(dest);
                     assert!(

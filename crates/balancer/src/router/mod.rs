@@ -75,12 +75,53 @@ struct Me {
     /// `host` when it is an IP address (compared without allocating).
     ip: Option<std::net::IpAddr>,
     port: u16,
+    /// The TLS listener's port, when there is one.
+    tls_port: Option<u16>,
     /// `SIP/2.0/UDP host:port;branch=`
     via_udp: String,
     /// `SIP/2.0/TCP host:port;branch=`
     via_tcp: String,
-    /// `<sip:host:port;lr;sb=`
+    /// `SIP/2.0/TLS host:tls_port;branch=`
+    via_tls: String,
+    /// `<sip:host:port;lr;sb=` (the UDP side, as it always was)
     rr: String,
+    /// `<sip:host:port;transport=tcp;lr;sb=`
+    rr_tcp: String,
+    /// `<sip:host:tls_port;transport=tls;lr;sb=`
+    rr_tls: String,
+    /// `<sip:host:port;lr;ob;flow=` and its TCP and TLS forms (our Path).
+    path_udp: String,
+    path_tcp: String,
+    path_tls: String,
+}
+
+impl Me {
+    /// Our Record-Route value up to the `sb` token, facing `t`.
+    fn rr(&self, t: Transport) -> &str {
+        match t {
+            Transport::Udp => &self.rr,
+            Transport::Tcp => &self.rr_tcp,
+            Transport::Tls => &self.rr_tls,
+        }
+    }
+
+    /// Our Path value up to the flow token, facing `t`.
+    fn path(&self, t: Transport) -> &str {
+        match t {
+            Transport::Udp => &self.path_udp,
+            Transport::Tcp => &self.path_tcp,
+            Transport::Tls => &self.path_tls,
+        }
+    }
+}
+
+/// A connection a user agent opened to us, as the shell announced it.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowInfo {
+    /// Its far end.
+    pub peer: std::net::SocketAddr,
+    /// TCP or TLS.
+    pub transport: Transport,
 }
 
 /// The routing core.
@@ -109,6 +150,9 @@ pub struct Router {
     last_sweep: AtomicU64,
     /// Per-source token buckets (`[limits]`), rebuilt when a reload changes them.
     limiter: ArcSwap<crate::limits::Limiter>,
+    /// The connections user agents have open to us (RFC 5626 flows), by id:
+    /// a request for a flow that is not here gets 430 Flow Failed.
+    flows: papaya::HashMap<ConnId, FlowInfo>,
 }
 
 impl std::fmt::Debug for Router {
@@ -133,13 +177,25 @@ impl Router {
     ) -> Result<Router, crate::load::ScoringError> {
         let keys = Keys::new(&cfg.secret);
         let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
+        let tls_port = cfg
+            .transports
+            .contains(&Transport::Tls)
+            .then_some(cfg.tls_port);
+        let tls_hostport = format!("{}:{}", cfg.advertise_host, cfg.tls_port);
         let me = Me {
             host: cfg.advertise_host.clone(),
             ip: cfg.advertise_host.trim_matches(['[', ']']).parse().ok(),
             port: cfg.advertise_port,
+            tls_port,
             via_udp: format!("SIP/2.0/UDP {hostport};branch="),
             via_tcp: format!("SIP/2.0/TCP {hostport};branch="),
+            via_tls: format!("SIP/2.0/TLS {tls_hostport};branch="),
             rr: format!("<sip:{hostport};lr;sb="),
+            rr_tcp: format!("<sip:{hostport};transport=tcp;lr;sb="),
+            rr_tls: format!("<sip:{tls_hostport};transport=tls;lr;sb="),
+            path_udp: format!("<sip:{hostport};lr;ob;flow="),
+            path_tcp: format!("<sip:{hostport};transport=tcp;lr;ob;flow="),
+            path_tls: format!("<sip:{tls_hostport};transport=tls;lr;ob;flow="),
         };
         let pool = Pool::build(&cfg.servers, &Pool::default());
         let limiter = crate::limits::Limiter::new(&cfg.limits, limiter_key(&keys));
@@ -161,6 +217,7 @@ impl Router {
             probe_due: Mutex::new(std::collections::HashMap::new()),
             last_sweep: AtomicU64::new(0),
             limiter: ArcSwap::from_pointee(limiter),
+            flows: papaya::HashMap::new(),
             cfg: ArcSwap::from_pointee(cfg),
         })
     }
@@ -269,6 +326,28 @@ impl Router {
         }
     }
 
+    /// A user agent opened connection `id` to us from `peer`: a flow that
+    /// requests from servers can reach it by (RFC 5626 §5.3).
+    pub fn conn_opened(&self, id: ConnId, peer: std::net::SocketAddr, transport: Transport) {
+        self.flows.pin().insert(id, FlowInfo { peer, transport });
+    }
+
+    /// Connection `id` closed: its flow token now gets 430 Flow Failed.
+    pub fn conn_closed(&self, id: ConnId) {
+        self.flows.pin().remove(&id);
+    }
+
+    /// The user agents' connections open now.
+    #[must_use]
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// What the shell told us of connection `id`.
+    fn flow_info(&self, id: ConnId) -> Option<FlowInfo> {
+        self.flows.pin().get(&id).copied()
+    }
+
     /// Client transactions in the table.
     #[must_use]
     pub fn transactions(&self) -> usize {
@@ -309,6 +388,20 @@ impl Router {
         let cfg = self.cfg.load();
         if data.len() > cfg.max_message_size {
             self.refuse_raw(data, 513, "Message Too Large", origin, out);
+            return;
+        }
+        if let Origin::Udp { peer } = origin
+            && crate::stun::is_stun(data)
+        {
+            // A NAT keep-alive (RFC 5626 §4.4.2), not SIP.
+            let mut answered = false;
+            out.send_with(Dest::Udp(peer), |b| {
+                answered = crate::stun::answer(data, peer, b)
+            });
+            if !answered {
+                out.cancel_last();
+                self.drop_counted(DropReason::Unparseable, out);
+            }
             return;
         }
         let transport = match origin {
@@ -372,9 +465,11 @@ impl Router {
         }
     }
 
-    /// Whether `host:port` names this balancer.
+    /// Whether `host:port` names this balancer (its SIP port, or its TLS
+    /// port when it has one).
     fn is_ours(&self, host: &sip::Host<'_>, port: Option<u16>) -> bool {
-        port.unwrap_or(5060) == self.me.port
+        let port = port.unwrap_or(5060);
+        (port == self.me.port || Some(port) == self.me.tls_port)
             && match host {
                 sip::Host::Name(n) => n.eq_ignore_ascii_case(self.me.host.as_bytes()),
                 h => h.ip().is_some() && h.ip() == self.me.ip,
@@ -382,7 +477,11 @@ impl Router {
     }
 
     /// A keyed hash of what stays the same when a request loops back to us
-    /// (RFC 3261 §16.3 step 4): Request-URI, From tag, Call-ID, CSeq.
+    /// (RFC 3261 §16.3 step 4): Request-URI, From tag, Call-ID, CSeq, and
+    /// the Route set. With the Route set, a request that spirals back
+    /// through us with the same Request-URI (an in-dialog request from a
+    /// server that record-routed, its route set one shorter) is a spiral,
+    /// not a loop.
     fn loop_hash(&self, msg: &Message<'_>) -> u32 {
         let uri = msg.request_uri().map_or(&b""[..], |u| u.raw);
         let from_tag = msg.from().ok().and_then(|f| f.tag()).unwrap_or_default();
@@ -393,12 +492,17 @@ impl Router {
             sip::Method::Cancel | sip::Method::Ack => &b"INVITE"[..],
             m => m.as_bytes(),
         };
+        let mut routes = 0u64;
+        for r in msg.values(sip::HeaderName::Route) {
+            routes = routes.rotate_left(5) ^ self.keys.hash(&[r]);
+        }
         self.keys.hash(&[
             uri,
             from_tag,
             msg.call_id(),
             &cseq.seq.to_be_bytes(),
             method,
+            &routes.to_le_bytes(),
         ]) as u32
     }
 
@@ -433,6 +537,7 @@ impl Router {
         out.put(match transport {
             Transport::Udp => self.me.via_udp.as_bytes(),
             Transport::Tcp => self.me.via_tcp.as_bytes(),
+            Transport::Tls => self.me.via_tls.as_bytes(),
         });
         branch.write(out);
         if let Some(c) = conn {
@@ -586,6 +691,7 @@ impl HopText {
         let _ = match hop {
             Dest::Udp(a) => write!(c, "u{a}"),
             Dest::Tcp(a) => write!(c, "t{a}"),
+            Dest::Tls(a) => write!(c, "s{a}"),
             Dest::Conn(id) => write!(c, "c{id}"),
             Dest::Resolve { host, port } => write!(c, "n{host}:{port}"),
         };

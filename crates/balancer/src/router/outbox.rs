@@ -73,9 +73,11 @@ pub enum Dest {
     /// Down a connection the shell holds; dropped (and counted by the
     /// shell) when it has closed.
     Conn(ConnId),
-    /// Over the shell's persistent TCP connection to this server address,
-    /// opened when needed.
+    /// Over the shell's persistent TCP connection to this address (a
+    /// server, or a user agent whose URI says TCP), opened when needed.
     Tcp(SocketAddr),
+    /// The same over TLS (a server with `transport = "tls"`).
+    Tls(SocketAddr),
     /// A datagram to a host name: the shell resolves it off the socket
     /// task (with a cache) and sends when it knows the address.
     Resolve {
@@ -90,7 +92,7 @@ impl Dest {
     /// Whether the transport is reliable (no retransmission needed).
     #[must_use]
     pub fn reliable(&self) -> bool {
-        matches!(self, Dest::Conn(_) | Dest::Tcp(_))
+        matches!(self, Dest::Conn(_) | Dest::Tcp(_) | Dest::Tls(_))
     }
 }
 
@@ -175,6 +177,13 @@ impl Outbox {
         write(&mut self.buf);
         let end = self.buf.len();
         self.sends.push(Send { dest, start, end });
+    }
+
+    /// Takes back the last send queued (its writer had nothing to say).
+    pub fn cancel_last(&mut self) {
+        if let Some(s) = self.sends.pop() {
+            self.buf.truncate(s.start);
+        }
     }
 
     /// Queues a send of `bytes`.

@@ -13,31 +13,52 @@ use tracing::debug;
 
 use super::txn::{self, ClientTxn};
 use super::{Dest, Now, Origin, Outbox, Router};
-use crate::codec::{Branch, Leg};
+use std::net::SocketAddr;
+
+use crate::codec::{Branch, Flow, Keys, Leg};
 use crate::config::{Config, OnNoServer, Transport};
 use crate::pool::{Pool, Server};
 use crate::sessions::Kind;
 use crate::stats::DropReason;
 
-/// What our own Route on top of a request said.
-struct OurRoute {
-    /// It was ours: pop it.
-    pop: bool,
+/// What our own Routes on top of a request said (one, or two of a double
+/// Record-Route, RFC 5658; or our Path).
+pub(super) struct OurRoute {
+    /// How many of the top Route values are ours: pop them.
+    pub pop: u8,
     /// The server its `sb` token names.
-    target: Option<Arc<Server>>,
+    pub target: Option<Arc<Server>>,
+    /// The user agent's flow its `flow` token names.
+    pub flow: Option<FlowRef>,
+}
+
+/// A flow token, checked.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum FlowRef {
+    /// The flow is there: reach the user agent over it.
+    Live {
+        flow: Flow,
+        /// Its far end (for the token's MAC).
+        peer: SocketAddr,
+        transport: Transport,
+    },
+    /// A connection that has closed: 430 Flow Failed (RFC 5626 §5.3).
+    Gone,
 }
 
 /// How a request is written for one server.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Hop {
-    /// Remove the top Route (it named us).
-    pub pop_route: bool,
+    /// Remove this many top Routes (they named us).
+    pub pop_routes: u8,
     /// Add our Record-Route.
     pub record_route: bool,
     /// Decrement Max-Forwards and write `received`/`rport`: the request as
     /// it came from its sender. `false` for a copy of a request processed
     /// once already.
     pub fresh: bool,
+    /// Add our Path (a REGISTER from a user agent, RFC 3327).
+    pub path: bool,
 }
 
 impl Router {
@@ -82,7 +103,7 @@ impl Router {
             return self.reply(
                 msg,
                 403,
-                "Forbidden (bad Record-Route signature)",
+                "Forbidden (bad Record-Route or flow signature)",
                 &[],
                 back,
                 out,
@@ -101,7 +122,7 @@ impl Router {
         };
         if let Some(server) = from_server {
             // A request from a server goes towards the user agent.
-            return self.forward_outward(msg, &server, route.pop, origin, out);
+            return self.forward_outward(msg, &server, &route, origin, out);
         }
 
         let method = msg.method();
@@ -167,39 +188,34 @@ impl Router {
             }
         };
         let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), loop_hash);
-        self.forward_to_server(
-            msg,
-            &target,
-            Hop {
-                pop_route: route.pop,
-                record_route: false,
-                fresh: true,
-            },
-            branch,
-            origin,
-            out,
-        );
+        self.forward_to_server(msg, &target, Hop::stateless(route.pop), branch, origin, out);
     }
 
-    /// Our own Route on top: `None` when an in-dialog request carries an
+    /// Our own Routes on top: `None` when an in-dialog request carries an
     /// `sb` token that does not verify for its own Call-ID (or names no
-    /// server of the pool). A request without a To tag starts a session:
-    /// its token is ignored (the policy draws its server, whatever Route it
-    /// carries, so a token seen once pins nothing and reaches no drained
-    /// server).
+    /// server of the pool), or any request a `flow` token that is not ours.
+    /// A request without a To tag starts a session: its `sb` is ignored
+    /// (the policy draws its server, whatever Route it carries, so a token
+    /// seen once pins nothing and reaches no drained server).
     fn our_route(&self, cfg: &Config, msg: &Message<'_>, to_tag: bool) -> Option<OurRoute> {
         let mut r = OurRoute {
-            pop: false,
+            pop: 0,
             target: None,
+            flow: None,
         };
-        if let Some(Ok(top)) = msg.routes().next()
-            && top.uri.host.is_some_and(|h| self.is_ours(&h, top.uri.port))
-        {
-            r.pop = true;
+        let pool = self.pool.load();
+        // A double Record-Route is two of ours; our Path may follow: at
+        // most a few, and only at the top.
+        for top in msg.routes().take(4) {
+            let Ok(top) = top else { break };
+            if !top.uri.host.is_some_and(|h| self.is_ours(&h, top.uri.port)) {
+                break;
+            }
+            r.pop += 1;
             if let Some(sb) = top.uri.param(b"sb")
                 && to_tag
+                && r.target.is_none()
             {
-                let pool = self.pool.load();
                 let id = sb.and_then(|v| {
                     self.keys
                         .verify_sb_bound(v, msg.call_id())
@@ -208,8 +224,109 @@ impl Router {
                 let s = id.and_then(|id| pool.by_id(id))?;
                 r.target = Some(s.clone());
             }
+            if let Some(token) = top.uri.param(b"flow")
+                && r.flow.is_none()
+            {
+                r.flow = Some(self.check_flow(token?)?);
+            }
         }
         Some(r)
+    }
+
+    /// A flow token checked: live, gone (a closed connection), or `None`
+    /// when it is not ours.
+    fn check_flow(&self, token: &[u8]) -> Option<FlowRef> {
+        match Keys::parse_flow(token)? {
+            Flow::Conn(id) => match self.flow_info(id) {
+                Some(info) if self.keys.verify_flow(token, info.peer) => Some(FlowRef::Live {
+                    flow: Flow::Conn(id),
+                    peer: info.peer,
+                    transport: info.transport,
+                }),
+                Some(_) => None,
+                None => Some(FlowRef::Gone),
+            },
+            Flow::Udp(a) => self.keys.verify_flow(token, a).then_some(FlowRef::Live {
+                flow: Flow::Udp(a),
+                peer: a,
+                transport: Transport::Udp,
+            }),
+        }
+    }
+
+    /// The flow a request from a user agent came on (RFC 5626 §5.2) and the
+    /// transport facing it: its connection; over UDP its source address
+    /// when it asked for symmetric responses (`rport`, RFC 3581: it listens
+    /// where it sends from) or `always` (our Path: a NAT binding is the
+    /// only way back to a phone behind NAT).
+    fn ua_side(
+        &self,
+        msg: &Message<'_>,
+        origin: Origin,
+        always: bool,
+    ) -> (Transport, Option<(Flow, SocketAddr)>) {
+        match origin {
+            Origin::Conn {
+                conn,
+                peer,
+                inbound: true,
+            } => (
+                self.flow_info(conn).map_or(Transport::Tcp, |f| f.transport),
+                Some((Flow::Conn(conn), peer)),
+            ),
+            Origin::Udp { peer } if always || msg.top_via().rport.is_some() => {
+                (Transport::Udp, Some((Flow::Udp(peer), peer)))
+            }
+            _ => (Transport::Udp, None),
+        }
+    }
+
+    /// One Record-Route value of ours facing `facing`: the `sb` token of
+    /// `server` bound to the Call-ID, and the user agent's flow.
+    fn write_rr(
+        &self,
+        out: &mut ViaText,
+        facing: Transport,
+        server: &str,
+        call_id: &[u8],
+        flow: Option<(Flow, SocketAddr)>,
+    ) {
+        out.0.extend_from_slice(self.me.rr(facing).as_bytes());
+        self.keys.write_sb_bound(server, call_id, &mut out.0);
+        if let Some((f, peer)) = flow {
+            out.0.extend_from_slice(b";flow=");
+            self.keys.write_flow(f, peer, &mut out.0);
+        }
+        out.0.push(b'>');
+    }
+
+    /// Our Record-Route for a request going out facing `outgoing` that came
+    /// in facing `incoming` (the user agent's flow on the user agent's
+    /// side): one value when the two sides are alike, else two (RFC 5658:
+    /// the outgoing side on top), so that each side's in-dialog requests
+    /// reach us over its own transport.
+    #[allow(clippy::too_many_arguments)]
+    fn record_route(
+        &self,
+        out: &mut ViaText,
+        outgoing: Transport,
+        incoming: Transport,
+        ua_outgoing: bool,
+        server: &str,
+        call_id: &[u8],
+        flow: Option<(Flow, SocketAddr)>,
+    ) {
+        if outgoing == incoming {
+            return self.write_rr(out, outgoing, server, call_id, flow);
+        }
+        let (f_out, f_in) = if ua_outgoing {
+            (flow, None)
+        } else {
+            (None, flow)
+        };
+        self.write_rr(out, outgoing, server, call_id, f_out);
+        out.0.extend_from_slice(b", ");
+        self.write_rr(out, incoming, server, call_id, f_in);
     }
 
     /// Whether a request from `ip` is within its source's limit; when it is
@@ -455,7 +572,7 @@ impl Router {
             invite,
             base,
             back.clone(),
-            conn_of(origin),
+            origin,
             txn::creates_dialog(method),
             self.loop_hash(msg),
             ms,
@@ -537,7 +654,7 @@ impl Router {
             Some(s) => {
                 self.forward_to_server(msg, &s, Hop::stateless(route.pop), branch, origin, out)
             }
-            None if route.pop || msg.routes().next().is_none() => {
+            None if route.pop > 0 || msg.routes().next().is_none() => {
                 // No state: every server (a 2xx ACK would carry our sb). An
                 // amplification of N: limited per source like any request
                 // out of dialog (the ACK of our own 503 never gets here).
@@ -600,7 +717,7 @@ impl Router {
     pub(super) fn write_processed(
         &self,
         msg: &Message<'_>,
-        pop_route: bool,
+        pop_routes: u8,
         origin: Origin,
         out: &mut Vec<u8>,
     ) {
@@ -611,7 +728,7 @@ impl Router {
         ip.set(peer.ip());
         msg.write_edited(
             &Edits {
-                remove_top_route: pop_route,
+                remove_routes: pop_routes,
                 max_forwards: MaxForwards::Decrement,
                 received: Some(Received {
                     received: ip.as_bytes(),
@@ -639,20 +756,30 @@ impl Router {
         ip.set(peer.ip());
         let branch = self.seal(branch, &response_hop(msg, origin, hop.fresh));
         let mut via = ViaText::default();
-        self.write_via(&mut via.0, server.cfg.transport, branch, conn_of(origin));
+        let srv_t = server.cfg.transport;
+        self.write_via(&mut via.0, srv_t, branch, conn_of(origin));
         let mut rr = ViaText::default();
         if hop.record_route {
-            rr.0.extend_from_slice(self.me.rr.as_bytes());
-            self.keys
-                .write_sb_bound(&server.id, msg.call_id(), &mut rr.0);
-            rr.0.push(b'>');
+            let (ua_t, flow) = self.ua_side(msg, origin, false);
+            self.record_route(&mut rr, srv_t, ua_t, false, &server.id, msg.call_id(), flow);
+        }
+        let mut path = ViaText::default();
+        if hop.path {
+            // The registrar reaches the phone through us, over its flow.
+            let (_, flow) = self.ua_side(msg, origin, true);
+            path.0.extend_from_slice(self.me.path(srv_t).as_bytes());
+            if let Some((f, p)) = flow {
+                self.keys.write_flow(f, p, &mut path.0);
+            }
+            path.0.push(b'>');
         }
         out.send_with(server.dest(), |b| {
             msg.write_edited(
                 &Edits {
                     prepend_via: Some(&via.0),
                     record_route: hop.record_route.then_some(&rr.0[..]),
-                    remove_top_route: hop.pop_route,
+                    remove_routes: hop.pop_routes,
+                    path: hop.path.then_some(&path.0[..]),
                     max_forwards: if hop.fresh {
                         MaxForwards::Decrement
                     } else {
@@ -662,7 +789,7 @@ impl Router {
                         received: ip.as_bytes(),
                         rport: peer.port(),
                     }),
-                    add_content_length: server.cfg.transport == Transport::Tcp,
+                    add_content_length: srv_t.is_stream(),
                     ..Edits::default()
                 },
                 b,
@@ -671,60 +798,94 @@ impl Router {
         server.stats.forwarded.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A request from a server to the UA side: the next Route, else the
-    /// Request-URI.
+    /// Whether our Path goes on this REGISTER from a user agent.
+    pub(super) fn wants_path(&self, cfg: &Config, msg: &Message<'_>) -> bool {
+        match cfg.path {
+            crate::config::PathMode::Always => true,
+            crate::config::PathMode::Off => false,
+            crate::config::PathMode::Supported => msg
+                .values(HeaderName::Supported)
+                .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"path")),
+        }
+    }
+
+    /// A request from a server to the user agent side. It must come by one
+    /// of our tokens (RFC 3261 §16.12 and the edge hardening: a server
+    /// reaches only a user agent that a dialog or a registration through
+    /// us names): our Record-Route's `sb` bound to this Call-ID, or the
+    /// `flow` of our Record-Route or Path. It goes over that flow (RFC 5626
+    /// §5.3: 430 Flow Failed when it has closed), else to the next Route
+    /// or the Request-URI by its transport (RFC 3263 §4.1).
     fn forward_outward(
         &self,
         msg: &Message<'_>,
         server: &Server,
-        pop_route: bool,
+        route: &OurRoute,
         origin: Origin,
         out: &mut Outbox,
     ) {
         let back = origin.reply_dest();
-        let next_route = msg.routes().flatten().nth(usize::from(pop_route));
-        let uri = next_route.map_or_else(|| *msg.request_uri().expect("request"), |r| r.uri);
-        let Some(host) = uri.host else {
-            return self.reply(msg, 416, "Unsupported URI Scheme", &[], back, out);
-        };
-        let port = uri.port.unwrap_or(5060);
-        let dest = match host.ip() {
-            Some(ip) => Dest::Udp(std::net::SocketAddr::new(ip, port)),
-            None => match &host {
-                sip::Host::Name(n) => Dest::Resolve {
-                    host: String::from_utf8_lossy(n).into(),
-                    port,
-                },
-                _ => return self.reply(msg, 404, "Not Found", &[], back, out),
-            },
+        if route.target.is_none() && route.flow.is_none() {
+            return self.reply(
+                msg,
+                403,
+                "Forbidden (no dialog or registration through this balancer)",
+                &[],
+                back,
+                out,
+            );
+        }
+        let (dest, ua_t, flow) = match route.flow {
+            Some(FlowRef::Gone) => {
+                return self.reply(msg, 430, "Flow Failed", &[], back, out);
+            }
+            Some(FlowRef::Live {
+                flow,
+                peer,
+                transport,
+            }) => {
+                let dest = match flow {
+                    Flow::Conn(id) => Dest::Conn(id),
+                    Flow::Udp(a) => Dest::Udp(a),
+                };
+                (dest, transport, Some((flow, peer)))
+            }
+            None => {
+                let next_route = msg.routes().flatten().nth(usize::from(route.pop));
+                let uri =
+                    next_route.map_or_else(|| *msg.request_uri().expect("request"), |r| r.uri);
+                match uri_dest(&uri) {
+                    Ok((dest, t)) => (dest, t, None),
+                    Err((code, reason)) => return self.reply(msg, code, reason, &[], back, out),
+                }
+            }
         };
         let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
         let record_route = txn::creates_dialog(msg.method()) && !to_tag;
         let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), self.loop_hash(msg));
         let branch = self.seal(branch, &response_hop(msg, origin, true));
         let mut via = ViaText::default();
-        self.write_via(&mut via.0, Transport::Udp, branch, None);
+        self.write_via(&mut via.0, ua_t, branch, None);
         let mut rr = ViaText::default();
         if record_route {
-            rr.0.extend_from_slice(self.me.rr.as_bytes());
-            self.keys
-                .write_sb_bound(&server.id, msg.call_id(), &mut rr.0);
-            rr.0.push(b'>');
+            let srv_t = server.cfg.transport;
+            self.record_route(&mut rr, ua_t, srv_t, true, &server.id, msg.call_id(), flow);
         }
         let peer = origin.peer();
         let mut ip = IpText::default();
         ip.set(peer.ip());
-        out.send_with(dest, |b| {
+        out.send_with(dest.clone(), |b| {
             msg.write_edited(
                 &Edits {
                     prepend_via: Some(&via.0),
                     record_route: record_route.then_some(&rr.0[..]),
-                    remove_top_route: pop_route,
+                    remove_routes: route.pop,
                     max_forwards: MaxForwards::Decrement,
                     received: Some(Received {
                         received: ip.as_bytes(),
                         rport: peer.port(),
                     }),
+                    add_content_length: dest.reliable(),
                     ..Edits::default()
                 },
                 b,
@@ -733,13 +894,60 @@ impl Router {
     }
 }
 
+/// Where a request to `uri` goes when no flow names the user agent (RFC
+/// 3263 §4.1: the `transport` parameter, `sips:`; the port or 5060/5061)
+/// and the transport facing it; or the status to answer with.
+fn uri_dest(uri: &sip::Uri<'_>) -> Result<(Dest, Transport), (u16, &'static str)> {
+    let Some(host) = uri.host else {
+        return Err((416, "Unsupported URI Scheme"));
+    };
+    let transport = uri.param(b"transport").flatten();
+    let t = if uri.scheme == sip::Scheme::Sips
+        || transport.is_some_and(|t| t.eq_ignore_ascii_case(b"tls"))
+    {
+        Transport::Tls
+    } else if transport.is_some_and(|t| t.eq_ignore_ascii_case(b"tcp")) {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
+    let port = uri
+        .port
+        .unwrap_or(if t == Transport::Tls { 5061 } else { 5060 });
+    match (host.ip(), t) {
+        (Some(ip), Transport::Udp) => Ok((Dest::Udp(SocketAddr::new(ip, port)), t)),
+        (Some(ip), Transport::Tcp) => Ok((Dest::Tcp(SocketAddr::new(ip, port)), t)),
+        (None, Transport::Udp) => match &host {
+            sip::Host::Name(n) => Ok((
+                Dest::Resolve {
+                    host: String::from_utf8_lossy(n).into(),
+                    port,
+                },
+                t,
+            )),
+            _ => Err((404, "Not Found")),
+        },
+        // No TLS connection of ours to a user agent without its flow (it
+        // would need the phone's certificate checked), nor TCP to a name.
+        (_, Transport::Tls) => Err((
+            480,
+            "Temporarily Unavailable (no TLS flow to the user agent)",
+        )),
+        (None, Transport::Tcp) => Err((
+            480,
+            "Temporarily Unavailable (no TCP flow to the user agent)",
+        )),
+    }
+}
+
 impl Hop {
     /// A request forwarded as it came, without Record-Route.
-    pub(super) fn stateless(pop_route: bool) -> Hop {
+    pub(super) fn stateless(pop_routes: u8) -> Hop {
         Hop {
-            pop_route,
+            pop_routes,
             record_route: false,
             fresh: true,
+            path: false,
         }
     }
 }

@@ -149,6 +149,8 @@ pub(super) struct ClientTxn {
     request: Vec<u8>,
     reply_to: Dest,
     conn: Option<u64>,
+    /// Where the request came from (the user agent's flow).
+    from: super::Origin,
     record_route: bool,
     loop_hash: u32,
     pub tries: SmallVec<[Try; 3]>,
@@ -193,7 +195,7 @@ impl ClientTxn {
         invite: bool,
         request: Vec<u8>,
         reply_to: Dest,
-        conn: Option<u64>,
+        from: super::Origin,
         record_route: bool,
         loop_hash: u32,
         now_ms: u64,
@@ -202,7 +204,8 @@ impl ClientTxn {
             invite,
             request,
             reply_to,
-            conn,
+            conn: super::request::conn_of(from),
+            from,
             record_route,
             loop_hash,
             tries: SmallVec::new(),
@@ -238,18 +241,10 @@ impl ClientTxn {
         }
     }
 
-    /// The origin to forward the stored request as: its inbound connection
-    /// (for `lbc`); the address only stands in (the copy carries its
-    /// `received` already).
-    fn origin_for(&self, peer: std::net::SocketAddr) -> super::Origin {
-        match self.conn {
-            Some(conn) => super::Origin::Conn {
-                peer,
-                conn,
-                inbound: true,
-            },
-            None => super::Origin::Udp { peer },
-        }
+    /// The origin to forward the stored request as: where it came from
+    /// (its inbound connection for `lbc`, its flow for our Record-Route).
+    fn origin(&self) -> super::Origin {
+        self.from
     }
 
     fn current(&self) -> u8 {
@@ -343,14 +338,15 @@ impl Router {
             return;
         };
         let branch = Self::branch(id, Leg::Attempt(t.current()), t.loop_hash);
-        let origin = t.origin_for(server.cfg.address);
+        let origin = t.origin();
         self.forward_to_server(
             &msg,
             server,
             Hop {
-                pop_route: false,
+                pop_routes: 0,
                 record_route: t.record_route,
                 fresh: false,
+                path: false,
             },
             branch,
             origin,
@@ -699,6 +695,7 @@ fn dest_of(address: std::net::SocketAddr, transport: Transport) -> Dest {
     match transport {
         Transport::Udp => Dest::Udp(address),
         Transport::Tcp => Dest::Tcp(address),
+        Transport::Tls => Dest::Tls(address),
     }
 }
 

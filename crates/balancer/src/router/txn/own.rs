@@ -35,7 +35,7 @@ impl Router {
         let mut via = ViaText::default();
         // The INVITE's branch at this hop exactly (§9.1), MAC included.
         let branch = Self::branch(id, Leg::Attempt(i as u8), t.loop_hash);
-        let branch = self.seal(branch, &response_hop(&invite, t.origin_for(address), false));
+        let branch = self.seal(branch, &response_hop(&invite, t.origin(), false));
         self.write_via(&mut via.0, transport, branch, t.conn);
         out.send_with(dest_of(address, transport), |b| {
             build::cancel_for(&invite, &via.0, b);
