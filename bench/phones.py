@@ -498,6 +498,9 @@ transports = {transports}
     if tls:
         text += 'tls_port = {tls}\n\n[sip.tls]\ncertificate = "{cert}"\nkey = "{key}"\n'.format(
             tls=ports["tls"], cert=tls[1], key=tls[2])
+        if a.server_transport == "tls":
+            # TLS servers send their requests back to us over TLS.
+            text += 'server_ca = "{ca}"\n'.format(ca=tls[0])
     text += """
 [routing]
 secret = "phones-bench-secret-{rand}"
@@ -522,7 +525,9 @@ transport = "{st}"
 id = "s2"
 address = "127.0.0.1:{k2}"
 transport = "{st}"
-""".format(rand=os.urandom(8).hex(), admin=ports["admin"], k1=ports["k1"], k2=ports["k2"],
+""".format(rand=os.urandom(8).hex(), admin=ports["admin"],
+           k1=ports["k1tls" if a.server_transport == "tls" else "k1"],
+           k2=ports["k2tls" if a.server_transport == "tls" else "k2"],
            st=a.server_transport)
     path = os.path.join(work, "siplb.toml")
     with open(path, "w") as f:
@@ -544,7 +549,7 @@ def main():
     ap.add_argument("--siplb", default=os.path.join(ROOT, "target/release/siplb"))
     ap.add_argument("--transport", choices=["udp", "tcp", "tls"], default="udp",
                     help="the phones' transport to siplb")
-    ap.add_argument("--server-transport", choices=["udp", "tcp"], default="udp",
+    ap.add_argument("--server-transport", choices=["udp", "tcp", "tls"], default="udp",
                     help="siplb to the Kamailios")
     ap.add_argument("--calls", type=int, default=4)
     ap.add_argument("--hangup", choices=["caller", "callee", "both"], default="both")
@@ -588,6 +593,7 @@ def main():
 
     off = a.port_offset
     ports = dict(sip=5060 + off, tls=5061 + off, admin=8060 + off, k1=5081 + off, k2=5082 + off,
+                 k1tls=5091 + off, k2tls=5092 + off,
                  alice=5310 + off, bob=5320 + off, actl=4441 + off, bctl=4442 + off)
     deadline = Deadline(a.timeout)
     work = tempfile.mkdtemp(prefix="siplb-phones-")
@@ -608,6 +614,10 @@ def main():
         log("work folder %s; siplb %s; transport %s%s" % (
             work, a.siplb, a.transport, ", bob behind NAT" if nat else ""))
 
+        tls = None
+        if a.transport == "tls" or a.server_transport == "tls":
+            tls = make_certs(work, ["127.0.0.1"] + ([nat.host] if nat else []))
+
         # --- Kamailio pool
         kams = []
         with open(os.path.join(HERE, "kamailio.cfg")) as f:
@@ -617,9 +627,23 @@ def main():
             kdir = os.path.join(work, sid)
             os.mkdir(kdir)
             cfg = os.path.join(kdir, "kamailio.cfg")
+            tls_listen = tls_module = ""
+            if a.server_transport == "tls":
+                # Kamailio's tls module (Debian: kamailio-tls-modules) with
+                # the test CA's certificate; it does not check ours.
+                tls_cfg = os.path.join(kdir, "tls.cfg")
+                with open(tls_cfg, "w") as f:
+                    f.write("[server:default]\nmethod = TLSv1.2+\nverify_certificate = no\n"
+                            "require_certificate = no\nprivate_key = %s\ncertificate = %s\n\n"
+                            "[client:default]\nmethod = TLSv1.2+\nverify_certificate = no\n"
+                            "require_certificate = no\n" % (tls[2], tls[1]))
+                tport = ports["k1tls" if sid == "s1" else "k2tls"]
+                tls_listen = "enable_tls=yes\nlisten=tls:127.0.0.1:%d" % tport
+                tls_module = 'loadmodule "tls.so"\nmodparam("tls", "config", "%s")' % tls_cfg
             with open(cfg, "w") as f:
                 f.write(ktext.replace("@ADDR@", "127.0.0.1").replace("@PORT@", str(port))
-                        .replace("@DOMAIN@", DOMAIN).replace("@MPATH@", mpath))
+                        .replace("@DOMAIN@", DOMAIN).replace("@MPATH@", mpath)
+                        .replace("@TLS_LISTEN@", tls_listen).replace("@TLS_MODULE@", tls_module))
             klog = os.path.join(kdir, "kamailio.log")
             p = procs.start("kamailio-" + sid, ["kamailio", "-f", cfg, "-DD", "-E", "-m", "64",
                                                  "-M", "8", "-Y", kdir], klog)
@@ -632,9 +656,6 @@ def main():
             wait_until(up, deadline.upto(15), 0.1, "kamailio %s answering OPTIONS" % sid)
 
         # --- siplb
-        tls = None
-        if a.transport == "tls":
-            tls = make_certs(work, ["127.0.0.1"] + ([nat.host] if nat else []))
         conf = siplb_config(work, a, lb_addr, ports, tls)
         env = dict(os.environ)
         env["SIPLB_LOG"] = "debug" if a.debug else env.get("SIPLB_LOG", "info")

@@ -455,6 +455,14 @@ async fn metrics(
             .connections
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    let _ = writeln!(
+        o,
+        "# HELP siplb_flows User agents' connections open as flows (RFC 5626).\n# TYPE siplb_flows gauge\nsiplb_flows {}\n# HELP siplb_udp_to_tcp_total Requests to UDP servers sent over TCP for their size (sip.udp_mtu).\n# TYPE siplb_udp_to_tcp_total counter\nsiplb_udp_to_tcp_total {}",
+        p.flows(),
+        p.stats
+            .udp_to_tcp
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     for kind in ["refused", "closed"] {
         let _ = writeln!(
             o,

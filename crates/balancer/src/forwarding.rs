@@ -79,8 +79,9 @@ struct Net {
     router: Arc<Router>,
     udp: Vec<Arc<UdpSocket>>,
     conns: papaya::HashMap<ConnId, mpsc::Sender<Bytes>>,
-    /// Our persistent connection to each TCP server.
-    servers: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
+    /// Our persistent connection to each TCP (`false`) and TLS (`true`)
+    /// server, or user agent address a Request-URI named over TCP.
+    servers: Mutex<HashMap<(SocketAddr, bool), mpsc::Sender<Bytes>>>,
     next_conn: AtomicU64,
     /// Inbound connections open per source address (bounded by
     /// `sip.max_connections` entries).
@@ -90,6 +91,8 @@ struct Net {
     rng: Rng,
     /// The TLS certificate in force, when there are TLS listeners.
     tls: Option<Arc<crate::tls::TlsListener>>,
+    /// The TLS client side, when a server has `transport = "tls"`.
+    tls_client: Option<Arc<crate::tls::TlsClient>>,
     me: std::sync::Weak<Net>,
 }
 
@@ -118,9 +121,8 @@ impl Net {
                     .pin()
                     .get(id)
                     .is_some_and(|tx| tx.try_send(Bytes::copy_from_slice(bytes)).is_ok()),
-                Dest::Tcp(to) => self.send_tcp_server(*to, bytes),
-                // The config refuses TLS towards servers (not built yet).
-                Dest::Tls(_) => false,
+                Dest::Tcp(to) => self.send_server(*to, false, bytes),
+                Dest::Tls(to) => self.send_server(*to, true, bytes),
                 Dest::Resolve { host, port } => self
                     .resolve
                     .try_send((host.clone(), *port, Bytes::copy_from_slice(bytes)))
@@ -143,61 +145,79 @@ impl Net {
         &self.udp[i]
     }
 
-    fn send_tcp_server(self: &Net, addr: SocketAddr, bytes: &[u8]) -> bool {
+    fn send_server(self: &Net, addr: SocketAddr, tls: bool, bytes: &[u8]) -> bool {
         let mut m = self
             .servers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let tx = match m.get(&addr) {
+        let tx = match m.get(&(addr, tls)) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
-                let tx = self.open_server_conn(addr);
-                m.insert(addr, tx.clone());
+                let Some(tx) = self.open_server_conn(addr, tls) else {
+                    return false;
+                };
+                m.insert((addr, tls), tx.clone());
                 tx
             }
         };
         tx.try_send(Bytes::copy_from_slice(bytes)).is_ok()
     }
 
-    /// Opens a connection to a TCP server; messages queue until it is up.
-    fn open_server_conn(&self, addr: SocketAddr) -> mpsc::Sender<Bytes> {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
+    /// Opens a connection to a TCP or TLS server (or a TCP user agent);
+    /// messages queue until it is up. `None` for TLS without a client side.
+    fn open_server_conn(&self, addr: SocketAddr, tls: bool) -> Option<mpsc::Sender<Bytes>> {
+        let tls = if tls {
+            let client = self.tls_client.as_ref()?;
+            let pool = self.router.pool();
+            let name = pool.by_addr(addr).and_then(|s| s.cfg.tls_name.clone());
+            match crate::tls::server_name(name.as_deref(), addr) {
+                Ok(n) => Some((client.connector(), n)),
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot connect to server over TLS");
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let (tx, rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.conns.pin().insert(id, tx.clone());
         let net = self.me();
         tokio::spawn(async move {
             let connected =
                 tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await;
-            let Ok(Ok(stream)) = connected else {
-                warn!(%addr, "cannot connect to server over TCP");
+            let gone = |why: &str| {
+                warn!(%addr, "cannot connect to server over {why}");
                 if let Some(n) = net.upgrade() {
                     n.conns.pin().remove(&id);
                 }
-                return;
+            };
+            let Ok(Ok(stream)) = connected else {
+                return gone("TCP");
             };
             let _ = stream.set_nodelay(true);
-            let (r, mut w) = stream.into_split();
             let origin = Origin::Conn {
                 peer: addr,
                 conn: id,
                 inbound: false,
             };
-            let reader = net
-                .upgrade()
-                .map(|n| tokio::spawn(read_stream(n, r, origin)));
-            while let Some(b) = rx.recv().await {
-                if w.write_all(&b).await.is_err() {
-                    break;
+            match tls {
+                None => serve_outbound(net, stream, origin, rx).await,
+                Some((connector, name)) => {
+                    let hs = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        connector.connect(name, stream),
+                    );
+                    match hs.await {
+                        Ok(Ok(s)) => serve_outbound(net, s, origin, rx).await,
+                        Ok(Err(e)) => gone(&format!("TLS: {e}")),
+                        Err(_) => gone("TLS: handshake timed out"),
+                    }
                 }
             }
-            if let Some(r) = reader {
-                r.abort();
-            }
-            if let Some(n) = net.upgrade() {
-                n.conns.pin().remove(&id);
-            }
         });
-        tx
+        Some(tx)
     }
 
     fn me(&self) -> std::sync::Weak<Net> {
@@ -209,6 +229,7 @@ impl Net {
 pub struct Balancer {
     router: Arc<Router>,
     tls: Option<Arc<crate::tls::TlsListener>>,
+    tls_client: Option<Arc<crate::tls::TlsClient>>,
     tasks: JoinSet<()>,
 }
 
@@ -243,6 +264,12 @@ impl Balancer {
             let t = cfg.tls.as_ref().ok_or("TLS listeners without [sip.tls]")?;
             Some(Arc::new(crate::tls::TlsListener::new(t)?))
         };
+        let tls_client = if cfg.servers.iter().any(|s| s.transport == Transport::Tls) {
+            let t = cfg.tls.as_ref().ok_or("TLS servers without [sip.tls]")?;
+            Some(Arc::new(crate::tls::TlsClient::new(t)?))
+        } else {
+            None
+        };
         wait_for_first_data(&cfg, &table).await;
         let router = Arc::new(Router::new(cfg, table, Instant::now()).map_err(|e| e.to_string())?);
         let (timers_tx, timers_rx) = mpsc::unbounded_channel();
@@ -262,6 +289,7 @@ impl Balancer {
                 None => Rng::Os,
             },
             tls: tls.clone(),
+            tls_client: tls_client.clone(),
         });
         let mut tasks = JoinSet::new();
         for sock in sockets.udp {
@@ -276,7 +304,12 @@ impl Balancer {
         tasks.spawn(timer_task(net.clone(), timers_rx));
         tasks.spawn(tick_task(net.clone()));
         tasks.spawn(resolver_task(net.clone(), resolve_rx));
-        Ok(Balancer { router, tls, tasks })
+        Ok(Balancer {
+            router,
+            tls,
+            tls_client,
+            tasks,
+        })
     }
 
     /// Re-reads the TLS certificate and key (a reload): new handshakes use
@@ -285,16 +318,25 @@ impl Balancer {
     /// # Errors
     /// The files cannot be used; the certificate in force stays.
     pub fn reload_tls(&self, cfg: &Config) -> Result<(), String> {
-        match (&self.tls, &cfg.tls) {
-            (Some(l), Some(t)) => l.reload(t),
-            _ => Ok(()),
-        }
+        self.tls_reloader()(cfg)
     }
 
-    /// The TLS listener's certificate holder, for a reload hook.
-    #[must_use]
-    pub fn tls(&self) -> Option<Arc<crate::tls::TlsListener>> {
-        self.tls.clone()
+    /// What re-reads the TLS files on a reload (for the reload hook).
+    pub fn tls_reloader(
+        &self,
+    ) -> impl Fn(&Config) -> Result<(), String> + Send + Sync + Clone + 'static {
+        let (listener, client) = (self.tls.clone(), self.tls_client.clone());
+        move |cfg: &Config| {
+            if let (Some(l), Some(t)) = (&listener, &cfg.tls) {
+                l.reload(t)?;
+            }
+            if let (Some(c), Some(t)) = (&client, &cfg.tls)
+                && t.server_ca.is_some()
+            {
+                c.reload(t)?;
+            }
+            Ok(())
+        }
     }
 
     /// The routing core (for the admin API and the test beds).
@@ -403,7 +445,10 @@ async fn tls_conn(net: Arc<Net>, s: TcpStream, peer: SocketAddr, admitted: Admit
     let Some(tls) = net.tls.clone() else { return };
     let limit = net.router.config().message_timeout;
     match tokio::time::timeout(limit, tls.acceptor().accept(s)).await {
-        Ok(Ok(stream)) => stream_conn(net, stream, peer, admitted, Transport::Tls).await,
+        Ok(Ok(stream)) => {
+            debug!(%peer, "tls handshake done");
+            stream_conn(net, stream, peer, admitted, Transport::Tls).await;
+        }
         Ok(Err(e)) => {
             net.router
                 .stats
@@ -469,6 +514,33 @@ impl Net {
     }
 }
 
+/// Our connection to a server: writes what is queued for it, hands what it
+/// sends to the core, until either side ends.
+async fn serve_outbound<S>(
+    net: std::sync::Weak<Net>,
+    stream: S,
+    origin: Origin,
+    mut rx: mpsc::Receiver<Bytes>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (r, mut w) = tokio::io::split(stream);
+    let reader = net
+        .upgrade()
+        .map(|n| tokio::spawn(read_stream(n, r, origin)));
+    while let Some(b) = rx.recv().await {
+        if w.write_all(&b).await.is_err() {
+            break;
+        }
+    }
+    if let Some(r) = reader {
+        r.abort();
+    }
+    if let (Some(n), Origin::Conn { conn, .. }) = (net.upgrade(), origin) {
+        n.conns.pin().remove(&conn);
+    }
+}
+
 /// Serves one inbound stream connection (TCP, or TLS after its handshake):
 /// a flow of the core's (RFC 5626) while it is open.
 async fn stream_conn<S>(
@@ -519,6 +591,7 @@ async fn stream_conn<S>(
         inbound: true,
     };
     read_stream(net.clone(), r, origin).await;
+    debug!(%peer, conn = id, "connection closed");
     net.router.conn_closed(id);
     net.conns.pin().remove(&id);
     let _ = closing.send(());

@@ -76,4 +76,16 @@ impl Pool {
     pub fn by_addr(&self, a: SocketAddr) -> Option<&Arc<Server>> {
         self.servers.iter().find(|s| s.cfg.address == a)
     }
+
+    /// The server a request from `peer` whose top Via names `sent_by`
+    /// comes from: the one at `peer`, else (a connection the server opened
+    /// to us from a port of its own, or a datagram from another of its
+    /// sockets) the one at `sent_by` when it is on `peer`'s IP address.
+    #[must_use]
+    pub fn sender(&self, peer: SocketAddr, sent_by: Option<SocketAddr>) -> Option<&Arc<Server>> {
+        self.by_addr(peer).or_else(|| {
+            let v = sent_by.filter(|v| v.ip() == peer.ip())?;
+            self.by_addr(v)
+        })
+    }
 }

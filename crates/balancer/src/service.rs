@@ -111,7 +111,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
 
     let admin_cfg = cfg.admin.clone();
     let balancer = Balancer::start(cfg, Sockets { udp, tcp, tls }, table, None).await?;
-    let tls = balancer.tls();
+    let reload_tls = balancer.tls_reloader();
     let proxy = balancer.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -119,14 +119,12 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         let p = proxy.clone();
         let path = config_path.clone();
         let ps = perf_server.clone();
-        let tls = tls.clone();
+        let reload_tls = reload_tls.clone();
         move || -> Result<(), String> {
             let new = Config::load(&path).map_err(|e| e.to_string())?;
-            // The certificate first: a reload with unusable files changes
+            // The certificates first: a reload with unusable files changes
             // nothing and says why.
-            if let (Some(l), Some(t)) = (&tls, &new.tls) {
-                l.reload(t)?;
-            }
+            reload_tls(&new)?;
             if let Some(ps) = &ps {
                 ps.set_agents(&agent_specs(&new));
             }

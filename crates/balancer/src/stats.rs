@@ -134,6 +134,8 @@ pub const CONN_EVENTS: [(ConnEvent, &str, &str); 5] = [
 pub struct Stats {
     /// Inbound stream connections open now.
     pub connections: AtomicU64,
+    /// Requests to UDP servers sent over TCP for their size (`sip.udp_mtu`).
+    pub udp_to_tcp: AtomicU64,
     conn_events: [AtomicU64; CONN_EVENTS.len()],
     requests: [AtomicU64; METHODS.len()],
     responses: Box<[AtomicU64]>,
@@ -146,6 +148,7 @@ impl Default for Stats {
     fn default() -> Self {
         Stats {
             connections: AtomicU64::new(0),
+            udp_to_tcp: AtomicU64::new(0),
             conn_events: std::array::from_fn(|_| AtomicU64::new(0)),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             responses: (0..600).map(|_| AtomicU64::new(0)).collect(),

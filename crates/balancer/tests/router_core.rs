@@ -463,3 +463,41 @@ fn a_stun_keepalive_is_answered() {
     assert_eq!(sent[0].0, Dest::Udp(peer));
     assert_eq!(&sent[0].1[..2], &[1, 1], "a Binding success response");
 }
+
+#[test]
+fn a_request_too_large_for_udp_goes_to_the_server_over_tcp() {
+    let mut core = Core::new("mtu", "");
+    let ua = addr("192.0.2.30:5070");
+    let body = "v=0\r\n".repeat(300);
+    let big = invite("mtu-1", ua, "UDP").replace(
+        "Content-Length: 0\n",
+        &format!(
+            "Content-Type: application/sdp\nContent-Length: {}\n",
+            body.len()
+        ),
+    );
+    let big = format!("{}{body}", big.replace('\n', "\r\n"));
+    assert!(big.len() > 1300);
+    let sent = core.feed(&big, Origin::Udp { peer: ua }, 0);
+    let inv = sent
+        .iter()
+        .find(|(_, t)| t.starts_with("INVITE"))
+        .unwrap_or_else(|| panic!("{sent:?}"));
+    assert!(
+        matches!(inv.0, Dest::Tcp(a) if a == addr(S1) || a == addr(S2)),
+        "over TCP to the same server address: {:?}",
+        inv.0
+    );
+    assert!(
+        header_values(&inv.1, "via")[0].starts_with("SIP/2.0/TCP "),
+        "{}",
+        inv.1
+    );
+    assert!(inv.1.ends_with(&body), "the body whole");
+    // A small one stays on UDP.
+    let sent = core.feed(&invite("mtu-2", ua, "UDP"), Origin::Udp { peer: ua }, 1);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| matches!(d, Dest::Udp(_)) && t.starts_with("INVITE"))
+    );
+}

@@ -214,3 +214,37 @@ fn nat_over_udp() {
         "both",
     ]);
 }
+
+/// TLS on both sides: phones to siplb, siplb to the Kamailios (their tls
+/// module, Debian package kamailio-tls-modules; siplb checks their
+/// certificate against the test CA), and the Kamailios' own requests (the
+/// INVITE along our Path, the BYE along our Record-Route) back to siplb
+/// over TLS connections they open.
+#[test]
+fn tls_phones_and_tls_servers() {
+    phones(&[
+        "--transport",
+        "tls",
+        "--server-transport",
+        "tls",
+        "--calls",
+        "2",
+        "--hangup",
+        "both",
+    ]);
+}
+
+/// UDP phones, TLS servers: a double Record-Route across the two.
+#[test]
+fn udp_phones_and_tls_servers() {
+    phones(&[
+        "--transport",
+        "udp",
+        "--server-transport",
+        "tls",
+        "--calls",
+        "2",
+        "--hangup",
+        "both",
+    ]);
+}

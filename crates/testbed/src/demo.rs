@@ -122,6 +122,7 @@ async fn scenario(
             probe: None,
             probe_failures: 2,
             probe_successes: 2,
+            tls_name: None,
         });
         uas.push(u);
     }
@@ -223,6 +224,7 @@ pub fn loopback_config(
         tls_port: 5061,
         tls: None,
         path: balancer::config::PathMode::Always,
+        udp_mtu: 1300,
         advertise_host: lb_addr.ip().to_string(),
         advertise_port: lb_addr.port(),
         max_message_size: sip::DEFAULT_MAX_SIZE,

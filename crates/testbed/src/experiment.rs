@@ -384,6 +384,7 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
             probe: None,
             probe_failures: 2,
             probe_successes: 2,
+            tls_name: None,
         });
         servers.push(u);
     }

@@ -82,22 +82,26 @@ pub enum PathMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TlsSection {
-    certificate: PathBuf,
-    key: PathBuf,
+    certificate: Option<PathBuf>,
+    key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    server_ca: Option<PathBuf>,
 }
 
-/// The certificate and key of the TLS listener, checked at load and
-/// re-read on reload.
+/// TLS files (`[sip.tls]`), checked at load and re-read on reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
-    /// PEM certificate chain, leaf first.
-    pub certificate: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
+    /// PEM certificate chain, leaf first: the listener's (required with
+    /// `"tls"` in `sip.transports`), and ours towards TLS servers.
+    pub certificate: Option<PathBuf>,
+    /// PEM private key of `certificate`.
+    pub key: Option<PathBuf>,
     /// PEM CA certificates: when given, clients must present a certificate
     /// signed by one of them.
     pub client_ca: Option<PathBuf>,
+    /// PEM CA certificates that sign the TLS servers' certificates
+    /// (required when a server has `transport = "tls"`).
+    pub server_ca: Option<PathBuf>,
 }
 
 /// Where REGISTER goes.
@@ -144,6 +148,7 @@ struct SipSection {
     tls_port: u16,
     tls: Option<TlsSection>,
     path: PathMode,
+    udp_mtu: usize,
 }
 
 impl Default for SipSection {
@@ -161,6 +166,7 @@ impl Default for SipSection {
             tls_port: 5061,
             tls: None,
             path: PathMode::Always,
+            udp_mtu: 1300,
         }
     }
 }
@@ -264,6 +270,7 @@ struct ServerSection {
     probe_failures: u32,
     #[serde(default = "two")]
     probe_successes: u32,
+    tls_name: Option<String>,
 }
 
 fn two() -> u32 {
@@ -324,6 +331,9 @@ pub struct ServerConfig {
     pub probe_failures: u32,
     /// Consecutive answered probes that mark it up again.
     pub probe_successes: u32,
+    /// With `transport = "tls"`: the name its certificate must have (else
+    /// its IP address).
+    pub tls_name: Option<String>,
 }
 
 /// The checked runtime configuration.
@@ -339,6 +349,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// When REGISTER gets our Path.
     pub path: PathMode,
+    /// A request to a UDP server larger than this goes over TCP to the same
+    /// address (RFC 3261 §18.1.1); 0: never.
+    pub udp_mtu: usize,
     /// `host[:port]` written into our Via and Record-Route.
     pub advertise_host: String,
     /// Port written with it.
@@ -469,16 +482,28 @@ impl Config {
                     "transports has \"tls\": give [sip.tls] certificate and key",
                 );
             }
-            (Some(t), _) => {
+            (Some(t), listener) => {
+                let r = |p: &Option<PathBuf>| p.as_ref().map(|p| resolve(base, p));
                 let t = TlsConfig {
-                    certificate: resolve(base, &t.certificate),
-                    key: resolve(base, &t.key),
-                    client_ca: t.client_ca.as_ref().map(|p| resolve(base, p)),
+                    certificate: r(&t.certificate),
+                    key: r(&t.key),
+                    client_ca: r(&t.client_ca),
+                    server_ca: r(&t.server_ca),
                 };
+                if t.certificate.is_some() != t.key.is_some() {
+                    return err("sip.tls", "give certificate and key together");
+                }
+                if listener && t.certificate.is_none() {
+                    return err(
+                        "sip.tls.certificate",
+                        "transports has \"tls\": the listener needs a certificate and key",
+                    );
+                }
                 for (field, p) in [
-                    ("sip.tls.certificate", Some(&t.certificate)),
-                    ("sip.tls.key", Some(&t.key)),
+                    ("sip.tls.certificate", t.certificate.as_ref()),
+                    ("sip.tls.key", t.key.as_ref()),
                     ("sip.tls.client_ca", t.client_ca.as_ref()),
+                    ("sip.tls.server_ca", t.server_ca.as_ref()),
                 ] {
                     if let Some(p) = p
                         && let Err(e) = std::fs::metadata(p)
@@ -490,6 +515,12 @@ impl Config {
             }
             (None, false) => None,
         };
+        if s.udp_mtu != 0 && !(576..=65_000).contains(&s.udp_mtu) {
+            return err(
+                "sip.udp_mtu",
+                "0 (never switch to TCP) or between 576 and 65000",
+            );
+        }
         if s.tls_port == 0 {
             return err("sip.tls_port", "a port (1-65535)");
         }
@@ -699,10 +730,20 @@ impl Config {
                 return err(field("capacity"), "sessions per second, more than 0");
             }
             if sv.transport == Transport::Tls {
-                return err(
-                    field("transport"),
-                    "\"tls\" towards servers is not supported yet: \"udp\" or \"tcp\" (TLS is for user agents, sip.transports)",
-                );
+                if !s.transports.contains(&Transport::Tls) {
+                    return err(
+                        field("transport"),
+                        "\"tls\" needs \"tls\" in sip.transports too (the server's requests come back to us over TLS)",
+                    );
+                }
+                if tls.as_ref().and_then(|t| t.server_ca.as_ref()).is_none() {
+                    return err(
+                        field("transport"),
+                        "\"tls\" needs sip.tls.server_ca (the CA that signs the servers' certificates)",
+                    );
+                }
+            } else if sv.tls_name.is_some() {
+                return err(field("tls_name"), "only with transport = \"tls\"");
             }
             let probe = match &sv.probe {
                 Some(p) => {
@@ -729,6 +770,7 @@ impl Config {
                 probe,
                 probe_failures: sv.probe_failures,
                 probe_successes: sv.probe_successes,
+                tls_name: sv.tls_name.clone(),
             });
         }
         if servers.is_empty() {
@@ -752,6 +794,7 @@ impl Config {
             tls_port: s.tls_port,
             tls,
             path: s.path,
+            udp_mtu: s.udp_mtu,
             advertise_host,
             advertise_port,
             max_message_size: s.max_message_size,

@@ -55,8 +55,15 @@ impl Harness {
         );
         let cfg = Config::parse(&text, key_dir).expect("the harness config parses");
         let base = Instant::now();
+        let router = Router::new(cfg, Default::default(), base).expect("router");
+        // The connections the origins below stand for are open (flows).
+        for b in 0..=u8::MAX {
+            if let Origin::Conn { peer, conn, .. } = Harness::origin(b) {
+                router.conn_opened(conn, peer, crate::config::Transport::Tcp);
+            }
+        }
         Harness {
-            router: Router::new(cfg, Default::default(), base).expect("router"),
+            router,
             base,
             now_ms: 0,
             timers: Vec::new(),
@@ -75,7 +82,8 @@ impl Harness {
     }
 
     /// The origin byte `b` stands for: a pool server, a user agent over UDP,
-    /// or one over a connection.
+    /// one over a connection, or a server over a connection it opened to us
+    /// (from a port of its own).
     #[must_use]
     pub fn origin(b: u8) -> Origin {
         let ua = SocketAddr::from(([192, 0, 2, b % 8], 5000 + u16::from(b % 4)));
@@ -91,6 +99,11 @@ impl Harness {
                 conn: u64::from(b),
                 inbound: true,
             },
+            3 => Origin::Conn {
+                peer: SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(b))),
+                conn: 1000 + u64::from(b),
+                inbound: true,
+            },
             _ => Origin::Udp { peer: ua },
         }
     }
@@ -102,8 +115,10 @@ impl Harness {
     /// When a check fails: that is the finding.
     pub fn feed(&mut self, data: &[u8], origin: Origin, advance_ms: u64) {
         let now = self.now();
-        self.server_spoke |=
-            matches!(origin, Origin::Udp { peer } if SERVERS.iter().any(|s| s.parse() == Ok(peer)));
+        self.server_spoke |= match origin {
+            Origin::Udp { peer } => SERVERS.iter().any(|s| s.parse() == Ok(peer)),
+            Origin::Conn { peer, .. } => peer.ip() == std::net::IpAddr::from([127, 0, 0, 1]),
+        };
         if !self.seen.contains(&origin.reply_dest()) {
             self.seen.push(origin.reply_dest());
         }
@@ -137,7 +152,8 @@ impl Harness {
             .collect();
         let from_server = origin.is_some_and(|o| match o {
             Origin::Udp { peer } => servers.contains(&peer),
-            Origin::Conn { .. } => false,
+            // A connection from a server's host (only a server is there).
+            Origin::Conn { peer, .. } => servers.iter().any(|s| s.ip() == peer.ip()),
         }) || origin.is_none() && self.server_spoke;
         for (dest, bytes) in self.out.sends() {
             assert!(!bytes.is_empty(), "an empty send to {dest:?}");

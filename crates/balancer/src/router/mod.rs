@@ -122,6 +122,9 @@ pub struct FlowInfo {
     pub peer: std::net::SocketAddr,
     /// TCP or TLS.
     pub transport: Transport,
+    /// A pool server opened it (its requests came on it): responses to
+    /// them go down it from user agents.
+    pub server: bool,
 }
 
 /// The routing core.
@@ -329,7 +332,14 @@ impl Router {
     /// A user agent opened connection `id` to us from `peer`: a flow that
     /// requests from servers can reach it by (RFC 5626 §5.3).
     pub fn conn_opened(&self, id: ConnId, peer: std::net::SocketAddr, transport: Transport) {
-        self.flows.pin().insert(id, FlowInfo { peer, transport });
+        self.flows.pin().insert(
+            id,
+            FlowInfo {
+                peer,
+                transport,
+                server: false,
+            },
+        );
     }
 
     /// Connection `id` closed: its flow token now gets 430 Flow Failed.
@@ -341,6 +351,21 @@ impl Router {
     #[must_use]
     pub fn flows(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Connection `id` carries a pool server's requests.
+    fn mark_server_conn(&self, id: ConnId) {
+        let flows = self.flows.pin();
+        if let Some(f) = flows.get(&id)
+            && !f.server
+        {
+            flows.insert(id, FlowInfo { server: true, ..*f });
+        }
+    }
+
+    /// Whether connection `id` is one a pool server opened to us.
+    fn is_server_conn(&self, id: ConnId) -> bool {
+        self.flows.pin().get(&id).is_some_and(|f| f.server)
     }
 
     /// What the shell told us of connection `id`.

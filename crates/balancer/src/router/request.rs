@@ -111,16 +111,24 @@ impl Router {
         };
 
         let pool = self.pool.load();
-        let from_server = match origin {
-            Origin::Udp { peer }
-            | Origin::Conn {
-                peer,
-                inbound: false,
-                ..
-            } => pool.by_addr(peer).cloned(),
-            Origin::Conn { inbound: true, .. } => None,
-        };
+        // A server's own request: from its address, or (on a connection it
+        // opened to us, e.g. along our Path or Record-Route over TLS) from
+        // its IP with its address in the top Via.
+        let top = msg.top_via();
+        let sent_by = top
+            .host
+            .ip()
+            .map(|ip| SocketAddr::new(ip, top.port.unwrap_or(5060)));
+        let from_server = pool.sender(origin.peer(), sent_by).cloned();
         if let Some(server) = from_server {
+            if let Origin::Conn {
+                conn,
+                inbound: true,
+                ..
+            } = origin
+            {
+                self.mark_server_conn(conn);
+            }
             // A request from a server goes towards the user agent.
             return self.forward_outward(msg, &server, &route, origin, out);
         }
@@ -755,9 +763,7 @@ impl Router {
         let mut ip = IpText::default();
         ip.set(peer.ip());
         let branch = self.seal(branch, &response_hop(msg, origin, hop.fresh));
-        let mut via = ViaText::default();
         let srv_t = server.cfg.transport;
-        self.write_via(&mut via.0, srv_t, branch, conn_of(origin));
         let mut rr = ViaText::default();
         if hop.record_route {
             let (ua_t, flow) = self.ua_side(msg, origin, false);
@@ -773,7 +779,23 @@ impl Router {
             }
             path.0.push(b'>');
         }
-        out.send_with(server.dest(), |b| {
+        let mut dest = server.dest();
+        let mut via_t = srv_t;
+        // RFC 3261 §18.1.1: a request too large for the path MTU goes over
+        // a congestion-controlled transport (every SIP server has TCP, §18)
+        // to the same address; our Record-Route and Path still name our
+        // UDP side, which the server's later (small) requests may use.
+        let mtu = self.cfg.load().udp_mtu;
+        let size = msg.as_bytes().len() + rr.0.len() + path.0.len() + 160;
+        if srv_t == Transport::Udp && mtu != 0 && size > mtu {
+            via_t = Transport::Tcp;
+            dest = Dest::Tcp(server.cfg.address);
+            self.stats.udp_to_tcp.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut via = ViaText::default();
+        self.write_via(&mut via.0, via_t, branch, conn_of(origin));
+        let stream = dest.reliable();
+        out.send_with(dest, |b| {
             msg.write_edited(
                 &Edits {
                     prepend_via: Some(&via.0),
@@ -789,7 +811,7 @@ impl Router {
                         received: ip.as_bytes(),
                         rport: peer.port(),
                     }),
-                    add_content_length: srv_t.is_stream(),
+                    add_content_length: stream,
                     ..Edits::default()
                 },
                 b,
@@ -865,7 +887,9 @@ impl Router {
         let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), self.loop_hash(msg));
         let branch = self.seal(branch, &response_hop(msg, origin, true));
         let mut via = ViaText::default();
-        self.write_via(&mut via.0, ua_t, branch, None);
+        // On a connection the server opened to us, its responses go back
+        // down that connection (RFC 3261 §18.2.2): `lbc`, under the MAC.
+        self.write_via(&mut via.0, ua_t, branch, conn_of(origin));
         let mut rr = ViaText::default();
         if record_route {
             let srv_t = server.cfg.transport;

@@ -39,13 +39,15 @@ impl Router {
             // A response to a request that came on a user agent's
             // connection comes from the server it went to: never from
             // anyone else (a replayed branch must not reach that stream).
+            // Down a connection a server opened to us, the answers to its
+            // requests come from user agents.
             let from_pool = match origin {
                 Origin::Conn { inbound: false, .. } => true,
                 Origin::Conn { inbound: true, .. } => false,
                 Origin::Udp { peer } => self.pool.load().by_addr(peer).is_some(),
             };
             match &dest {
-                Some(Dest::Conn(_)) if !from_pool => {
+                Some(Dest::Conn(c)) if !from_pool && !self.is_server_conn(*c) => {
                     return self.drop_counted(DropReason::Forged, out);
                 }
                 Some(d) if self.sealed_for(&branch, d) => {}
