@@ -13,6 +13,8 @@
 //! Via with a host name) are resolved by a resolver task with a cache, so a
 //! slow resolver never stalls a socket.
 
+mod ws;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
@@ -64,6 +66,10 @@ pub struct Sockets {
     pub tcp: Vec<TcpListener>,
     /// TLS listeners (TCP sockets on `sip.tls_port`; the handshake is ours).
     pub tls: Vec<TcpListener>,
+    /// WebSocket listeners (`sip.ws_port`).
+    pub ws: Vec<TcpListener>,
+    /// Secure WebSocket listeners (`sip.wss_port`; TLS, then WebSocket).
+    pub wss: Vec<TcpListener>,
 }
 
 /// Where selection draws its randomness.
@@ -258,7 +264,7 @@ impl Balancer {
         if sockets.udp.is_empty() {
             return Err("the balancer needs at least one UDP socket".into());
         }
-        let tls = if sockets.tls.is_empty() {
+        let tls = if sockets.tls.is_empty() && sockets.wss.is_empty() {
             None
         } else {
             let t = cfg.tls.as_ref().ok_or("TLS listeners without [sip.tls]")?;
@@ -295,11 +301,15 @@ impl Balancer {
         for sock in sockets.udp {
             tasks.spawn(udp_loop(net.clone(), sock));
         }
-        for l in sockets.tcp {
-            tasks.spawn(accept_loop(net.clone(), l, false));
-        }
-        for l in sockets.tls {
-            tasks.spawn(accept_loop(net.clone(), l, true));
+        for (kind, listeners) in [
+            (Transport::Tcp, sockets.tcp),
+            (Transport::Tls, sockets.tls),
+            (Transport::Ws, sockets.ws),
+            (Transport::Wss, sockets.wss),
+        ] {
+            for l in listeners {
+                tasks.spawn(accept_loop(net.clone(), l, kind));
+            }
         }
         tasks.spawn(timer_task(net.clone(), timers_rx));
         tasks.spawn(tick_task(net.clone()));
@@ -412,16 +422,23 @@ async fn udp_loop(net: Arc<Net>, socket: Arc<UdpSocket>) {
     }
 }
 
-async fn accept_loop(net: Arc<Net>, l: TcpListener, tls: bool) {
+async fn accept_loop(net: Arc<Net>, l: TcpListener, kind: Transport) {
     loop {
         match l.accept().await {
             Ok((s, peer)) => match net.admit(peer.ip()) {
                 Ok(guard) => {
                     let _ = s.set_nodelay(true);
-                    if tls {
-                        tokio::spawn(tls_conn(net.clone(), s, peer, guard));
-                    } else {
-                        tokio::spawn(stream_conn(net.clone(), s, peer, guard, Transport::Tcp));
+                    let net = net.clone();
+                    match kind {
+                        Transport::Tls | Transport::Wss => {
+                            tokio::spawn(tls_conn(net, s, peer, guard, kind));
+                        }
+                        Transport::Ws => {
+                            tokio::spawn(ws::ws_conn(net, s, peer, guard, kind));
+                        }
+                        Transport::Tcp | Transport::Udp => {
+                            tokio::spawn(stream_conn(net, s, peer, guard, Transport::Tcp));
+                        }
                     }
                 }
                 Err(why) => {
@@ -441,13 +458,23 @@ async fn accept_loop(net: Arc<Net>, l: TcpListener, tls: bool) {
 
 /// The TLS handshake of an admitted connection (bounded by
 /// `sip.message_timeout`, like a message head), then the connection.
-async fn tls_conn(net: Arc<Net>, s: TcpStream, peer: SocketAddr, admitted: Admitted) {
+async fn tls_conn(
+    net: Arc<Net>,
+    s: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    kind: Transport,
+) {
     let Some(tls) = net.tls.clone() else { return };
     let limit = net.router.config().message_timeout;
     match tokio::time::timeout(limit, tls.acceptor().accept(s)).await {
         Ok(Ok(stream)) => {
             debug!(%peer, "tls handshake done");
-            stream_conn(net, stream, peer, admitted, Transport::Tls).await;
+            if kind == Transport::Wss {
+                ws::ws_conn(net, stream, peer, admitted, kind).await;
+            } else {
+                stream_conn(net, stream, peer, admitted, Transport::Tls).await;
+            }
         }
         Ok(Err(e)) => {
             net.router

@@ -31,6 +31,8 @@ impl Server {
             Transport::Udp => Dest::Udp(self.cfg.address),
             Transport::Tcp => Dest::Tcp(self.cfg.address),
             Transport::Tls => Dest::Tls(self.cfg.address),
+            // The config refuses WebSocket servers (a transport for browsers).
+            Transport::Ws | Transport::Wss => Dest::Tcp(self.cfg.address),
         }
     }
 }

@@ -78,17 +78,30 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
             );
         }
     }
-    let mut tls = Vec::new();
-    if cfg.transports.contains(&Transport::Tls) {
+    // The other stream listeners, on each listen address at their port.
+    let mut others: [Vec<TcpListener>; 3] = Default::default();
+    for (i, (t, field, port)) in [
+        (Transport::Tls, "sip.tls_port", cfg.tls_port),
+        (Transport::Ws, "sip.ws_port", cfg.ws_port),
+        (Transport::Wss, "sip.wss_port", cfg.wss_port),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if !cfg.transports.contains(&t) {
+            continue;
+        }
         for a in &cfg.listen {
-            let a = SocketAddr::new(a.ip(), cfg.tls_port);
-            tls.push(
+            let a = SocketAddr::new(a.ip(), port);
+            others[i].push(
                 TcpListener::bind(a)
                     .await
-                    .map_err(|e| format!("sip.tls_port {a} (tls): {e}"))?,
+                    .map_err(|e| format!("{field} {a} ({}): {e}", t.via_name()))?,
             );
+            info!(%a, transport = t.via_name(), "listening");
         }
     }
+    let [tls, ws, wss] = others;
 
     // Performance data: embedded performance server, or a standalone one.
     let (table, perf_server) = match &cfg.perf_server {
@@ -110,7 +123,14 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
     };
 
     let admin_cfg = cfg.admin.clone();
-    let balancer = Balancer::start(cfg, Sockets { udp, tcp, tls }, table, None).await?;
+    let sockets = Sockets {
+        udp,
+        tcp,
+        tls,
+        ws,
+        wss,
+    };
+    let balancer = Balancer::start(cfg, sockets, table, None).await?;
     let reload_tls = balancer.tls_reloader();
     let proxy = balancer.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
@@ -125,6 +145,9 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
             // The certificates first: a reload with unusable files changes
             // nothing and says why.
             reload_tls(&new)?;
+            if new.tls.is_some() {
+                info!("TLS certificates re-read");
+            }
             if let Some(ps) = &ps {
                 ps.set_agents(&agent_specs(&new));
             }

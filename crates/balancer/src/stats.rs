@@ -114,10 +114,13 @@ pub enum ConnEvent {
     ClosedSlow,
     /// Closed: the TLS handshake failed.
     TlsFailed,
+    /// Closed: the WebSocket upgrade was refused (path, Origin, no `sip`
+    /// subprotocol) or failed.
+    WsRefused,
 }
 
 /// Connection events with their metric names and labels.
-pub const CONN_EVENTS: [(ConnEvent, &str, &str); 5] = [
+pub const CONN_EVENTS: [(ConnEvent, &str, &str); 6] = [
     (ConnEvent::RefusedTotal, "refused", "max_connections"),
     (
         ConnEvent::RefusedPerSource,
@@ -127,6 +130,7 @@ pub const CONN_EVENTS: [(ConnEvent, &str, &str); 5] = [
     (ConnEvent::ClosedIdle, "closed", "idle_timeout"),
     (ConnEvent::ClosedSlow, "closed", "message_timeout"),
     (ConnEvent::TlsFailed, "closed", "tls_handshake"),
+    (ConnEvent::WsRefused, "closed", "websocket_upgrade"),
 ];
 
 /// Balancer-wide counters.

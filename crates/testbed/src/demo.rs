@@ -148,6 +148,8 @@ async fn scenario(
         udp: vec![sock],
         tcp: Vec::new(),
         tls: Vec::new(),
+        ws: Vec::new(),
+        wss: Vec::new(),
     };
     let lb = Balancer::start(cfg, sockets, ps.shared().clone(), Some(seed)).await?;
     let proxy = lb.router().clone();
@@ -225,6 +227,10 @@ pub fn loopback_config(
         tls: None,
         path: balancer::config::PathMode::Always,
         udp_mtu: 1300,
+        ws_port: 5066,
+        wss_port: 7443,
+        ws_path: "/".into(),
+        ws_origins: Vec::new(),
         advertise_host: lb_addr.ip().to_string(),
         advertise_port: lb_addr.port(),
         max_message_size: sip::DEFAULT_MAX_SIZE,

@@ -412,6 +412,8 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
             udp: vec![sock],
             tcp: Vec::new(),
             tls: Vec::new(),
+            ws: Vec::new(),
+            wss: Vec::new(),
         };
         let lb = Balancer::start(c, sockets, ps.shared().clone(), None).await?;
         lbs.push((lb, addr, ps));

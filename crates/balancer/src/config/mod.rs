@@ -45,6 +45,10 @@ pub enum Transport {
     Tcp,
     /// TLS over TCP (RFC 3261 §26.2; inbound on `sip.tls_port`).
     Tls,
+    /// WebSocket (RFC 7118; inbound on `sip.ws_port`, user agents only).
+    Ws,
+    /// Secure WebSocket (inbound on `sip.wss_port`, user agents only).
+    Wss,
 }
 
 impl Transport {
@@ -55,7 +59,16 @@ impl Transport {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
             Transport::Tls => "TLS",
+            Transport::Ws => "WS",
+            Transport::Wss => "WSS",
         }
+    }
+
+    /// WebSocket or secure WebSocket: one SIP message per WebSocket
+    /// message (RFC 7118 §5), framed like a datagram.
+    #[must_use]
+    pub fn is_ws(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
     }
 
     /// Whether it is a stream (messages framed by Content-Length).
@@ -149,6 +162,10 @@ struct SipSection {
     tls: Option<TlsSection>,
     path: PathMode,
     udp_mtu: usize,
+    ws_port: u16,
+    wss_port: u16,
+    ws_path: String,
+    ws_origins: Vec<String>,
 }
 
 impl Default for SipSection {
@@ -167,6 +184,10 @@ impl Default for SipSection {
             tls: None,
             path: PathMode::Always,
             udp_mtu: 1300,
+            ws_port: 5066,
+            wss_port: 7443,
+            ws_path: "/".into(),
+            ws_origins: Vec::new(),
         }
     }
 }
@@ -352,6 +373,14 @@ pub struct Config {
     /// A request to a UDP server larger than this goes over TCP to the same
     /// address (RFC 3261 §18.1.1); 0: never.
     pub udp_mtu: usize,
+    /// WebSocket on each listen address at this port.
+    pub ws_port: u16,
+    /// Secure WebSocket on each listen address at this port.
+    pub wss_port: u16,
+    /// The HTTP path of the WebSocket upgrade.
+    pub ws_path: String,
+    /// `Origin`s allowed to upgrade (browsers send it); empty: any.
+    pub ws_origins: Vec<String>,
     /// `host[:port]` written into our Via and Record-Route.
     pub advertise_host: String,
     /// Port written with it.
@@ -475,11 +504,13 @@ impl Config {
                 "at least one of \"udp\", \"tcp\", \"tls\"",
             );
         }
-        let tls = match (&s.tls, s.transports.contains(&Transport::Tls)) {
+        let needs_cert =
+            s.transports.contains(&Transport::Tls) || s.transports.contains(&Transport::Wss);
+        let tls = match (&s.tls, needs_cert) {
             (None, true) => {
                 return err(
                     "sip.tls",
-                    "transports has \"tls\": give [sip.tls] certificate and key",
+                    "transports has \"tls\" or \"wss\": give [sip.tls] certificate and key",
                 );
             }
             (Some(t), listener) => {
@@ -521,18 +552,31 @@ impl Config {
                 "0 (never switch to TCP) or between 576 and 65000",
             );
         }
-        if s.tls_port == 0 {
-            return err("sip.tls_port", "a port (1-65535)");
-        }
-        if s.transports.contains(&Transport::Tls) && s.listen.iter().any(|a| a.port() == s.tls_port)
-        {
+        if !s.ws_path.starts_with('/') {
             return err(
-                "sip.tls_port",
-                format!(
-                    "{} is also a listen port (TCP and TLS cannot share it)",
-                    s.tls_port
-                ),
+                "sip.ws_path",
+                format!("'{}' is not an absolute path (\"/\", \"/ws\")", s.ws_path),
             );
+        }
+        // Each stream listener needs a port of its own on the listen
+        // addresses.
+        let mut ports: Vec<(&str, u16)> =
+            s.listen.iter().map(|a| ("sip.listen", a.port())).collect();
+        for (on, field, port) in [
+            (Transport::Tls, "sip.tls_port", s.tls_port),
+            (Transport::Ws, "sip.ws_port", s.ws_port),
+            (Transport::Wss, "sip.wss_port", s.wss_port),
+        ] {
+            if !s.transports.contains(&on) {
+                continue;
+            }
+            if port == 0 {
+                return err(field, "a port (1-65535)");
+            }
+            if let Some((other, _)) = ports.iter().find(|(_, p)| *p == port) {
+                return err(field, format!("{port} is also {other}'s port"));
+            }
+            ports.push((field, port));
         }
         if !(1024..=(1 << 20)).contains(&s.max_message_size) {
             return err("sip.max_message_size", "between 1024 and 1048576");
@@ -729,6 +773,12 @@ impl Config {
             {
                 return err(field("capacity"), "sessions per second, more than 0");
             }
+            if sv.transport.is_ws() {
+                return err(
+                    field("transport"),
+                    "\"ws\"/\"wss\" are for browsers: \"udp\", \"tcp\" or \"tls\" towards servers",
+                );
+            }
             if sv.transport == Transport::Tls {
                 if !s.transports.contains(&Transport::Tls) {
                     return err(
@@ -795,6 +845,10 @@ impl Config {
             tls,
             path: s.path,
             udp_mtu: s.udp_mtu,
+            ws_port: s.ws_port,
+            wss_port: s.wss_port,
+            ws_path: s.ws_path,
+            ws_origins: s.ws_origins,
             advertise_host,
             advertise_port,
             max_message_size: s.max_message_size,

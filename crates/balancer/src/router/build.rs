@@ -56,7 +56,7 @@ pub(super) fn in_dialog(
     method: &[u8],
     cseq: u32,
     via: &[u8],
-    ours: &str,
+    ours: &dyn Fn(&sip::Uri<'_>) -> bool,
     out: &mut Vec<u8>,
 ) {
     let contact = resp.contacts().flatten().next().map(|c| c.uri.raw);
@@ -70,8 +70,8 @@ pub(super) fn in_dialog(
     let routes: SmallVec<[&[u8]; 4]> = resp
         .record_routes()
         .flatten()
+        .filter(|r| !ours(&r.uri))
         .map(|r| r.raw)
-        .filter(|r| !r.starts_with(ours.as_bytes()))
         .collect();
     for r in routes.iter().rev() {
         out.extend_from_slice(b"Route: ");
@@ -142,7 +142,7 @@ mod tests {
             b"BYE",
             8,
             b"SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx",
-            "<sip:10.0.0.1:5060;lr;sb=",
+            &|u| u.host.is_some_and(|h| h.to_string() == "10.0.0.1") && u.port == Some(5060),
             &mut out,
         );
         let bye = Message::parse(&out).unwrap();

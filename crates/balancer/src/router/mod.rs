@@ -75,43 +75,76 @@ struct Me {
     /// `host` when it is an IP address (compared without allocating).
     ip: Option<std::net::IpAddr>,
     port: u16,
-    /// The TLS listener's port, when there is one.
-    tls_port: Option<u16>,
-    /// `SIP/2.0/UDP host:port;branch=`
-    via_udp: String,
-    /// `SIP/2.0/TCP host:port;branch=`
-    via_tcp: String,
-    /// `SIP/2.0/TLS host:tls_port;branch=`
-    via_tls: String,
-    /// `<sip:host:port;lr;sb=` (the UDP side, as it always was)
-    rr: String,
-    /// `<sip:host:port;transport=tcp;lr;sb=`
-    rr_tcp: String,
-    /// `<sip:host:tls_port;transport=tls;lr;sb=`
-    rr_tls: String,
-    /// `<sip:host:port;lr;ob;flow=` and its TCP and TLS forms (our Path).
-    path_udp: String,
-    path_tcp: String,
-    path_tls: String,
+    /// The ports of our other listeners (TLS, WS, WSS) that are on.
+    other_ports: SmallVec<[u16; 3]>,
+    /// Per transport ([`Me::index`]): `SIP/2.0/UDP host:port;branch=`.
+    vias: [String; 5],
+    /// `<sip:host:port[;transport=tcp];lr;sb=` (UDP without the parameter,
+    /// as it always was).
+    rrs: [String; 5],
+    /// `<sip:host:port[;transport=tcp];lr;ob;flow=` (our Path).
+    paths: [String; 5],
 }
 
+const TRANSPORTS: [Transport; 5] = [
+    Transport::Udp,
+    Transport::Tcp,
+    Transport::Tls,
+    Transport::Ws,
+    Transport::Wss,
+];
+
 impl Me {
+    fn new(cfg: &Config) -> Me {
+        let port_of = |t: Transport| match t {
+            Transport::Udp | Transport::Tcp => cfg.advertise_port,
+            Transport::Tls => cfg.tls_port,
+            Transport::Ws => cfg.ws_port,
+            Transport::Wss => cfg.wss_port,
+        };
+        let hostport = |t: Transport| format!("{}:{}", cfg.advertise_host, port_of(t));
+        let param = |t: Transport| match t {
+            Transport::Udp => String::new(),
+            t => format!(";transport={}", t.via_name().to_ascii_lowercase()),
+        };
+        Me {
+            host: cfg.advertise_host.clone(),
+            ip: cfg.advertise_host.trim_matches(['[', ']']).parse().ok(),
+            port: cfg.advertise_port,
+            other_ports: [Transport::Tls, Transport::Ws, Transport::Wss]
+                .into_iter()
+                .filter(|t| cfg.transports.contains(t))
+                .map(port_of)
+                .collect(),
+            vias: TRANSPORTS.map(|t| format!("SIP/2.0/{} {};branch=", t.via_name(), hostport(t))),
+            rrs: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", hostport(t), param(t))),
+            paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", hostport(t), param(t))),
+        }
+    }
+
+    fn index(t: Transport) -> usize {
+        match t {
+            Transport::Udp => 0,
+            Transport::Tcp => 1,
+            Transport::Tls => 2,
+            Transport::Ws => 3,
+            Transport::Wss => 4,
+        }
+    }
+
+    /// Our Via value up to the branch, for a hop over `t`.
+    fn via(&self, t: Transport) -> &str {
+        &self.vias[Me::index(t)]
+    }
+
     /// Our Record-Route value up to the `sb` token, facing `t`.
     fn rr(&self, t: Transport) -> &str {
-        match t {
-            Transport::Udp => &self.rr,
-            Transport::Tcp => &self.rr_tcp,
-            Transport::Tls => &self.rr_tls,
-        }
+        &self.rrs[Me::index(t)]
     }
 
     /// Our Path value up to the flow token, facing `t`.
     fn path(&self, t: Transport) -> &str {
-        match t {
-            Transport::Udp => &self.path_udp,
-            Transport::Tcp => &self.path_tcp,
-            Transport::Tls => &self.path_tls,
-        }
+        &self.paths[Me::index(t)]
     }
 }
 
@@ -179,27 +212,7 @@ impl Router {
         epoch: Instant,
     ) -> Result<Router, crate::load::ScoringError> {
         let keys = Keys::new(&cfg.secret);
-        let hostport = format!("{}:{}", cfg.advertise_host, cfg.advertise_port);
-        let tls_port = cfg
-            .transports
-            .contains(&Transport::Tls)
-            .then_some(cfg.tls_port);
-        let tls_hostport = format!("{}:{}", cfg.advertise_host, cfg.tls_port);
-        let me = Me {
-            host: cfg.advertise_host.clone(),
-            ip: cfg.advertise_host.trim_matches(['[', ']']).parse().ok(),
-            port: cfg.advertise_port,
-            tls_port,
-            via_udp: format!("SIP/2.0/UDP {hostport};branch="),
-            via_tcp: format!("SIP/2.0/TCP {hostport};branch="),
-            via_tls: format!("SIP/2.0/TLS {tls_hostport};branch="),
-            rr: format!("<sip:{hostport};lr;sb="),
-            rr_tcp: format!("<sip:{hostport};transport=tcp;lr;sb="),
-            rr_tls: format!("<sip:{tls_hostport};transport=tls;lr;sb="),
-            path_udp: format!("<sip:{hostport};lr;ob;flow="),
-            path_tcp: format!("<sip:{hostport};transport=tcp;lr;ob;flow="),
-            path_tls: format!("<sip:{tls_hostport};transport=tls;lr;ob;flow="),
-        };
+        let me = Me::new(&cfg);
         let pool = Pool::build(&cfg.servers, &Pool::default());
         let limiter = crate::limits::Limiter::new(&cfg.limits, limiter_key(&keys));
         Ok(Router {
@@ -431,6 +444,15 @@ impl Router {
         }
         let transport = match origin {
             Origin::Udp { .. } => SipTransport::Datagram,
+            // One SIP message per WebSocket message (RFC 7118 §5):
+            // Content-Length optional, as in a datagram.
+            Origin::Conn {
+                conn,
+                inbound: true,
+                ..
+            } if self.flow_info(conn).is_some_and(|f| f.transport.is_ws()) => {
+                SipTransport::Datagram
+            }
             Origin::Conn { .. } => SipTransport::Stream,
         };
         let msg = match Message::parse_as(data, transport) {
@@ -494,11 +516,16 @@ impl Router {
     /// port when it has one).
     fn is_ours(&self, host: &sip::Host<'_>, port: Option<u16>) -> bool {
         let port = port.unwrap_or(5060);
-        (port == self.me.port || Some(port) == self.me.tls_port)
+        (port == self.me.port || self.me.other_ports.contains(&port))
             && match host {
                 sip::Host::Name(n) => n.eq_ignore_ascii_case(self.me.host.as_bytes()),
                 h => h.ip().is_some() && h.ip() == self.me.ip,
             }
+    }
+
+    /// Whether a URI (a Route, a Record-Route) names this balancer.
+    fn uri_is_ours(&self, u: &sip::Uri<'_>) -> bool {
+        u.host.is_some_and(|h| self.is_ours(&h, u.port))
     }
 
     /// A keyed hash of what stays the same when a request loops back to us
@@ -559,11 +586,7 @@ impl Router {
         branch: Branch,
         conn: Option<u64>,
     ) {
-        out.put(match transport {
-            Transport::Udp => self.me.via_udp.as_bytes(),
-            Transport::Tcp => self.me.via_tcp.as_bytes(),
-            Transport::Tls => self.me.via_tls.as_bytes(),
-        });
+        out.put(self.me.via(transport).as_bytes());
         branch.write(out);
         if let Some(c) = conn {
             crate::codec::write_conn(c, out);

@@ -926,11 +926,17 @@ fn uri_dest(uri: &sip::Uri<'_>) -> Result<(Dest, Transport), (u16, &'static str)
         return Err((416, "Unsupported URI Scheme"));
     };
     let transport = uri.param(b"transport").flatten();
-    let t = if uri.scheme == sip::Scheme::Sips
-        || transport.is_some_and(|t| t.eq_ignore_ascii_case(b"tls"))
-    {
+    let is = |name: &[u8]| transport.is_some_and(|t| t.eq_ignore_ascii_case(name));
+    // RFC 7118 §5.2: a browser's Contact host is a random `.invalid` name.
+    let invalid = matches!(host, sip::Host::Name(n)
+        if n.len() >= 8 && n[n.len() - 8..].eq_ignore_ascii_case(b".invalid"));
+    let t = if is(b"ws") || invalid {
+        Transport::Ws
+    } else if is(b"wss") {
+        Transport::Wss
+    } else if uri.scheme == sip::Scheme::Sips || is(b"tls") {
         Transport::Tls
-    } else if transport.is_some_and(|t| t.eq_ignore_ascii_case(b"tcp")) {
+    } else if is(b"tcp") {
         Transport::Tcp
     } else {
         Transport::Udp
@@ -951,6 +957,11 @@ fn uri_dest(uri: &sip::Uri<'_>) -> Result<(Dest, Transport), (u16, &'static str)
             )),
             _ => Err((404, "Not Found")),
         },
+        // A browser is reached over its WebSocket only (its flow).
+        (_, Transport::Ws | Transport::Wss) => Err((
+            480,
+            "Temporarily Unavailable (no WebSocket flow to the user agent)",
+        )),
         // No TLS connection of ours to a user agent without its flow (it
         // would need the phone's certificate checked), nor TCP to a name.
         (_, Transport::Tls) => Err((

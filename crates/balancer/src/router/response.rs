@@ -171,6 +171,13 @@ pub(super) fn next_hop(v: &sip::Via<'_>) -> Option<Dest> {
         }
         Some(ip) => Some(Dest::Udp(SocketAddr::new(ip, port))),
         None => match v.host {
+            // A browser's `.invalid` sent-by (RFC 7118 §5.2): its answers
+            // go down its WebSocket (our `lbc`), never to a name.
+            sip::Host::Name(n)
+                if n.len() >= 8 && n[n.len() - 8..].eq_ignore_ascii_case(b".invalid") =>
+            {
+                None
+            }
             sip::Host::Name(n) => Some(Dest::Resolve {
                 host: String::from_utf8_lossy(n).into(),
                 port,

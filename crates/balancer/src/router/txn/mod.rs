@@ -696,6 +696,8 @@ fn dest_of(address: std::net::SocketAddr, transport: Transport) -> Dest {
         Transport::Udp => Dest::Udp(address),
         Transport::Tcp => Dest::Tcp(address),
         Transport::Tls => Dest::Tls(address),
+        // The config refuses WebSocket servers.
+        Transport::Ws | Transport::Wss => Dest::Tcp(address),
     }
 }
 

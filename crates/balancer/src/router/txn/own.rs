@@ -170,7 +170,14 @@ impl Router {
         );
         self.write_via(&mut via.0, transport, ack_branch, None);
         out.send_with(dest.clone(), |b| {
-            build::in_dialog(resp, b"ACK", resp.cseq().seq, &via.0, &self.me.rr, b);
+            build::in_dialog(
+                resp,
+                b"ACK",
+                resp.cseq().seq,
+                &via.0,
+                &|u| self.uri_is_ours(u),
+                b,
+            );
         });
         if bye {
             warn!(call_id = %String::from_utf8_lossy(resp.call_id()), server = %x.server, "2xx from an attempt given up: ACK and BYE");
@@ -184,7 +191,7 @@ impl Router {
                 b"BYE",
                 resp.cseq().seq.saturating_add(1),
                 &via.0,
-                &self.me.rr,
+                &|u| self.uri_is_ours(u),
                 &mut b,
             );
             out.send(dest, &b);
