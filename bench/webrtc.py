@@ -28,7 +28,12 @@ What runs (ports with --port-offset added; everything on 127.0.0.1):
 
 The page (JsSIP, no STUN servers, audio from the fake device) registers
 alice@example.test, calls bob@example.test --calls times, holds each call
---hold seconds after the ACK and hangs up. A call is ok when JsSIP confirmed
+--hold seconds after the ACK and hangs up, then unregisters. In a network
+namespace with only the loopback, Chromium gathers no ICE candidate and its
+gathering never ends; JsSIP waits for that end before it sends an offer, so
+the page ends the wait after 0.5 s (a null icecandidate event). The answer
+has no candidates either: no media flows, ICE does not fail, and the call
+stays up until the BYE. A call is ok when JsSIP confirmed
 it, the browser sent the BYE (or, --hangup server, received and answered
 it) and the BYE's answer was 200, read from the WebSocket itself, and SIPp's
 message trace shows that server got the ACK and the BYE (sent the BYE and

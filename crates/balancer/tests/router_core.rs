@@ -66,6 +66,13 @@ address = "{S2}"
         }
     }
 
+    /// `sip.udp_mtu`, by a reload.
+    fn set_udp_mtu(&mut self, mtu: usize) {
+        let mut cfg = (*self.router.config()).clone();
+        cfg.udp_mtu = mtu;
+        self.router.reload(cfg);
+    }
+
     fn now(&self, ms: u64) -> Now {
         Now {
             at: self.base + Duration::from_millis(ms),
@@ -467,6 +474,7 @@ fn a_stun_keepalive_is_answered() {
 #[test]
 fn a_request_too_large_for_udp_goes_to_the_server_over_tcp() {
     let mut core = Core::new("mtu", "");
+    core.set_udp_mtu(1300);
     let ua = addr("192.0.2.30:5070");
     let body = "v=0\r\n".repeat(300);
     let big = invite("mtu-1", ua, "UDP").replace(

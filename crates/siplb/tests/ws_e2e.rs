@@ -35,6 +35,8 @@ struct Lb {
     ws: u16,
     wss: u16,
     ca: rustls::pki_types::CertificateDer<'static>,
+    /// A client certificate signed by the CA, and its key (DER).
+    client: (rustls::pki_types::CertificateDer<'static>, Vec<u8>),
     dir: PathBuf,
 }
 
@@ -48,6 +50,12 @@ impl Drop for Lb {
 
 impl Lb {
     fn start(name: &str, servers: &[SocketAddr], extra: &str) -> Lb {
+        Lb::start_with(name, servers, extra, false)
+    }
+
+    /// With `client_certs`, the TLS listener asks for client certificates
+    /// signed by the test CA (`client_ca`).
+    fn start_with(name: &str, servers: &[SocketAddr], extra: &str, client_certs: bool) -> Lb {
         let dir = std::env::temp_dir().join(format!("siplb-ws-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -60,6 +68,12 @@ impl Lb {
         let leaf_key = rcgen::KeyPair::generate().unwrap();
         let cert = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
         std::fs::write(dir.join("chain.pem"), cert.pem() + &ca.pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        // A client certificate from the same CA, for the tests that need one.
+        let client = rcgen::CertificateParams::new(vec!["phone.example".to_owned()]).unwrap();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let client_cert = client.signed_by(&client_key, &ca, &ca_key).unwrap();
+        let client_id = (client_cert.der().clone(), client_key.serialize_der());
         std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
         std::fs::write(dir.join("agent.key"), "ws-test-agent-key-0123456789").unwrap();
         let (sip, ws, wss, tls, admin) = (
@@ -69,10 +83,15 @@ impl Lb {
             free_port(),
             free_port(),
         );
+        let client_ca = if client_certs {
+            "client_ca = \"ca.pem\"\n"
+        } else {
+            ""
+        };
         let mut text = format!(
             "[sip]\nlisten = [\"127.0.0.1:{sip}\"]\ntransports = [\"udp\", \"tcp\", \"ws\", \"wss\"]\n\
              ws_port = {ws}\nwss_port = {wss}\ntls_port = {tls}\nws_path = \"/sip\"\n{extra}\n\
-             [sip.tls]\ncertificate = \"chain.pem\"\nkey = \"key.pem\"\n\
+             [sip.tls]\ncertificate = \"chain.pem\"\nkey = \"key.pem\"\n{client_ca}\
              [routing]\nsecret = \"ws-test-secret-0123456789\"\npolicy = \"round-robin\"\nhealth = \"agent\"\n\
              [perf]\nkey_file = \"agent.key\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
         );
@@ -94,6 +113,7 @@ impl Lb {
             ws,
             wss,
             ca: ca.der().clone(),
+            client: client_id,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -125,6 +145,12 @@ struct Browser {
 }
 
 fn tls_stream(lb: &Lb, tcp: TcpStream) -> Box<dyn Stream> {
+    tls_stream_as(lb, tcp, false)
+}
+
+/// A TLS client of siplb's listener; `present` shows the client
+/// certificate.
+fn tls_stream_as(lb: &Lb, tcp: TcpStream, present: bool) -> Box<dyn Stream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(lb.ca.clone()).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -132,8 +158,14 @@ fn tls_stream(lb: &Lb, tcp: TcpStream) -> Box<dyn Stream> {
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let cfg = if present {
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(lb.client.1.clone().into());
+        cfg.with_client_auth_cert(vec![lb.client.0.clone()], key)
+            .unwrap()
+    } else {
+        cfg.with_no_client_auth()
+    };
     let name = rustls::pki_types::ServerName::IpAddress(
         "127.0.0.1".parse::<std::net::IpAddr>().unwrap().into(),
     );
@@ -529,4 +561,58 @@ fn the_upgrade_needs_the_sip_subprotocol_and_an_allowed_origin() {
         .expect("refused from another Origin");
     assert!(e.contains("403"), "{e}");
     assert!(open(&lb, true, Some("sip"), Some("https://phone.example")).is_ok());
+}
+
+#[test]
+fn client_certificates_when_asked_for() {
+    let s1 = Server::new();
+    let lb = Lb::start_with("client-certs", &[s1.addr()], "", true);
+    // With the certificate: a CRLF keep-alive gets its CRLF (RFC 5626 §4.4.1).
+    let tcp = TcpStream::connect(("127.0.0.1", lb.wss)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut s = tls_stream_as(&lb, tcp, true);
+    let req = format!("wss://127.0.0.1:{}/sip", lb.wss)
+        .into_client_request()
+        .map(|mut r| {
+            r.headers_mut()
+                .insert("sec-websocket-protocol", "sip".parse().unwrap());
+            r
+        });
+    tungstenite::client::client(req.unwrap(), &mut s)
+        .expect("the upgrade with a client certificate");
+    // Without: the handshake fails and siplb counts it.
+    let tcp = TcpStream::connect(("127.0.0.1", lb.wss)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut s = tls_stream_as(&lb, tcp, false);
+    let mut buf = [0u8; 16];
+    let refused = s
+        .write_all(b"GET /sip HTTP/1.1\r\n\r\n")
+        .and_then(|()| s.flush())
+        .and_then(|()| s.read(&mut buf));
+    assert!(
+        !matches!(refused, Ok(n) if n > 0),
+        "no answer without a client certificate: {refused:?}"
+    );
+}
+
+#[test]
+fn a_crlf_keepalive_on_tcp_gets_its_pong() {
+    let s1 = Server::new();
+    let lb = Lb::start("crlf", &[s1.addr()], "");
+    let sip_port = std::fs::read_to_string(lb.dir.join("siplb.toml"))
+        .unwrap()
+        .split("listen = [\"127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap();
+    let mut c = TcpStream::connect(("127.0.0.1", sip_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // A ping split over two writes still gets one pong.
+    c.write_all(b"\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.write_all(b"\r\n").unwrap();
+    let mut buf = [0u8; 8];
+    let n = c.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"\r\n");
 }

@@ -226,7 +226,7 @@ pub fn loopback_config(
         tls_port: 5061,
         tls: None,
         path: balancer::config::PathMode::Always,
-        udp_mtu: 1300,
+        udp_mtu: 0,
         ws_port: 5066,
         wss_port: 7443,
         ws_path: "/".into(),

@@ -183,7 +183,9 @@ impl Default for SipSection {
             tls_port: 5061,
             tls: None,
             path: PathMode::Always,
-            udp_mtu: 1300,
+            // Off, as Kamailio's udp_mtu: a server without TCP would lose
+            // every large request.
+            udp_mtu: 0,
             ws_port: 5066,
             wss_port: 7443,
             ws_path: "/".into(),

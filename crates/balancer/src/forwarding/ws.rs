@@ -90,11 +90,7 @@ pub(super) async fn ws_conn<S>(
         .write_buffer_size(0);
     #[allow(clippy::result_large_err)] // the WebSocket layer's callback type
     let check = move |req: &Request, resp: Response| check_upgrade(&path, &origins, req, resp);
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
-        stream,
-        check,
-        Some(limits),
-    );
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(limits));
     let ws = match tokio::time::timeout(cfg.message_timeout, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
