@@ -616,3 +616,31 @@ fn a_crlf_keepalive_on_tcp_gets_its_pong() {
     let n = c.read(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"\r\n");
 }
+
+#[test]
+fn a_websocket_ping_gets_its_pong_and_a_close_is_answered() {
+    let s1 = Server::new();
+    let lb = Lb::start("ping", &[s1.addr()], "");
+    let mut b = open(&lb, false, Some("sip"), None).unwrap();
+    b.ws.send(Message::Ping(b"keep"[..].into())).unwrap();
+    let pong = loop {
+        match b.ws.read() {
+            Ok(Message::Pong(p)) => break p,
+            Ok(_) => {}
+            Err(e) => panic!("no pong: {e}"),
+        }
+    };
+    assert_eq!(&pong[..], b"keep");
+    b.ws.close(None).unwrap();
+    // siplb answers the close and ends the connection.
+    let end = loop {
+        match b.ws.read() {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(end, tungstenite::Error::ConnectionClosed),
+        "a clean close: {end}"
+    );
+}

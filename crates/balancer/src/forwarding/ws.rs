@@ -109,15 +109,33 @@ pub(super) async fn ws_conn<S>(
     net.conns.pin().insert(id, tx);
     net.router.conn_opened(id, peer, transport);
     let (mut sink, mut source) = ws.split();
+    let (closing, mut closed) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
+        let text = |b: Bytes| match Utf8Bytes::try_from(b.clone()) {
             // SIP is text; a body that is not UTF-8 goes as binary.
-            let m = match Utf8Bytes::try_from(b.clone()) {
-                Ok(t) => Message::Text(t),
-                Err(_) => Message::Binary(b),
-            };
-            if sink.send(m).await.is_err() {
-                return;
+            Ok(t) => Message::Text(t),
+            Err(_) => Message::Binary(b),
+        };
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(b) => {
+                        if sink.send(text(b)).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => break,
+                },
+                _ = &mut closed => {
+                    // The reader is done: what is queued, then the close
+                    // (our answer to theirs, or ours), flushed.
+                    while let Ok(b) = rx.try_recv() {
+                        if sink.send(text(b)).await.is_err() {
+                            return;
+                        }
+                    }
+                    break;
+                }
             }
         }
         let _ = sink.close().await;
@@ -154,8 +172,9 @@ pub(super) async fn ws_conn<S>(
     debug!(%peer, conn = id, "websocket closed");
     net.router.conn_closed(id);
     net.conns.pin().remove(&id);
-    // The registry's sender may outlive its removal (lazy frees): stop the
-    // writer after what is queued, bounded.
+    // The registry's sender may outlive its removal (lazy frees): tell the
+    // writer, which sends what is queued and the close, bounded.
+    let _ = closing.send(());
     let abort = writer.abort_handle();
     if tokio::time::timeout(Duration::from_secs(1), writer)
         .await
