@@ -11,13 +11,15 @@ the outcome from the page.
 
 What runs (ports with --port-offset added; everything on 127.0.0.1):
 
-  sipp s1 :5081, s2 :5082 (UDP)  bench/webrtc/uas.xml: 200 to every REGISTER
+  sipp s1 :5081, s2 :5082 (UDP, or TCP with --server-transport tcp)
+      bench/webrtc/uas.xml: 200 to every REGISTER
       (Contact echoed), and per INVITE 180, 200 with a WebRTC answer, both
       echoing the Record-Route; then ACK, BYE, 200 (--hangup server:
       bench/webrtc/uas_bye.xml, SIPp sends the BYE along the route set)
   siplb  SIP :5060 (UDP, TCP), WS :5066, WSS :7443 (a throwaway CA and a
       certificate for 127.0.0.1 made with openssl), admin :8060;
-      round-robin over s1 and s2 (no agents), REGISTER forked
+      round-robin over s1 and s2 (no agents), REGISTER forked; sip.udp_mtu
+      off, its default (the INVITE, 3-5 KB, stays on UDP: SIPp has no TCP)
   http   :8088, this script: serves page.html and /jssip.js, takes the
       page's reports (POST /event)
   chromium --headless, fake media devices and permission prompt, the test
@@ -239,7 +241,10 @@ transports = ["udp", "tcp", "ws", "wss"]
 ws_port = {ws}
 wss_port = {wss}
 ws_path = "/"
-ws_origins = []
+# The page's origin (Chromium sends it in the upgrade's Origin header).
+ws_origins = {origins}
+# sip.udp_mtu stays off (the default): the browser's INVITE (its WebRTC
+# offer, 3-5 KB) goes to a UDP server over UDP; SIPp has no TCP beside it.
 
 [sip.tls]
 certificate = "{cert}"
@@ -258,10 +263,13 @@ key_file = "agent.key"
 
 [admin]
 listen = "127.0.0.1:{admin}"
-""".format(sip=ports["sip"], ws=ports["ws"], wss=ports["wss"], cert=tls[1], key=tls[2],
+""".format(origins=json.dumps(["https://elsewhere.example" if a.wrong_origin else
+                               "http://127.0.0.1:%d" % ports["http"]]),
+           sip=ports["sip"], ws=ports["ws"], wss=ports["wss"], cert=tls[1], key=tls[2],
            rand=os.urandom(8).hex(), admin=ports["admin"])
     for i in range(a.servers):
-        text += '\n[[servers]]\nid = "s%d"\naddress = "127.0.0.1:%d"\n' % (i + 1, ports["s1"] + i)
+        text += '\n[[servers]]\nid = "s%d"\naddress = "127.0.0.1:%d"\ntransport = "%s"\n' % (
+            i + 1, ports["s1"] + i, a.server_transport)
     path = os.path.join(work, "siplb.toml")
     with open(path, "w") as f:
         f.write(text)
@@ -637,11 +645,16 @@ def main():
     ap.add_argument("--hold", type=float, default=1.0, help="seconds a call is held")
     ap.add_argument("--hangup", choices=["browser", "server"], default="browser")
     ap.add_argument("--servers", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--server-transport", choices=["udp", "tcp"], default="udp",
+                    help="siplb to the SIPp servers")
     ap.add_argument("--timeout", type=float, default=60, help="bound on the whole run (s)")
     ap.add_argument("--screenshot", help="a PNG of the page at the end of the run")
     ap.add_argument("--wrong-pin", action="store_true",
                     help="give Chromium another key's SPKI hash: registration must fail "
                          "(exit 0 when it does; checks the pin is what makes WSS work)")
+    ap.add_argument("--wrong-origin", action="store_true",
+                    help="sip.ws_origins without the page's origin: registration must fail "
+                         "(exit 0 when it does)")
     ap.add_argument("--chromium", help="the browser binary (default: chromium on PATH)")
     ap.add_argument("--cache", help="where JsSIP is installed (default ~/.cache/siplb-webrtc, "
                                     "or $SIPLB_WEBRTC_CACHE)")
@@ -711,7 +724,8 @@ def main():
             sid, port = "s%d" % (i + 1), ports["s1"] + i
             msgf = os.path.join(work, "sipp-%s-messages.log" % sid)
             p = procs.start("sipp-" + sid, [
-                "sipp", "-sf", scenario, "-i", "127.0.0.1", "-p", str(port), "-t", "u1", "-nostdin",
+                "sipp", "-sf", scenario, "-i", "127.0.0.1", "-p", str(port),
+                "-t", "t1" if a.server_transport == "tcp" else "u1", "-nostdin",
                 "-trace_msg", "-message_file", msgf, "-trace_err", "-error_file",
                 os.path.join(work, "sipp-%s-errors.log" % sid),
                 "-d", str(int(a.hold * 1000)),
@@ -789,10 +803,11 @@ def main():
         for e in reports.events:
             if e.get("kind") == "event" and "n" not in e["data"]:
                 log("  page: %s" % json.dumps(e["data"]))
-        if a.wrong_pin:
+        if a.wrong_pin or a.wrong_origin:
             ok = not done.get("registered")
-            log("wrong pin: registration %s (%s)" % (
-                "failed as it must" if ok else "SUCCEEDED: the pin is not what Chromium checks",
+            log("wrong %s: registration %s (%s)" % (
+                "pin" if a.wrong_pin else "origin",
+                "failed as it must" if ok else "SUCCEEDED: that check does not work",
                 done.get("error")))
             return 0 if ok else 1
 

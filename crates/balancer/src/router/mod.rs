@@ -103,8 +103,10 @@ impl Me {
             Transport::Wss => cfg.wss_port,
         };
         let hostport = |t: Transport| format!("{}:{}", cfg.advertise_host, port_of(t));
+        // RFC 7118 §5.2: `ws` names plain and secure WebSocket alike.
         let param = |t: Transport| match t {
             Transport::Udp => String::new(),
+            Transport::Wss => ";transport=ws".to_owned(),
             t => format!(";transport={}", t.via_name().to_ascii_lowercase()),
         };
         Me {
