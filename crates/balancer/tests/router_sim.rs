@@ -817,6 +817,10 @@ struct Ctx {
     message_at: HashMap<(String, u32), Vec<(usize, bool)>>,
     /// Non-INVITE (Call-ID, CSeq) → finals the servers sent: (server, code, at).
     nonin_finals: HashMap<(String, u32), Vec<ServerFinal>>,
+    /// Per (Call-ID, CSeq): the finals the balancer sent a UA, and how many
+    /// the network delivered: a transaction whose every final was lost on
+    /// the way to its UA timed out by bad luck, not by the balancer.
+    finals_to_ua: HashMap<(String, u32), (u32, u32)>,
     /// INVITE (Call-ID, CSeq) → servers that got it.
     invite_at: HashMap<(String, u32), BTreeSet<usize>>,
     /// INVITE (Call-ID, CSeq) → when a server first answered it 2xx.
@@ -933,6 +937,19 @@ impl Ctx {
             };
             let (a, b) = (self.name(from), self.name(to));
             self.trace(|| format!("{a:>4} -> {b:<4} {:<16} {}", f, summary(&data)));
+        }
+        if from == lb_addr()
+            && matches!(self.node(to), Some(Node::Ua(_)))
+            && let Some(m) = Msg::parse(&data)
+            && !m.is_request()
+            && m.status() >= 200
+        {
+            let e = self
+                .finals_to_ua
+                .entry((m.call_id().to_owned(), m.cseq().0))
+                .or_default();
+            e.0 += 1;
+            e.1 += u32::from(fate.as_ref().is_some_and(|d| !d.is_empty()));
         }
         match fate {
             None => self.cov.lost += 1,
@@ -1695,7 +1712,12 @@ impl Ua {
                         .find(|(_, code, at)| *code != 503 && *at + 5_000 <= r.sent_at + TXN)
                         .copied()
                 });
-                if let Some((s, code, at)) = answered {
+                // Every final relayed to the UA lost on the way: bad luck.
+                let unlucky = ctx
+                    .finals_to_ua
+                    .get(&key)
+                    .is_some_and(|&(sent, delivered)| sent > 0 && delivered == 0);
+                if let Some((s, code, at)) = answered.filter(|_| !unlucky) {
                     ctx.fail(
                         Check::Final,
                         format!(
@@ -2554,6 +2576,7 @@ impl Sim {
             cancel_at_lb: HashMap::new(),
             message_at: HashMap::new(),
             nonin_finals: HashMap::new(),
+            finals_to_ua: HashMap::new(),
             invite_at: HashMap::new(),
             invite_2xx_at: HashMap::new(),
             lb_heard_ringing: HashSet::new(),
@@ -3357,7 +3380,10 @@ mod focused {
         let s = lab.ua(&inv);
         let inv1 = to(&s, srv_addr(0))[0].to_owned();
         let s = lab.advance(600);
-        let ours = to(&s, ua())[0].to_owned();
+        // Our 100 at `trying_after` (the server said nothing), then our 503.
+        let msgs = to(&s, ua());
+        assert!(msgs[0].starts_with("SIP/2.0 100"), "{msgs:?}");
+        let ours = msgs[1].to_owned();
         assert!(ours.starts_with("SIP/2.0 503"));
         let tag = Msg::parse(ours.as_bytes())
             .unwrap()

@@ -1120,11 +1120,14 @@ fn our_own_final_is_retransmitted_until_the_ack() {
 }
 
 /// RFC 3261 §16.7 step 3: a 100 from a server is hop by hop and is not
-/// forwarded; the UA gets the balancer's own 100, then the 180 and the 200.
+/// forwarded; the balancer's own 100 goes only when the server has sent
+/// nothing to relay within `trying_after` (200 ms, RFC 3261 §17.2.1).
 #[test]
 fn a_servers_100_is_not_forwarded() {
     let servers = [Peer::new(), Peer::new()];
     let lb = Balancer::start(&servers, "");
+    // A server that answers at once: its 180 stops the UA's
+    // retransmissions; no 100 reaches the UA.
     let ua = Ua::new(&lb, "no-second-100");
     ua.send_new("INVITE", 1, &ua.branch(), "");
     let (i, inv) = first_to_get(&servers, "the INVITE", ms(1000), |m| m.is("INVITE"));
@@ -1136,14 +1139,35 @@ fn a_servers_100_is_not_forwarded() {
         m.answers(200, "INVITE")
     });
     let got = ua.gather(ms(300));
-    let count = |code| got.iter().filter(|m| m.answers(code, "INVITE")).count();
+    let count = |got: &[Msg], code| got.iter().filter(|m| m.answers(code, "INVITE")).count();
     assert_eq!(
-        count(100),
-        1,
-        "the UA must get one 100 Trying (the balancer's), got: {:?}",
+        count(&got, 100),
+        0,
+        "the server's 100 is not forwarded, and ours is not needed: {:?}",
         summaries(&got)
     );
-    assert_eq!(count(180), 1, "the 180: {:?}", summaries(&got));
+    assert_eq!(count(&got, 180), 1, "the 180: {:?}", summaries(&got));
+    ua.in_dialog("ACK", 1, &ok);
+
+    // A server silent for 350 ms (its own 100 aside): our 100 at 200 ms,
+    // one, before its 180.
+    let ua = Ua::new(&lb, "late-180");
+    ua.send_new("INVITE", 1, &ua.branch(), "");
+    let (i, inv) = first_to_get(&servers, "the INVITE", ms(1000), |m| m.is("INVITE"));
+    let a = &servers[i];
+    a.respond(&inv, 100, "Trying", "");
+    let early = ua.gather(ms(350));
+    a.respond(&inv, 180, "Ringing", "");
+    a.respond(&inv, 200, "OK", "");
+    let ok = ua.expect("the UA gets the 200", ms(1000), |m| {
+        m.answers(200, "INVITE")
+    });
+    assert_eq!(
+        count(&early, 100),
+        1,
+        "one 100 (ours) while the server is silent: {:?}",
+        summaries(&early)
+    );
     ua.in_dialog("ACK", 1, &ok);
 }
 

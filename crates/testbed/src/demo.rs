@@ -251,6 +251,7 @@ pub fn loopback_config(
         session_idle_timeout: Duration::from_secs(3600),
         failover_timeout: Duration::from_millis(500),
         invite_timeout: Duration::from_secs(181),
+        trying_after: Duration::from_millis(200),
         max_attempts: 3,
         failover_statuses: vec![500, 503],
         health: Health::Both,

@@ -211,6 +211,7 @@ struct RoutingSection {
     session_idle_timeout: String,
     failover_timeout: String,
     invite_timeout: String,
+    trying_after: String,
     max_attempts: u8,
     failover_statuses: Vec<u16>,
     health: Health,
@@ -240,6 +241,7 @@ impl Default for RoutingSection {
             session_idle_timeout: "1h".into(),
             failover_timeout: "500ms".into(),
             invite_timeout: "181s".into(),
+            trying_after: "200ms".into(),
             max_attempts: 3,
             failover_statuses: vec![500, 503],
             health: Health::Both,
@@ -426,6 +428,9 @@ pub struct Config {
     /// Timer C: a new INVITE with a provisional response but no final one
     /// this long is CANCELled and answered 408.
     pub invite_timeout: Duration,
+    /// Our `100 Trying` to a new INVITE goes only when the server has sent
+    /// nothing to relay within this (RFC 3261 §17.2.1); 0: at once.
+    pub trying_after: Duration,
     /// Servers tried for one new INVITE, at most.
     pub max_attempts: u8,
     /// Final responses that make us try another server.
@@ -685,6 +690,13 @@ impl Config {
                 "at least 1s (RFC 3261 Timer C: more than 3 minutes)",
             );
         }
+        let trying_after = duration("routing.trying_after", &r.trying_after)?;
+        if trying_after > Duration::from_millis(200) {
+            return err(
+                "routing.trying_after",
+                "at most 200ms (RFC 3261 §17.2.1; the UA retransmits at 500ms)",
+            );
+        }
         let outlier = crate::outlier::OutlierConfig {
             consecutive: r.outlier_failures,
             base_ejection: duration("routing.ejection_time", &r.ejection_time)?,
@@ -874,6 +886,7 @@ impl Config {
             )?,
             failover_timeout: duration("routing.failover_timeout", &r.failover_timeout)?,
             invite_timeout,
+            trying_after,
             max_attempts: r.max_attempts,
             failover_statuses: r.failover_statuses,
             health: r.health,

@@ -493,6 +493,7 @@ impl Router {
                 n,
             } => self.resend_timer(txn, attempt, bye, n, now, out),
             TimerKey::Fork { fork } => self.finish_fork(fork, true, now, out),
+            TimerKey::Trying { txn } => self.trying_timer(txn, out),
         }
     }
 

@@ -131,6 +131,12 @@ pub enum TimerKey {
         /// How many retransmissions came before.
         n: u8,
     },
+    /// Our `100 Trying` to new INVITE transaction `txn`, unless something
+    /// was relayed to the UA by then (`routing.trying_after`).
+    Trying {
+        /// Transaction id.
+        txn: u64,
+    },
     /// A forked REGISTER's `routing.register_timeout`; then (over UDP) the
     /// end of the entry that answers the UA's retransmissions.
     Fork {

@@ -12,7 +12,7 @@ use sip::{Edits, HeaderName, MaxForwards, Message, Method, Received};
 use tracing::debug;
 
 use super::txn::{self, ClientTxn};
-use super::{Dest, Now, Origin, Outbox, Router};
+use super::{Dest, Now, Origin, Outbox, Router, TimerKey};
 use std::net::SocketAddr;
 
 use crate::codec::{Branch, Flow, Keys, Leg};
@@ -594,9 +594,17 @@ impl Router {
             return self.drop_counted(DropReason::Merged, out);
         }
         // We hold the transaction now: stop the UA's retransmissions (not
-        // for non-INVITE: RFC 4320 §4.1 forbids an early 100).
+        // for non-INVITE: RFC 4320 §4.1 forbids an early 100) — at once, or
+        // only when the server has not answered within `trying_after` (RFC
+        // 3261 §17.2.1: nearly every server does, and the 180 or 200 stops
+        // them as well; a datagram less per call).
         if invite {
-            self.reply(msg, 100, "Trying", &[], back, out);
+            if cfg.trying_after.is_zero() {
+                guard.trying_sent = true;
+                self.reply(msg, 100, "Trying", &[], back, out);
+            } else {
+                out.arm(now.at + cfg.trying_after, TimerKey::Trying { txn: id });
+            }
         }
         self.start_attempt(cfg, &mut guard, id, &server, now, out);
     }

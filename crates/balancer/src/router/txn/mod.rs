@@ -175,6 +175,9 @@ pub(super) struct ClientTxn {
     /// A CANCEL or BYE of ours may still be retransmitted until then (ms):
     /// the entry stays while one waits for its answer.
     own_until_ms: u64,
+    /// A provisional, a final or our 100 went to the UA (no 100 of ours
+    /// after that).
+    pub trying_sent: bool,
     /// The request carried credentials from this source: a 401/407 final
     /// spends one of its failed authentications (`limits.auth_failure_*`).
     pub auth_from: Option<std::net::IpAddr>,
@@ -221,6 +224,7 @@ impl ClientTxn {
             expires_ms: u64::MAX,
             own_until_ms: 0,
             auth_from: None,
+            trying_sent: false,
         }
     }
 
@@ -465,10 +469,11 @@ impl Router {
                 self.cancel_attempt(t, id, i, now, out);
             }
             if code == 100 {
-                // Hop by hop (§16.7 step 3): we sent our own.
+                // Hop by hop (§16.7 step 3): ours is sent, or will be.
                 self.drop_counted(DropReason::Absorbed, out);
                 return TxnVerdict::Done;
             }
+            t.trying_sent = true;
             return TxnVerdict::Relay;
         }
         t.tries[i].final_seen = true;
@@ -492,6 +497,7 @@ impl Router {
             self.next_attempt(cfg, t, id, "failover status", now, rng, out);
             return TxnVerdict::Done;
         }
+        t.trying_sent = true;
         t.phase = Phase::Completed;
         t.best = None;
         t.expires_ms = self.ms(now) + t.linger_ms();

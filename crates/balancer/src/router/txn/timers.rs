@@ -61,6 +61,23 @@ impl Router {
         }
     }
 
+    /// `routing.trying_after` passed for INVITE transaction `id`: our `100
+    /// Trying` unless a provisional or final went to the UA meanwhile.
+    pub(in crate::router) fn trying_timer(&self, id: u64, out: &mut Outbox) {
+        let Some(t) = self.txns.pin().get(&id).cloned() else {
+            return;
+        };
+        let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.trying_sent || t.phase != Phase::Trying || t.local_final.is_some() {
+            return;
+        }
+        t.trying_sent = true;
+        let Ok(req) = sip::Message::parse(&t.request) else {
+            return;
+        };
+        self.reply(&req, 100, "Trying", &[], t.reply_to.clone(), out);
+    }
+
     /// Once a second: Timer C (RFC 3261 §16.8) and the end of transactions.
     pub(in crate::router) fn txn_round(&self, now: Now, rng: &mut dyn RngCore, out: &mut Outbox) {
         let cfg = self.cfg.load();
