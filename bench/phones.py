@@ -669,8 +669,6 @@ def main():
                 servers = json.loads(admin_get(ports["admin"], "/servers"))
             except (OSError, ValueError):
                 return False
-            # (GET /servers shows an agentless server as "down", score 0,
-            # agent_state "connecting", though round-robin routes to it.)
             return len(servers) == 2
         try:
             wait_until(lb_up, deadline.upto(10), 0.1, "siplb's admin API listing s1 and s2")

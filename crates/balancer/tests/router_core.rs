@@ -509,3 +509,18 @@ fn a_request_too_large_for_udp_goes_to_the_server_over_tcp() {
             .any(|(d, t)| matches!(d, Dest::Udp(_)) && t.starts_with("INVITE"))
     );
 }
+
+#[test]
+fn servers_without_agents_read_as_up_in_the_view() {
+    // round-robin needs no agent: the servers are in use, and say so.
+    let core = Core::new("view", "");
+    let now = core.now(0);
+    for v in core.router.servers_view(now) {
+        assert_eq!(v.state, "up", "{}: {v:?}", v.id);
+        assert_eq!(v.agent_state, "none");
+        assert_eq!(v.down_by, None);
+    }
+    core.router.set_drained("s1", true);
+    let v = core.router.servers_view(now);
+    assert_eq!(v[0].state, "drained");
+}

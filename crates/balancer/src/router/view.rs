@@ -53,16 +53,22 @@ impl Router {
                     state: match input {
                         Input::Drained => "drained",
                         Input::Up(_) => "up",
+                        // No agent by design (round-robin, p2c, static):
+                        // judged by probes and failures, which said up.
+                        Input::NoData if s.cfg.agent.is_none() => "up",
                         Input::Down | Input::NoData => "down",
                     }
                     .into(),
-                    agent_state: e
-                        .map_or("connecting", |e| match e.state {
+                    agent_state: if s.cfg.agent.is_none() {
+                        "none"
+                    } else {
+                        e.map_or("connecting", |e| match e.state {
                             perf::AgentState::Up => "up",
                             perf::AgentState::Down => "down",
                             perf::AgentState::Connecting => "connecting",
                         })
-                        .into(),
+                    }
+                    .into(),
                     score,
                     cpu: e.and_then(|e| e.sample).map(|x| x.cpu),
                     mem_available: e.and_then(|e| e.sample).map(|x| x.mem_available),
@@ -83,7 +89,8 @@ impl Router {
                     }
                     .into(),
                     down_by: {
-                        let agent = e.is_none_or(|e| e.state != perf::AgentState::Up)
+                        let agent = s.cfg.agent.is_some()
+                            && e.is_none_or(|e| e.state != perf::AgentState::Up)
                             && cfg.health != Health::Probe;
                         let probe = s.cfg.probe.is_some()
                             && s.stats.probe_down.load(Ordering::Relaxed)
