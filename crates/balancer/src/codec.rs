@@ -62,7 +62,11 @@
 //! - `mac` in a branch: SipHash-2-4 keyed with the first 16 bytes of
 //!   HMAC-SHA256(secret, `"siplb-branch-mac"`), over `txn` (u64 LE), the
 //!   leg (tag byte `a`/`f`/`p`/`l` and its number as u16 LE, 0 for `p`),
-//!   `loop_hash` (u32 LE), then the next hop's length (u64 LE) and bytes.
+//!   `loop_hash` (u32 LE), then the next hop's length (u64 LE) and bytes
+//!   (the router writes a hop as a tag byte `u`/`t`/`s`/`c`/`n` and the IP
+//!   octets and port big-endian, the connection id, or the name and port;
+//!   since the data-plane work, before which it was the text `u1.2.3.4:5060`:
+//!   responses in flight across that upgrade are dropped as forged).
 //!   Bound to the next hop, a branch is only good in a response from the
 //!   server it went to; a caller wanting `lbc` covered too appends it to
 //!   the next-hop bytes.
@@ -371,7 +375,7 @@ impl Keys {
         h.finish()
     }
 
-    /// Keyed MAC over a branch's fields and the next hop it will be relayed to (e.g. "1.2.3.4:5060"); 64 bits.
+    /// Keyed MAC over a branch's fields and the next hop it will be relayed to (its bytes as the router writes them); 64 bits.
     #[must_use]
     pub fn branch_mac(&self, txn: u64, leg: Leg, loop_hash: u32, next_hop: &[u8]) -> u64 {
         let (tag, n) = leg.tag();

@@ -239,10 +239,7 @@ impl<'a> Message<'a> {
     fn top_value_range(&self, name: HeaderName) -> Option<(u32, u32)> {
         let mut it = self.value_positions(name);
         let first = it.next()?;
-        if first.only {
-            return Some(self.header_pos(first.header).line_at);
-        }
-        // Not alone on its line, so the next value is on the same line.
+        // Alone on its line unless the next value is on the same line.
         match it.next() {
             Some(next) if next.header == first.header => Some((first.start, next.start)),
             _ => Some(self.header_pos(first.header).line_at),

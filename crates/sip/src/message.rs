@@ -545,16 +545,14 @@ impl<'a> Message<'a> {
             .flat_map(move |(idx, h)| {
                 let base = h.value_at.0;
                 let v = &buf[h.value_at.0 as usize..h.value_at.1 as usize];
-                let n = CommaSplit::new(v)
-                    .filter(|r| matches!(r, Ok((a, b)) if a < b))
-                    .count();
+                // One pass over the line (whether a value is its line's only
+                // one, the value after it says: see `top_value_range`).
                 CommaSplit::new(v).filter_map(move |r| {
                     let (a, b) = r.ok()?;
                     (a < b).then_some(ValuePos {
                         header: idx,
                         start: base + a as u32,
                         end: base + b as u32,
-                        only: n == 1,
                     })
                 })
             })
@@ -644,8 +642,6 @@ pub(crate) struct ValuePos {
     pub(crate) header: usize,
     pub(crate) start: u32,
     pub(crate) end: u32,
-    /// The value is the only one on its header line.
-    pub(crate) only: bool,
 }
 
 /// `[start, end)` of `buf` without leading and trailing SP/HT; empty at

@@ -63,6 +63,7 @@ impl Router {
         msg: &Message<'_>,
         pool: &Pool,
         pop_route: u8,
+        loop_hash: u32,
         origin: Origin,
         now: Now,
         out: &mut Outbox,
@@ -98,7 +99,6 @@ impl Router {
             let ra = format!("Retry-After: {}", cfg.retry_after);
             return self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
         }
-        let loop_hash = self.loop_hash(msg);
         let auth_from = self.credentials_from(msg, origin);
         // One server and no credentials to account for: stateless.
         if targets.len() == 1 && auth_from.is_none() {

@@ -732,21 +732,49 @@ struct HopText {
 }
 
 impl HopText {
+    /// The hop in a few bytes: a tag, then the address (IP octets, port
+    /// big-endian), the connection id, or the name and port. Binary, not
+    /// text: no formatting on the per-message path.
     fn of(hop: &Dest) -> HopText {
-        use std::io::Write;
         let mut t = HopText {
             buf: [0; 96],
             len: 0,
         };
-        let mut c = std::io::Cursor::new(&mut t.buf[..]);
-        let _ = match hop {
-            Dest::Udp(a) => write!(c, "u{a}"),
-            Dest::Tcp(a) => write!(c, "t{a}"),
-            Dest::Tls(a) => write!(c, "s{a}"),
-            Dest::Conn(id) => write!(c, "c{id}"),
-            Dest::Resolve { host, port } => write!(c, "n{host}:{port}"),
+        let mut put = |b: &[u8]| {
+            let n = b.len().min(t.buf.len() - t.len);
+            t.buf[t.len..t.len + n].copy_from_slice(&b[..n]);
+            t.len += n;
         };
-        t.len = c.position() as usize;
+        let addr = |put: &mut dyn FnMut(&[u8]), a: &std::net::SocketAddr| {
+            match a.ip() {
+                std::net::IpAddr::V4(ip) => put(&ip.octets()),
+                std::net::IpAddr::V6(ip) => put(&ip.octets()),
+            }
+            put(&a.port().to_be_bytes());
+        };
+        match hop {
+            Dest::Udp(a) => {
+                put(b"u");
+                addr(&mut put, a);
+            }
+            Dest::Tcp(a) => {
+                put(b"t");
+                addr(&mut put, a);
+            }
+            Dest::Tls(a) => {
+                put(b"s");
+                addr(&mut put, a);
+            }
+            Dest::Conn(id) => {
+                put(b"c");
+                put(&id.to_be_bytes());
+            }
+            Dest::Resolve { host, port } => {
+                put(b"n");
+                put(host.as_bytes());
+                put(&port.to_be_bytes());
+            }
+        }
         t
     }
 

@@ -30,6 +30,8 @@ pub(super) struct OurRoute {
     pub target: Option<Arc<Server>>,
     /// The user agent's flow its `flow` token names.
     pub flow: Option<FlowRef>,
+    /// The request's loop hash (computed once per request).
+    pub loop_hash: u32,
 }
 
 /// A flow token, checked.
@@ -99,7 +101,7 @@ impl Router {
             }
         }
         let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
-        let Some(route) = self.our_route(cfg, msg, to_tag) else {
+        let Some(mut route) = self.our_route(cfg, msg, to_tag) else {
             return self.reply(
                 msg,
                 403,
@@ -110,6 +112,7 @@ impl Router {
             );
         };
 
+        route.loop_hash = loop_hash;
         let pool = self.pool.load();
         // A server's own request: from its address, or (on a connection it
         // opened to us, e.g. along our Path or Record-Route over TLS) from
@@ -163,7 +166,7 @@ impl Router {
             return self.new_transaction(cfg, msg, &pool, route, origin, now, rng, out);
         }
         if method == Method::Register && route.target.is_none() {
-            return self.register(cfg, msg, &pool, route.pop, origin, now, out);
+            return self.register(cfg, msg, &pool, route.pop, loop_hash, origin, now, out);
         }
         let ms = self.ms(now);
         let target = route.target.clone().or_else(|| {
@@ -210,6 +213,7 @@ impl Router {
             pop: 0,
             target: None,
             flow: None,
+            loop_hash: 0,
         };
         let pool = self.pool.load();
         // A double Record-Route is two of ours; our Path may follow: at
@@ -582,7 +586,7 @@ impl Router {
             back.clone(),
             origin,
             txn::creates_dialog(method),
-            self.loop_hash(msg),
+            route.loop_hash,
             ms,
         );
         let mut t = t;
@@ -625,7 +629,7 @@ impl Router {
         out: &mut Outbox,
     ) {
         let id = self.txn_id(msg);
-        let loop_hash = self.loop_hash(msg);
+        let loop_hash = route.loop_hash;
         if let Some(t) = self.txns.pin().get(&id).cloned() {
             let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match self.ack_of(&mut t, now) {
@@ -714,7 +718,7 @@ impl Router {
                 .get(msg.call_id(), ms)
                 .and_then(|id| pool.by_id(&id).cloned())
         });
-        let branch = Self::branch(id, Leg::Attempt(0), self.loop_hash(msg));
+        let branch = Self::branch(id, Leg::Attempt(0), route.loop_hash);
         match target {
             Some(s) => {
                 self.forward_to_server(msg, &s, Hop::stateless(route.pop), branch, origin, out)
@@ -892,7 +896,7 @@ impl Router {
         };
         let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
         let record_route = txn::creates_dialog(msg.method()) && !to_tag;
-        let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), self.loop_hash(msg));
+        let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), route.loop_hash);
         let branch = self.seal(branch, &response_hop(msg, origin, true));
         let mut via = ViaText::default();
         // On a connection the server opened to us, its responses go back
