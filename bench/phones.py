@@ -66,83 +66,13 @@ import tempfile
 import threading
 import time
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Deadline, Procs, Timeout, log, wait_until  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "bench", "phones")
 DOMAIN = "example.test"
 NAT_NET = "10.200.0"  # /29: host .1 | router .2 ; router .5 | bob .6
-
-
-class Timeout(Exception):
-    pass
-
-
-class Deadline:
-    """The run's overall bound; every wait takes the earlier of its own
-    bound and this one."""
-
-    def __init__(self, seconds):
-        self.end = time.monotonic() + seconds
-
-    def left(self):
-        return self.end - time.monotonic()
-
-    def upto(self, seconds):
-        return min(time.monotonic() + seconds, self.end)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def wait_until(pred, until, step=0.05, what="condition"):
-    """Calls pred() until it is truthy (returned) or `until` (monotonic) passes."""
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= until:
-            raise Timeout(what)
-        time.sleep(step)
-
-
-# ------------------------------------------------------------ processes
-
-
-class Procs:
-    def __init__(self):
-        self.procs = []  # (name, Popen)
-
-    def start(self, name, argv, logpath, env=None):
-        f = open(logpath, "wb")
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=env,
-                             start_new_session=True)
-        f.close()
-        self.procs.append((name, p))
-        return p
-
-    def stop_all(self, grace=3):
-        """Stops each process we started, by its PID, the last started first
-        (the phones unregister while siplb and the Kamailios still run):
-        SIGTERM, then SIGKILL after `grace` seconds."""
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            try:
-                p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
 
 
 def run(argv, check=True):

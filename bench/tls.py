@@ -72,15 +72,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Procs, Timeout  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIPP_DIR = os.path.join(ROOT, "bench", "sipp")
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-class Timeout(Exception):
-    pass
 
 
 class Failed(Exception):
@@ -113,42 +111,6 @@ def run(argv, check=True, timeout=30, inp=None):
 
 
 # ------------------------------------------------------------ processes
-
-
-class Procs:
-    def __init__(self):
-        self.procs = []
-
-    def start(self, name, argv, logpath, env=None, cwd=None):
-        with open(logpath, "ab") as f:
-            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, cwd=cwd, start_new_session=True)
-        self.procs.append((name, p))
-        return p
-
-    def stop(self, p, grace=5):
-        """SIGTERM by PID, SIGKILL after `grace` s."""
-        if p.poll() is None:
-            try:
-                os.kill(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        try:
-            p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        self.procs = [(n, q) for (n, q) in self.procs if q is not p]
-
-    def stop_all(self):
-        for _, p in reversed(list(self.procs)):
-            self.stop(p, grace=3)
 
 
 def proc_stat(pid):

@@ -70,41 +70,14 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Deadline, Procs, Timeout, log, wait_until  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "bench", "webrtc")
 JSSIP = "3.10.1"      # pinned: the npm version of JsSIP the page runs
 ESBUILD = "0.20.2"    # pinned: bundles JsSIP's CommonJS build for the browser once
 DOMAIN = "example.test"
-
-
-class Timeout(Exception):
-    pass
-
-
-class Deadline:
-    def __init__(self, seconds):
-        self.end = time.monotonic() + seconds
-
-    def left(self):
-        return self.end - time.monotonic()
-
-    def upto(self, seconds):
-        return min(time.monotonic() + seconds, self.end)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def wait_until(pred, until, step=0.05, what="condition"):
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= until:
-            raise Timeout(what)
-        time.sleep(step)
 
 
 def tail(path, n=30):
@@ -123,39 +96,6 @@ def run(argv, timeout=30, cwd=None):
         raise RuntimeError("%s: exit %d: %s" % (" ".join(argv), r.returncode,
                                                 r.stdout.decode(errors="replace").strip()[-2000:]))
     return r.stdout
-
-
-class Procs:
-    def __init__(self):
-        self.procs = []
-
-    def start(self, name, argv, logpath, env=None, **kw):
-        f = open(logpath, "wb")
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, start_new_session=True, **kw)
-        f.close()
-        self.procs.append((name, p))
-        return p
-
-    def stop_all(self, grace=3):
-        """By PID, the last started first: SIGTERM, SIGKILL after `grace` s."""
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            try:
-                p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
 
 
 # ------------------------------------------------------------ JsSIP
