@@ -138,7 +138,19 @@ impl Iterator for CommaSplit<'_> {
         let start = self.pos;
         let mut i = start;
         let mut in_angle = false;
-        while i < s.len() {
+        // Jump between the bytes that matter (a quote, the brackets, a
+        // comma outside them) rather than matching every byte.
+        loop {
+            let next = if in_angle {
+                memchr::memchr2(b'"', b'>', &s[i..])
+            } else {
+                memchr::memchr3(b'"', b'<', b',', &s[i..])
+            };
+            let Some(off) = next else {
+                i = s.len();
+                break;
+            };
+            i += off;
             match s[i] {
                 b'"' => match quoted_end(s, i) {
                     Some(e) => {
@@ -152,8 +164,7 @@ impl Iterator for CommaSplit<'_> {
                 },
                 b'<' => in_angle = true,
                 b'>' => in_angle = false,
-                b',' if !in_angle => break,
-                _ => {}
+                _ => break, // a comma outside brackets
             }
             i += 1;
         }
@@ -271,6 +282,61 @@ mod tests {
             })
             .collect();
         assert_eq!(parts, [r#""a,b" <sip:x@y;p=1,2>;q=1"#, "<sip:z>", ""]);
+    }
+
+    /// The byte-at-a-time split the memchr version replaced.
+    fn reference_split(s: &[u8]) -> Vec<Result<(usize, usize), ()>> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        loop {
+            let (start, mut i, mut in_angle) = (pos, pos, false);
+            while i < s.len() {
+                match s[i] {
+                    b'"' => match quoted_end(s, i) {
+                        Some(e) => {
+                            i = e;
+                            continue;
+                        }
+                        None => {
+                            out.push(Err(()));
+                            return out;
+                        }
+                    },
+                    b'<' => in_angle = true,
+                    b'>' => in_angle = false,
+                    b',' if !in_angle => break,
+                    _ => {}
+                }
+                i += 1;
+            }
+            if in_angle {
+                out.push(Err(()));
+                return out;
+            }
+            let (mut a, mut b) = (skip_ws(s, start), i);
+            while b > a && is_ws(s[b - 1]) {
+                b -= 1;
+            }
+            if a > b {
+                a = b;
+            }
+            out.push(Ok((a, b)));
+            if i >= s.len() {
+                return out;
+            }
+            pos = i + 1;
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn comma_split_matches_the_byte_at_a_time_split(
+            s in proptest::collection::vec(proptest::sample::select(
+                b"ab ,<>\"\\;=\r\n\t".to_vec()), 0..40)
+        ) {
+            let ours: Vec<_> = CommaSplit::new(&s).collect();
+            proptest::prop_assert_eq!(ours, reference_split(&s));
+        }
     }
 
     #[test]
