@@ -7,9 +7,9 @@
 //! connection has one task: it receives a message, reads the clock once,
 //! calls the core, and performs the core's sends in the order they were
 //! queued before it receives the next, so the messages of one flow leave
-//! in the order they came. One timer task holds every timer the core asks
-//! for in a heap (a shortened `failover_timeout` after a reload fires on
-//! time); one task ticks the core every 100 ms. Names (a Request-URI or
+//! in the order they came. One timer task fires every timer the core asks
+//! for from a heap shared with the socket tasks (a shortened
+//! `failover_timeout` after a reload fires on time; see [`Timers`]); one task ticks the core every 100 ms. Names (a Request-URI or
 //! Via with a host name) are resolved by a resolver task with a cache, so a
 //! slow resolver never stalls a socket.
 
@@ -92,7 +92,7 @@ struct Net {
     /// Inbound connections open per source address (bounded by
     /// `sip.max_connections` entries).
     per_source: Mutex<HashMap<std::net::IpAddr, usize>>,
-    timers: mpsc::UnboundedSender<(Instant, TimerKey)>,
+    timers: Timers,
     resolve: mpsc::Sender<(Box<str>, u16, Bytes)>,
     rng: Rng,
     /// The TLS certificate in force, when there are TLS listeners.
@@ -138,9 +138,7 @@ impl Net {
                 self.router.stats.drop(DropReason::SendFailed);
             }
         }
-        for &(at, key) in out.timers() {
-            let _ = self.timers.send((at, key));
-        }
+        self.timers.arm(out.timers());
         out.clear();
     }
 
@@ -278,7 +276,6 @@ impl Balancer {
         };
         wait_for_first_data(&cfg, &table).await;
         let router = Arc::new(Router::new(cfg, table, Instant::now()).map_err(|e| e.to_string())?);
-        let (timers_tx, timers_rx) = mpsc::unbounded_channel();
         let (resolve_tx, resolve_rx) = mpsc::channel(4096);
         let net = Arc::new_cyclic(|me: &std::sync::Weak<Net>| Net {
             me: me.clone(),
@@ -288,7 +285,7 @@ impl Balancer {
             servers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             per_source: Mutex::new(HashMap::new()),
-            timers: timers_tx,
+            timers: Timers::default(),
             resolve: resolve_tx,
             rng: match seed {
                 Some(s) => Rng::Seeded(Box::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(s)))),
@@ -311,7 +308,7 @@ impl Balancer {
                 tasks.spawn(accept_loop(net.clone(), l, kind));
             }
         }
-        tasks.spawn(timer_task(net.clone(), timers_rx));
+        tasks.spawn(timer_task(net.clone()));
         tasks.spawn(tick_task(net.clone()));
         tasks.spawn(resolver_task(net.clone(), resolve_rx));
         Ok(Balancer {
@@ -727,39 +724,91 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, o
     }
 }
 
-/// Every timer the core asks for, in one heap.
-async fn timer_task(net: Arc<Net>, mut rx: mpsc::UnboundedReceiver<(Instant, TimerKey)>) {
-    let mut heap: BinaryHeap<Reverse<(Instant, TimerKey)>> = BinaryHeap::new();
+/// How late a timer may fire so that the timer task wakes at most once per
+/// this long under load (each wake-up is a context switch; the core's
+/// timers are RFC 3261 timers of 100 ms and more, or its own delayed
+/// `100 Trying`): 5 ms.
+const TIMER_SLACK: Duration = Duration::from_millis(5);
+
+/// Every timer the core asks for, in one heap shared by the tasks that arm
+/// them and the one that fires them. Arming a timer wakes the timer task
+/// only when it is due before the task's next wake-up (rare: most timers
+/// are later than one already pending), not once per message.
+#[derive(Default)]
+struct Timers {
+    heap: Mutex<TimerHeap>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct TimerHeap {
+    heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
+    /// When the timer task will next look (None: it waits for a timer).
+    next_wake: Option<Instant>,
+}
+
+impl Timers {
+    fn arm(&self, timers: &[(Instant, TimerKey)]) {
+        if timers.is_empty() {
+            return;
+        }
+        let mut h = self
+            .heap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sooner = false;
+        for &(at, key) in timers {
+            h.heap.push(Reverse((at, key)));
+            sooner |= h.next_wake.is_none_or(|w| at < w);
+        }
+        if sooner {
+            // Wake it now; it recomputes its next wake-up.
+            h.next_wake = Some(Instant::now());
+            drop(h);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Pops every timer due at `now` into `due`; returns the next one's time.
+    fn due(&self, now: Instant, due: &mut Vec<TimerKey>) -> Option<Instant> {
+        let mut h = self
+            .heap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(&Reverse((at, key))) = h.heap.peek() {
+            if at > now {
+                break;
+            }
+            h.heap.pop();
+            due.push(key);
+        }
+        let next = h
+            .heap
+            .peek()
+            .map(|Reverse((at, _))| (*at).max(now + TIMER_SLACK));
+        h.next_wake = next;
+        next
+    }
+}
+
+/// Fires the core's timers (see [`Timers`]).
+async fn timer_task(net: Arc<Net>) {
     let mut out = Outbox::new();
+    let mut due = Vec::new();
     loop {
-        let next = heap.peek().map(|Reverse((at, _))| *at);
-        let sleep = async {
-            match next {
-                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            m = rx.recv() => match m {
-                Some(t) => {
-                    heap.push(Reverse(t));
-                    while let Ok(t) = rx.try_recv() {
-                        heap.push(Reverse(t));
-                    }
-                }
-                None => return,
-            },
-            () = sleep => {
-                let now = Instant::now();
-                while let Some(&Reverse((at, key))) = heap.peek() {
-                    if at > now {
-                        break;
-                    }
-                    heap.pop();
-                    net.with_rng(|rng| net.router.on_timer(key, self::now(), rng, &mut out));
-                    net.perform(&mut out).await;
+        let next = net.timers.due(Instant::now(), &mut due);
+        for key in due.drain(..) {
+            net.with_rng(|rng| net.router.on_timer(key, self::now(), rng, &mut out));
+            net.perform(&mut out).await;
+        }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = net.timers.wake.notified() => {}
+                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
                 }
             }
+            None => net.timers.wake.notified().await,
         }
     }
 }
