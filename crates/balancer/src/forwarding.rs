@@ -3,13 +3,16 @@
 //! [`Balancer::start`], the one entry point that `siplb balancer`, `siplb
 //! demo` and `siplb experiment` share.
 //!
-//! Each UDP socket (several on one port with SO_REUSEPORT) and each TCP
+//! Each UDP socket (several on one port with SO_REUSEPORT) has a thread of
+//! its own that blocks in `recv_from` (no reactor, no wake-up of another
+//! thread per datagram: docs/benchmarks.md measures why), and each TCP
 //! connection has one task: it receives a message, reads the clock once,
 //! calls the core, and performs the core's sends in the order they were
 //! queued before it receives the next, so the messages of one flow leave
 //! in the order they came. One timer task fires every timer the core asks
 //! for from a heap shared with the socket tasks (a shortened
-//! `failover_timeout` after a reload fires on time; see [`Timers`]); one task ticks the core every 100 ms. Names (a Request-URI or
+//! `failover_timeout` after a reload fires on time; see [`Timers`]); one
+//! task ticks the core every 100 ms. Names (a Request-URI or
 //! Via with a host name) are resolved by a resolver task with a cache, so a
 //! slow resolver never stalls a socket.
 
@@ -83,7 +86,9 @@ enum Rng {
 /// What every task of the shell shares.
 struct Net {
     router: Arc<Router>,
-    udp: Vec<Arc<UdpSocket>>,
+    /// The UDP sockets, blocking (their threads wait in `recv_from`; a
+    /// `send_to` on UDP does not wait).
+    udp: Vec<Arc<std::net::UdpSocket>>,
     conns: papaya::HashMap<ConnId, mpsc::Sender<Bytes>>,
     /// Our persistent connection to each TCP (`false`) and TLS (`true`)
     /// server, or user agent address a Request-URI named over TCP.
@@ -113,15 +118,27 @@ impl Net {
 
     /// Hands one message to the core and performs what it asks.
     async fn handle(&self, data: &[u8], origin: Origin, out: &mut Outbox) {
+        self.handle_now(data, origin, out);
+    }
+
+    /// [`Net::handle`] for a thread that is not a task (the UDP threads):
+    /// nothing in it waits.
+    fn handle_now(&self, data: &[u8], origin: Origin, out: &mut Outbox) {
         self.with_rng(|rng| self.router.on_message(data, origin, now(), rng, out));
-        self.perform(out).await;
+        self.perform_now(out);
     }
 
     /// Performs the outbox in order and empties it.
     async fn perform(&self, out: &mut Outbox) {
+        self.perform_now(out);
+    }
+
+    /// [`Net::perform`]: a UDP send does not wait, a connection's sends go
+    /// through its queue, a new connection or a lookup is a task of its own.
+    fn perform_now(&self, out: &mut Outbox) {
         for (dest, bytes) in out.sends() {
             let ok = match dest {
-                Dest::Udp(to) => self.udp_for(*to).send_to(bytes, *to).await.is_ok(),
+                Dest::Udp(to) => self.udp_for(*to).send_to(bytes, *to).is_ok(),
                 Dest::Conn(id) => self
                     .conns
                     .pin()
@@ -142,7 +159,7 @@ impl Net {
         out.clear();
     }
 
-    fn udp_for(&self, dest: SocketAddr) -> &UdpSocket {
+    fn udp_for(&self, dest: SocketAddr) -> &std::net::UdpSocket {
         // Any of our sockets will do (they share the port); keep one per
         // destination so one flow keeps its order.
         let i = (dest.port() as usize) % self.udp.len().max(1);
@@ -235,6 +252,32 @@ pub struct Balancer {
     tls: Option<Arc<crate::tls::TlsListener>>,
     tls_client: Option<Arc<crate::tls::TlsClient>>,
     tasks: JoinSet<()>,
+    udp: UdpThreads,
+}
+
+/// The UDP sockets' threads, told to stop when the balancer stops or is
+/// dropped.
+struct UdpThreads {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sockets: Vec<Arc<std::net::UdpSocket>>,
+}
+
+impl UdpThreads {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in &self.sockets {
+            // Wakes a thread blocked in recv_from at once (Linux answers
+            // ENOTCONN for a UDP socket and shuts it for reading anyway);
+            // the read timeout is the backstop.
+            let _ = socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Read);
+        }
+    }
+}
+
+impl Drop for UdpThreads {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl std::fmt::Debug for Balancer {
@@ -277,10 +320,27 @@ impl Balancer {
         wait_for_first_data(&cfg, &table).await;
         let router = Arc::new(Router::new(cfg, table, Instant::now()).map_err(|e| e.to_string())?);
         let (resolve_tx, resolve_rx) = mpsc::channel(4096);
+        // Each UDP socket as a blocking std socket for its thread (the
+        // same socket: a duplicate of its descriptor).
+        let mut udp = Vec::with_capacity(sockets.udp.len());
+        for sock in &sockets.udp {
+            use std::os::fd::AsFd;
+            let std_sock = std::net::UdpSocket::from(
+                sock.as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| format!("udp socket: {e}"))?,
+            );
+            std_sock
+                .set_nonblocking(false)
+                .and_then(|()| std_sock.set_read_timeout(Some(UDP_STOP_CHECK)))
+                .map_err(|e| format!("udp socket: {e}"))?;
+            udp.push(Arc::new(std_sock));
+        }
+        drop(sockets.udp);
         let net = Arc::new_cyclic(|me: &std::sync::Weak<Net>| Net {
             me: me.clone(),
             router: router.clone(),
-            udp: sockets.udp.clone(),
+            udp: udp.clone(),
             conns: papaya::HashMap::new(),
             servers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -295,8 +355,21 @@ impl Balancer {
             tls_client: tls_client.clone(),
         });
         let mut tasks = JoinSet::new();
-        for sock in sockets.udp {
-            tasks.spawn(udp_loop(net.clone(), sock));
+        let udp_threads = UdpThreads {
+            stop: Arc::default(),
+            sockets: udp.clone(),
+        };
+        let runtime = tokio::runtime::Handle::current();
+        for (i, sock) in udp.into_iter().enumerate() {
+            let (net, stop, runtime) = (net.clone(), udp_threads.stop.clone(), runtime.clone());
+            std::thread::Builder::new()
+                .name(format!("siplb-udp-{i}"))
+                .spawn(move || {
+                    // A new connection or lookup the core asks for is a task.
+                    let _rt = runtime.enter();
+                    udp_thread(&net, &sock, &stop);
+                })
+                .map_err(|e| format!("udp thread: {e}"))?;
         }
         for (kind, listeners) in [
             (Transport::Tcp, sockets.tcp),
@@ -316,6 +389,7 @@ impl Balancer {
             tls,
             tls_client,
             tasks,
+            udp: udp_threads,
         })
     }
 
@@ -365,6 +439,7 @@ impl Balancer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         info!(outstanding = self.router.outstanding(), "stopped");
+        self.udp.stop();
         self.tasks.abort_all();
     }
 }
@@ -403,19 +478,30 @@ async fn wait_for_first_data(cfg: &Config, table: &SharedTable) {
     }
 }
 
-/// One UDP socket's receive loop.
-async fn udp_loop(net: Arc<Net>, socket: Arc<UdpSocket>) {
+/// How often a UDP thread blocked in `recv_from` looks whether the
+/// balancer stopped, should the shutdown that wakes it not (backstop).
+const UDP_STOP_CHECK: Duration = Duration::from_millis(250);
+
+/// One UDP socket's receive loop, on a thread of its own: it blocks in
+/// `recv_from`, hands the datagram to the core and sends what the core
+/// asks, as a datagram relay would. Measured against a task per socket on
+/// tokio's reactor (an `epoll_wait`, a wake-up and often another thread's
+/// futex per datagram): docs/benchmarks.md, "Runtime shape".
+fn udp_thread(net: &Net, socket: &std::net::UdpSocket, stop: &std::sync::atomic::AtomicBool) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut out = Outbox::new();
-    loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                debug!(error = %e, "udp receive error");
-                continue;
-            }
-        };
-        net.handle(&buf[..n], Origin::Udp { peer }, &mut out).await;
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buf) {
+            // A socket shut for reading (the balancer stops) reads empty.
+            Ok((0, _)) if stop.load(Ordering::Relaxed) => return,
+            Ok((n, peer)) => net.handle_now(&buf[..n], Origin::Udp { peer }, &mut out),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => debug!(error = %e, "udp receive error"),
+        }
     }
 }
 
@@ -840,7 +926,7 @@ async fn resolver_task(net: Arc<Net>, mut rx: mpsc::Receiver<(Box<str>, u16, Byt
             .map(|(a, _)| *a);
         match hit {
             Some(Some(a)) => {
-                let _ = net.udp_for(a).send_to(&bytes, a).await;
+                let _ = net.udp_for(a).send_to(&bytes, a);
             }
             Some(None) => net.router.stats.drop(DropReason::NoRoute),
             None => {
@@ -871,7 +957,7 @@ async fn resolver_task(net: Arc<Net>, mut rx: mpsc::Receiver<(Box<str>, u16, Byt
                         .insert((host, port), (found, until));
                     match found {
                         Some(a) => {
-                            let _ = net.udp_for(a).send_to(&bytes, a).await;
+                            let _ = net.udp_for(a).send_to(&bytes, a);
                         }
                         None => net.router.stats.drop(DropReason::NoRoute),
                     }
