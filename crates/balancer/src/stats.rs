@@ -247,6 +247,51 @@ fn nonzero(a: &[AtomicU64]) -> impl Iterator<Item = (u16, u64)> + '_ {
     })
 }
 
+/// Upper bounds of the latency histograms' buckets, microseconds: 5 ms to
+/// 32 s (64 × T1, when a transaction times out), about doubling.
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_000_000, 4_000_000,
+    8_000_000, 16_000_000, 32_000_000, 64_000_000,
+];
+
+/// A latency histogram: a count per bucket (not cumulative), the total
+/// count and the sum, atomics only (no lock, no allocation to observe).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = LATENCY_BOUNDS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// `(upper bound in seconds, cumulative count)` of each bucket, then
+    /// the total count and the sum in seconds (Prometheus' `le`, `_count`
+    /// and `_sum`; the `+Inf` bucket is the count).
+    #[must_use]
+    pub fn snapshot(&self) -> ([(f64, u64); LATENCY_BOUNDS_US.len()], u64, f64) {
+        // Count first: a concurrent observation then never makes a bucket
+        // exceed the count.
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let mut acc = 0u64;
+        let buckets = std::array::from_fn(|i| {
+            acc += self.buckets[i].load(Ordering::Relaxed);
+            (LATENCY_BOUNDS_US[i] as f64 / 1e6, acc.min(count))
+        });
+        (buckets, count, sum)
+    }
+}
+
 /// Per-server counters and operator state; kept across reloads (keyed by id).
 #[derive(Debug, Default)]
 pub struct ServerStats {
@@ -290,6 +335,11 @@ pub struct ServerStats {
     pub capacity_learned: AtomicU64,
     /// What the health round keeps to anchor counts and learn capacity.
     pub history: std::sync::Mutex<History>,
+    /// A new session's INVITE sent to the server until its first response
+    /// (a `100 Trying` usually), per attempt.
+    pub invite_first_response: Histogram,
+    /// A new session's INVITE sent to the server until its final response.
+    pub invite_final_response: Histogram,
 }
 
 /// `(wall ms, selected)` snapshots of the last seconds, and the capacity estimate.
@@ -381,5 +431,23 @@ mod tests {
         assert_eq!(st.ramp_from(), None);
         st.ramp_from.store(11, Ordering::Relaxed);
         assert_eq!(st.ramp_from(), Some(10));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_the_bound_inclusive() {
+        use std::time::Duration;
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_micros(5_001));
+        h.observe(Duration::from_secs(20));
+        h.observe(Duration::from_secs(100));
+        let (b, count, sum) = h.snapshot();
+        assert_eq!(b[0], (0.005, 1));
+        assert_eq!(b[1], (0.01, 2));
+        assert_eq!(b[11], (16.0, 2));
+        assert_eq!(b[12], (32.0, 3));
+        assert_eq!(b[13], (64.0, 3));
+        assert_eq!(count, 4);
+        assert!((sum - 120.010_001).abs() < 1e-9, "{sum}");
     }
 }

@@ -509,7 +509,7 @@ impl Router {
         }
         let s = self.select(cfg, pool, &[], now, rng);
         if s.is_none() {
-            debug!(call_id = %String::from_utf8_lossy(msg.call_id()), "no server available");
+            debug!(call_id = %String::from_utf8_lossy(msg.call_id()), method = %msg.method(), "no server available");
             if cfg.on_no_server == OnNoServer::Drop {
                 self.drop_counted(DropReason::NoServer, out);
             } else {
@@ -574,7 +574,7 @@ impl Router {
             }
         }
         server.stats.selected.fetch_add(1, Ordering::Relaxed);
-        debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %server.id, "selected");
+        debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %server.id, method = %method, "selected");
 
         // The request as processed once (§16.6: our Route popped,
         // Max-Forwards decremented, `received`); every copy comes from it.
