@@ -390,6 +390,13 @@ fn metrics_pass_promtool_and_hold_latencies_logs_are_json_and_the_dashboard_quer
         "a line that is not JSON:\n{log}"
     );
 
+    // The agents' logs too (`agent listening` with its `listen` field).
+    let agent = std::fs::read_to_string(bed.dir.join("agent0.log")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(agent.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("agent log not JSON ({e}):\n{agent}"));
+    assert_eq!(first["message"], "agent listening", "{agent}");
+    assert!(first["listen"].is_string(), "{agent}");
+
     // Every metric the dashboard and the rules query, in the live output.
     let have = families(&metrics);
     let dashboard = std::fs::read_to_string(root().join("deploy/grafana/siplb.json")).unwrap();
