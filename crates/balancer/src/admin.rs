@@ -457,6 +457,13 @@ async fn metrics(
     }
     let _ = writeln!(
         o,
+        "# HELP siplb_rate_limited_total Requests over a per-source limit ([limits]), by limit (new_session, register, request); each is also a drop, reason rate_limited.\n# TYPE siplb_rate_limited_total counter"
+    );
+    for (l, n) in p.stats.limited_counts() {
+        let _ = writeln!(o, "siplb_rate_limited_total{{limit=\"{l}\"}} {n}");
+    }
+    let _ = writeln!(
+        o,
         "# HELP siplb_connections Inbound stream connections open.\n# TYPE siplb_connections gauge\nsiplb_connections {}",
         p.stats
             .connections

@@ -100,6 +100,24 @@ pub const DROPS: [(DropReason, &str); 13] = [
     (DropReason::TransactionTableFull, "transaction_table_full"),
 ];
 
+/// The per-source request limits (`[limits]` token buckets by kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `limits.new_session_*`: INVITE, SUBSCRIBE, REFER without a To tag.
+    NewSession,
+    /// `limits.register_*`.
+    Register,
+    /// `limits.request_*`: other requests without a To tag.
+    Request,
+}
+
+/// The limits with their metric labels.
+pub const LIMITS: [(Limit, &str); 3] = [
+    (Limit::NewSession, "new_session"),
+    (Limit::Register, "register"),
+    (Limit::Request, "request"),
+];
+
 /// Why an inbound connection was refused or closed by us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnEvent {
@@ -144,6 +162,7 @@ pub struct Stats {
     requests: [AtomicU64; METHODS.len()],
     responses: Box<[AtomicU64]>,
     drops: [AtomicU64; DROPS.len()],
+    limited: [AtomicU64; LIMITS.len()],
     /// Responses we generated ourselves, by code.
     refusals: Box<[AtomicU64]>,
 }
@@ -157,6 +176,7 @@ impl Default for Stats {
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             responses: (0..600).map(|_| AtomicU64::new(0)).collect(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            limited: std::array::from_fn(|_| AtomicU64::new(0)),
             refusals: (0..600).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -202,6 +222,22 @@ impl Stats {
         if let Some(i) = DROPS.iter().position(|(x, _)| *x == d) {
             self.drops[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a request over a per-source limit (also counted as the drop
+    /// `rate_limited`).
+    pub fn limited(&self, l: Limit) {
+        if let Some(i) = LIMITS.iter().position(|(x, _)| *x == l) {
+            self.limited[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(limit, count)` of requests over each per-source limit.
+    pub fn limited_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        LIMITS
+            .iter()
+            .zip(&self.limited)
+            .map(|((_, l), c)| (*l, c.load(Ordering::Relaxed)))
     }
 
     /// `(method, count)` for every method counted.

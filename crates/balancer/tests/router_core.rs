@@ -606,3 +606,35 @@ fn invite_latencies_are_timed_with_the_time_given_per_server_and_attempt() {
         "{b:?}"
     );
 }
+
+#[test]
+fn requests_over_a_limit_are_counted_by_the_limit() {
+    let mut core = Core::new(
+        "limited",
+        "\n[limits]\nnew_session_rate = 0.001\nnew_session_burst = 1\nregister_rate = 0.001\nregister_burst = 2\n",
+    );
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    for i in 0..3 {
+        core.feed(&invite(&format!("lim-{i}"), ua, "UDP"), from, i);
+    }
+    let reg = register("alice", ua, &format!("sip:alice@{ua}"), "UDP");
+    for i in 0..3 {
+        let again = reg
+            .replace("CSeq: 1", &format!("CSeq: {}", i + 1))
+            .replace("z9hG4bKregalice", &format!("z9hG4bKregalice{i}"));
+        core.feed(&again, from, 10 + i);
+    }
+    let counts: Vec<(&str, u64)> = core.router.stats.limited_counts().collect();
+    assert_eq!(
+        counts,
+        [("new_session", 2), ("register", 1), ("request", 0)],
+        "INVITEs 2 and 3 over a burst of 1, the third REGISTER over 2"
+    );
+    assert_eq!(
+        core.router
+            .stats
+            .drops_of(balancer::stats::DropReason::RateLimited),
+        3
+    );
+}
