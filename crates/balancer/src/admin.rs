@@ -407,7 +407,14 @@ async fn metrics(
     Extension(g): Extension<Arc<Guard>>,
 ) -> impl IntoResponse {
     let p = &s.router;
-    let mut o = String::with_capacity(4096);
+    let mut o = String::with_capacity(16384);
+    let _ = writeln!(
+        o,
+        "# HELP siplb_build_info The running siplb's version (1).\n# TYPE siplb_build_info gauge\nsiplb_build_info{{version=\"{}\",os=\"{}\",arch=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
     let _ = writeln!(
         o,
         "# HELP siplb_admin_refused_total Admin API requests refused, by reason (host, origin, missing_token, bad_token).\n# TYPE siplb_admin_refused_total counter"
@@ -450,6 +457,13 @@ async fn metrics(
     }
     let _ = writeln!(
         o,
+        "# HELP siplb_rate_limited_total Requests over a per-source limit ([limits]), by limit (new_session, register, request); each is also a drop, reason rate_limited.\n# TYPE siplb_rate_limited_total counter"
+    );
+    for (l, n) in p.stats.limited_counts() {
+        let _ = writeln!(o, "siplb_rate_limited_total{{limit=\"{l}\"}} {n}");
+    }
+    let _ = writeln!(
+        o,
         "# HELP siplb_connections Inbound stream connections open.\n# TYPE siplb_connections gauge\nsiplb_connections {}",
         p.stats
             .connections
@@ -486,12 +500,31 @@ async fn metrics(
     );
     let servers = p.servers_view(crate::forwarding::now());
     type Per = fn(&ServerView) -> Option<f64>;
+    type HistOf = fn(&crate::stats::ServerStats) -> &crate::stats::Histogram;
     let _ = writeln!(
         o,
         "# HELP siplb_policy The routing policy in force (1).\n# TYPE siplb_policy gauge\nsiplb_policy{{name=\"{}\"}} 1",
         p.policy_name()
     );
-    let per_server: [(&str, &str, &str, Per); 12] = [
+    let per_server: [(&str, &str, &str, Per); 15] = [
+        (
+            "siplb_server_cpu_ratio",
+            "gauge",
+            "CPU busy fraction (0-1, all cores) of each server's latest agent sample.",
+            |v| v.cpu,
+        ),
+        (
+            "siplb_server_memory_available_bytes",
+            "gauge",
+            "Available memory of each server's latest agent sample.",
+            |v| v.mem_available.map(|m| m as f64),
+        ),
+        (
+            "siplb_server_sample_age_seconds",
+            "gauge",
+            "Age of each server's latest agent sample.",
+            |v| v.sample_age_ms.map(|ms| ms as f64 / 1e3),
+        ),
         (
             "siplb_selected_total",
             "counter",
@@ -575,6 +608,32 @@ async fn metrics(
             if let Some(x) = f(v) {
                 let _ = writeln!(o, "{name}{{server=\"{}\"}} {x}", v.id);
             }
+        }
+    }
+    let histograms: [(&str, &str, HistOf); 2] = [
+        (
+            "siplb_invite_first_response_seconds",
+            "A new session's INVITE sent to each server until its first response (100 Trying included), per attempt.",
+            |st| &st.invite_first_response,
+        ),
+        (
+            "siplb_invite_final_response_seconds",
+            "A new session's INVITE sent to each server until its final response, per attempt.",
+            |st| &st.invite_final_response,
+        ),
+    ];
+    let stats = p.server_stats();
+    for (name, help, f) in histograms {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (id, st) in &stats {
+            let (buckets, count, sum) = f(st).snapshot();
+            for (le, n) in buckets {
+                let _ = writeln!(o, "{name}_bucket{{server=\"{id}\",le=\"{le}\"}} {n}");
+            }
+            let _ = writeln!(
+                o,
+                "{name}_bucket{{server=\"{id}\",le=\"+Inf\"}} {count}\n{name}_sum{{server=\"{id}\"}} {sum}\n{name}_count{{server=\"{id}\"}} {count}"
+            );
         }
     }
     let _ = writeln!(

@@ -100,6 +100,24 @@ pub const DROPS: [(DropReason, &str); 13] = [
     (DropReason::TransactionTableFull, "transaction_table_full"),
 ];
 
+/// The per-source request limits (`[limits]` token buckets by kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `limits.new_session_*`: INVITE, SUBSCRIBE, REFER without a To tag.
+    NewSession,
+    /// `limits.register_*`.
+    Register,
+    /// `limits.request_*`: other requests without a To tag.
+    Request,
+}
+
+/// The limits with their metric labels.
+pub const LIMITS: [(Limit, &str); 3] = [
+    (Limit::NewSession, "new_session"),
+    (Limit::Register, "register"),
+    (Limit::Request, "request"),
+];
+
 /// Why an inbound connection was refused or closed by us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnEvent {
@@ -144,6 +162,7 @@ pub struct Stats {
     requests: [AtomicU64; METHODS.len()],
     responses: Box<[AtomicU64]>,
     drops: [AtomicU64; DROPS.len()],
+    limited: [AtomicU64; LIMITS.len()],
     /// Responses we generated ourselves, by code.
     refusals: Box<[AtomicU64]>,
 }
@@ -157,6 +176,7 @@ impl Default for Stats {
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             responses: (0..600).map(|_| AtomicU64::new(0)).collect(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            limited: std::array::from_fn(|_| AtomicU64::new(0)),
             refusals: (0..600).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -204,6 +224,22 @@ impl Stats {
         }
     }
 
+    /// Counts a request over a per-source limit (also counted as the drop
+    /// `rate_limited`).
+    pub fn limited(&self, l: Limit) {
+        if let Some(i) = LIMITS.iter().position(|(x, _)| *x == l) {
+            self.limited[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(limit, count)` of requests over each per-source limit.
+    pub fn limited_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        LIMITS
+            .iter()
+            .zip(&self.limited)
+            .map(|((_, l), c)| (*l, c.load(Ordering::Relaxed)))
+    }
+
     /// `(method, count)` for every method counted.
     pub fn requests(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         METHODS
@@ -245,6 +281,51 @@ fn nonzero(a: &[AtomicU64]) -> impl Iterator<Item = (u16, u64)> + '_ {
         let n = c.load(Ordering::Relaxed);
         (n > 0).then_some((i as u16 + 100, n))
     })
+}
+
+/// Upper bounds of the latency histograms' buckets, microseconds: 5 ms to
+/// 32 s (64 × T1, when a transaction times out), about doubling.
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_000_000, 4_000_000,
+    8_000_000, 16_000_000, 32_000_000, 64_000_000,
+];
+
+/// A latency histogram: a count per bucket (not cumulative), the total
+/// count and the sum, atomics only (no lock, no allocation to observe).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = LATENCY_BOUNDS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// `(upper bound in seconds, cumulative count)` of each bucket, then
+    /// the total count and the sum in seconds (Prometheus' `le`, `_count`
+    /// and `_sum`; the `+Inf` bucket is the count).
+    #[must_use]
+    pub fn snapshot(&self) -> ([(f64, u64); LATENCY_BOUNDS_US.len()], u64, f64) {
+        // Count first: a concurrent observation then never makes a bucket
+        // exceed the count.
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let mut acc = 0u64;
+        let buckets = std::array::from_fn(|i| {
+            acc += self.buckets[i].load(Ordering::Relaxed);
+            (LATENCY_BOUNDS_US[i] as f64 / 1e6, acc.min(count))
+        });
+        (buckets, count, sum)
+    }
 }
 
 /// Per-server counters and operator state; kept across reloads (keyed by id).
@@ -290,6 +371,11 @@ pub struct ServerStats {
     pub capacity_learned: AtomicU64,
     /// What the health round keeps to anchor counts and learn capacity.
     pub history: std::sync::Mutex<History>,
+    /// A new session's INVITE sent to the server until its first response
+    /// (a `100 Trying` usually), per attempt.
+    pub invite_first_response: Histogram,
+    /// A new session's INVITE sent to the server until its final response.
+    pub invite_final_response: Histogram,
 }
 
 /// `(wall ms, selected)` snapshots of the last seconds, and the capacity estimate.
@@ -381,5 +467,23 @@ mod tests {
         assert_eq!(st.ramp_from(), None);
         st.ramp_from.store(11, Ordering::Relaxed);
         assert_eq!(st.ramp_from(), Some(10));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_the_bound_inclusive() {
+        use std::time::Duration;
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_micros(5_001));
+        h.observe(Duration::from_secs(20));
+        h.observe(Duration::from_secs(100));
+        let (b, count, sum) = h.snapshot();
+        assert_eq!(b[0], (0.005, 1));
+        assert_eq!(b[1], (0.01, 2));
+        assert_eq!(b[11], (16.0, 2));
+        assert_eq!(b[12], (32.0, 3));
+        assert_eq!(b[13], (64.0, 3));
+        assert_eq!(count, 4);
+        assert!((sum - 120.010_001).abs() < 1e-9, "{sum}");
     }
 }

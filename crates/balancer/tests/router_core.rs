@@ -524,3 +524,117 @@ fn servers_without_agents_read_as_up_in_the_view() {
     let v = core.router.servers_view(now);
     assert_eq!(v[0].state, "drained");
 }
+
+/// The histogram of `server` (`first`: to the first response, else to the
+/// final): (cumulative count at each bound in seconds, count, sum).
+fn latency(core: &Core, server: &str, first: bool) -> (Vec<(f64, u64)>, u64, f64) {
+    let stats = core.router.server_stats();
+    let (_, st) = stats.iter().find(|(id, _)| &**id == server).unwrap();
+    let h = if first {
+        &st.invite_first_response
+    } else {
+        &st.invite_final_response
+    };
+    let (b, count, sum) = h.snapshot();
+    (b.to_vec(), count, sum)
+}
+
+fn at(buckets: &[(f64, u64)], le: f64) -> u64 {
+    buckets.iter().find(|(b, _)| *b == le).unwrap().1
+}
+
+fn id_of(server: SocketAddr) -> &'static str {
+    if server == addr(S1) { "s1" } else { "s2" }
+}
+
+#[test]
+fn invite_latencies_are_timed_with_the_time_given_per_server_and_attempt() {
+    let mut core = Core::new("latency", "");
+    let ua = addr("192.0.2.10:5070");
+    let from = |server| Origin::Udp { peer: server };
+
+    // INVITE at 0; the server's 100 at 7 ms, 180 at 20 ms, 200 at 3 s and
+    // that 200 again at 3.5 s: one first response (7 ms), one final (3 s).
+    let sent = core.feed(&invite("lat-1", ua, "UDP"), Origin::Udp { peer: ua }, 0);
+    let (server, req) = to_server(&sent);
+    let ok = ok_for(&req, server);
+    let trying = ok.replacen("200 OK", "100 Trying", 1);
+    let ringing = ok.replacen("200 OK", "180 Ringing", 1);
+    core.feed(&trying, from(server), 7);
+    core.feed(&ringing, from(server), 20);
+    core.feed(&ok, from(server), 3_000);
+    core.feed(&ok, from(server), 3_500);
+    let id = id_of(server);
+    let (b, count, sum) = latency(&core, id, true);
+    assert_eq!((at(&b, 0.005), at(&b, 0.01), count), (0, 1, 1), "{b:?}");
+    assert!((sum - 0.007).abs() < 1e-9, "{sum}");
+    let (b, count, sum) = latency(&core, id, false);
+    assert_eq!((at(&b, 2.0), at(&b, 4.0), count), (0, 1, 1), "{b:?}");
+    assert!((sum - 3.0).abs() < 1e-9, "{sum}");
+
+    // A 503 after 40 ms: that server's final; the failover's INVITE to the
+    // other server is timed from its own sending (its 200 60 ms later).
+    let sent = core.feed(
+        &invite("lat-2", ua, "UDP"),
+        Origin::Udp { peer: ua },
+        10_000,
+    );
+    let (first, req) = to_server(&sent);
+    let busy = ok_for(&req, first).replacen("200 OK", "503 Service Unavailable", 1);
+    let sent = core.feed(&busy, from(first), 10_040);
+    let (second, req) = sent
+        .iter()
+        .find_map(|(d, t)| match d {
+            Dest::Udp(a) if t.starts_with("INVITE") => Some((*a, t.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("the INVITE again, to another server: {sent:?}"));
+    assert_ne!(first, second, "failover to the other server: {sent:?}");
+    core.feed(&ok_for(&req, second), from(second), 10_100);
+    // (The first call's observations, on whichever server had it.)
+    let earlier = |s| u64::from(id_of(s) == id);
+    let (b, count, _) = latency(&core, id_of(first), false);
+    assert_eq!(
+        (at(&b, 0.025), at(&b, 0.05), count),
+        (0, 1, 1 + earlier(first)),
+        "{b:?}"
+    );
+    let (b, count, _) = latency(&core, id_of(second), true);
+    assert_eq!(
+        (at(&b, 0.05), at(&b, 0.1), count),
+        (earlier(second), 1 + earlier(second), 1 + earlier(second)),
+        "{b:?}"
+    );
+}
+
+#[test]
+fn requests_over_a_limit_are_counted_by_the_limit() {
+    let mut core = Core::new(
+        "limited",
+        "\n[limits]\nnew_session_rate = 0.001\nnew_session_burst = 1\nregister_rate = 0.001\nregister_burst = 2\n",
+    );
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    for i in 0..3 {
+        core.feed(&invite(&format!("lim-{i}"), ua, "UDP"), from, i);
+    }
+    let reg = register("alice", ua, &format!("sip:alice@{ua}"), "UDP");
+    for i in 0..3 {
+        let again = reg
+            .replace("CSeq: 1", &format!("CSeq: {}", i + 1))
+            .replace("z9hG4bKregalice", &format!("z9hG4bKregalice{i}"));
+        core.feed(&again, from, 10 + i);
+    }
+    let counts: Vec<(&str, u64)> = core.router.stats.limited_counts().collect();
+    assert_eq!(
+        counts,
+        [("new_session", 2), ("register", 1), ("request", 0)],
+        "INVITEs 2 and 3 over a burst of 1, the third REGISTER over 2"
+    );
+    assert_eq!(
+        core.router
+            .stats
+            .drops_of(balancer::stats::DropReason::RateLimited),
+        3
+    );
+}

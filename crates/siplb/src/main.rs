@@ -85,6 +85,8 @@ enum Command {
         /// The TOML configuration file, e.g. examples/local.toml.
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Show the balancer's servers as a table (from its admin API).
     Status(balancer_cmds::StatusArgs),
@@ -94,6 +96,25 @@ enum Command {
     /// Run a standalone performance server: poll every agent over one persistent
     /// connection each, and serve the table to the balancers that subscribe.
     PerfServer(PerfServerArgs),
+}
+
+/// How the long-running commands log (to stderr; the level comes from
+/// `SIPLB_LOG`, default `info`).
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log line format: `text` for people, `json` (one object a line, every
+    /// field its own key: `call_id`, `server`, `method`...) for log collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `siplb agent` options.
@@ -126,6 +147,8 @@ pub struct AgentArgs {
     /// A performance-server connection silent this long is closed.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub idle_timeout: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// `siplb perf-server` options.
@@ -146,6 +169,8 @@ pub struct PerfServerArgs {
     /// No reply within this marks an agent down.
     #[arg(long, default_value = "1s", value_parser = duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -170,13 +195,20 @@ fn agent_spec(s: &str) -> Result<perf::server::AgentSpec, String> {
     })
 }
 
-fn init_tracing() {
+fn init_tracing(log: &LogArgs) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SIPLB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // Colours only on a terminal: not in journald or a log file.
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Text => fmt.init(),
+        // Fields at the top level (`"call_id": ...`), not nested under
+        // `fields`: what log collectors index without a mapping.
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -216,17 +248,17 @@ fn main() -> ExitCode {
                 seed,
             })
         }
-        Command::Balancer { config } => {
-            init_tracing();
+        Command::Balancer { config, log } => {
+            init_tracing(&log);
             balancer_cmds::balancer(config)
         }
         Command::Status(args) => balancer_cmds::status(&args),
         Command::Agent(args) => {
-            init_tracing();
+            init_tracing(&args.log);
             perf_cmds::agent(args)
         }
         Command::PerfServer(args) => {
-            init_tracing();
+            init_tracing(&args.log);
             perf_cmds::perf_server(args)
         }
     }

@@ -19,7 +19,7 @@ use crate::codec::{Branch, Flow, Keys, Leg};
 use crate::config::{Config, OnNoServer, Transport};
 use crate::pool::{Pool, Server};
 use crate::sessions::Kind;
-use crate::stats::DropReason;
+use crate::stats::{DropReason, Limit};
 
 /// What our own Routes on top of a request said (one, or two of a double
 /// Record-Route, RFC 5658; or our Path).
@@ -139,12 +139,12 @@ impl Router {
         let method = msg.method();
         // Per-source limits: servers of the pool never; in-dialog requests
         // (a To tag, or our token) never; REGISTER before its fork.
-        let kind: Option<fn(&crate::limits::Limiter) -> &crate::limits::Buckets> = match method {
-            Method::Register => Some(|l| &l.register),
+        let kind = match method {
+            Method::Register => Some(Limit::Register),
             Method::Ack => None,
             _ if to_tag => None,
-            m if txn::creates_dialog(m) => Some(|l| &l.new_session),
-            _ => Some(|l| &l.request),
+            m if txn::creates_dialog(m) => Some(Limit::NewSession),
+            _ => Some(Limit::Request),
         };
         if let Some(kind) = kind
             && !self.within_limit(msg, kind, origin, now, out)
@@ -346,7 +346,7 @@ impl Router {
     fn within_limit(
         &self,
         msg: &Message<'_>,
-        kind: fn(&crate::limits::Limiter) -> &crate::limits::Buckets,
+        kind: Limit,
         origin: Origin,
         now: Now,
         out: &mut Outbox,
@@ -357,9 +357,15 @@ impl Router {
             return true;
         }
         let ms = self.ms(now);
-        if kind(&limiter).take(ip, ms) {
+        let buckets = match kind {
+            Limit::NewSession => &limiter.new_session,
+            Limit::Register => &limiter.register,
+            Limit::Request => &limiter.request,
+        };
+        if buckets.take(ip, ms) {
             return true;
         }
+        self.stats.limited(kind);
         self.refuse(&limiter, msg, origin, ms, DropReason::RateLimited, 1, out);
         false
     }
@@ -509,7 +515,7 @@ impl Router {
         }
         let s = self.select(cfg, pool, &[], now, rng);
         if s.is_none() {
-            debug!(call_id = %String::from_utf8_lossy(msg.call_id()), "no server available");
+            debug!(call_id = %String::from_utf8_lossy(msg.call_id()), method = %msg.method(), "no server available");
             if cfg.on_no_server == OnNoServer::Drop {
                 self.drop_counted(DropReason::NoServer, out);
             } else {
@@ -574,7 +580,7 @@ impl Router {
             }
         }
         server.stats.selected.fetch_add(1, Ordering::Relaxed);
-        debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %server.id, "selected");
+        debug!(call_id = %String::from_utf8_lossy(msg.call_id()), server = %server.id, method = %method, "selected");
 
         // The request as processed once (§16.6: our Route popped,
         // Max-Forwards decremented, `received`); every copy comes from it.
@@ -678,7 +684,7 @@ impl Router {
                 // No state: every server (a 2xx ACK would carry our sb). An
                 // amplification of N: limited per source like any request
                 // out of dialog (the ACK of our own 503 never gets here).
-                if !self.within_limit(msg, |l| &l.request, origin, now, out) {
+                if !self.within_limit(msg, Limit::Request, origin, now, out) {
                     return;
                 }
                 for s in &pool.servers {

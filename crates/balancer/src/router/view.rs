@@ -11,6 +11,22 @@ use crate::load::Input;
 use crate::select::PoolView;
 
 impl Router {
+    /// Each server's id and counters (its latency histograms), in pool order.
+    #[must_use]
+    pub fn server_stats(
+        &self,
+    ) -> Vec<(
+        std::sync::Arc<str>,
+        std::sync::Arc<crate::stats::ServerStats>,
+    )> {
+        self.pool
+            .load()
+            .servers
+            .iter()
+            .map(|s| (s.id.clone(), s.stats.clone()))
+            .collect()
+    }
+
     /// Servers with per-server facts, for the admin API.
     #[must_use]
     pub fn servers_view(&self, now: Now) -> Vec<ServerView> {

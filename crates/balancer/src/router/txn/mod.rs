@@ -113,6 +113,8 @@ pub(super) struct Try {
     bye: Option<Vec<u8>>,
     /// Our BYE got its final response.
     bye_answered: bool,
+    /// When it was sent first (its latency is measured from here).
+    sent: std::time::Instant,
 }
 
 impl Try {
@@ -320,6 +322,7 @@ impl Router {
             byed: false,
             bye: None,
             bye_answered: false,
+            sent: now.at,
         });
         server.stats.outstanding.fetch_add(1, Ordering::Relaxed);
         t.timer_c_from = self.ms(now);
@@ -423,6 +426,16 @@ impl Router {
             return TxnVerdict::Done;
         };
         let first_answer = !std::mem::replace(&mut x.answered, true);
+        if t.invite {
+            // The server's latency, whatever becomes of its answer.
+            let waited = now.at.saturating_duration_since(x.sent);
+            if first_answer {
+                x.stats.invite_first_response.observe(waited);
+            }
+            if code >= 200 && !x.final_seen {
+                x.stats.invite_final_response.observe(waited);
+            }
+        }
         if code < 200 {
             x.provisional = true;
         }
@@ -545,8 +558,13 @@ impl Router {
         if t.cancelled {
             return self.final_from_request(t, id, 487, "Request Terminated", &[], now, out);
         }
-        let call_id: SmallVec<[u8; 64]> = Message::parse(&t.request)
-            .map(|m| m.call_id().into())
+        let (call_id, method): (SmallVec<[u8; 64]>, &str) = Message::parse(&t.request)
+            .map(|m| {
+                (
+                    m.call_id().into(),
+                    crate::stats::METHODS[crate::stats::method_index(m.method())],
+                )
+            })
             .unwrap_or_default();
         let pool = self.pool.load();
         let tried: SmallVec<[Arc<str>; 4]> = t.tries.iter().map(|x| x.server.clone()).collect();
@@ -559,13 +577,13 @@ impl Router {
         };
         match next {
             Some(s) => {
-                info!(call_id = %String::from_utf8_lossy(&call_id), server = %s.id, attempt = t.tries.len(), why, "failover");
+                info!(call_id = %String::from_utf8_lossy(&call_id), server = %s.id, method, attempt = t.tries.len(), why, "failover");
                 self.sessions.reassign(&call_id, s.id.clone(), self.ms(now));
                 s.stats.selected.fetch_add(1, Ordering::Relaxed);
                 self.start_attempt(cfg, t, id, &s, now, out);
             }
             None => {
-                warn!(call_id = %String::from_utf8_lossy(&call_id), why, "every attempt failed");
+                warn!(call_id = %String::from_utf8_lossy(&call_id), method, why, "every attempt failed");
                 self.sessions.demote(&call_id, self.ms(now));
                 match t.best.take() {
                     Some((code, mut bytes)) => {

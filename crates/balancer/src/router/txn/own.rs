@@ -180,7 +180,7 @@ impl Router {
             );
         });
         if bye {
-            warn!(call_id = %String::from_utf8_lossy(resp.call_id()), server = %x.server, "2xx from an attempt given up: ACK and BYE");
+            warn!(call_id = %String::from_utf8_lossy(resp.call_id()), server = %x.server, method = "INVITE", "2xx from an attempt given up: ACK and BYE");
             let mut via = ViaText::default();
             // The transaction's own id: its answer finds the entry.
             let bye_branch = Self::branch(id, Leg::Local(i as u8), t.loop_hash);

@@ -151,7 +151,7 @@ impl Router {
         let (code, reason) = if t.cancelled {
             (487, "Request Terminated")
         } else {
-            warn!(call_id = %String::from_utf8_lossy(&req), "no final response within invite_timeout: CANCEL, 408");
+            warn!(call_id = %String::from_utf8_lossy(&req), server = t.tries.get(i).map(|x| &*x.server), method = "INVITE", "no final response within invite_timeout: CANCEL, 408");
             (408, "Request Timeout")
         };
         self.cancel_attempt(&mut t, id, i, now, out);
