@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod balancer_cmds;
 mod check;
+mod load_cmds;
 mod perf_cmds;
 
 /// siplb: a SIP load balancer that sends each new call to the server doing
@@ -94,6 +95,9 @@ enum Command {
     /// Run a standalone performance server: poll every agent over one persistent
     /// connection each, and serve the table to the balancers that subscribe.
     PerfServer(PerfServerArgs),
+    /// A SIP load generator for ceiling runs (bench/ceiling.py): `load uac`
+    /// places calls at a rate over several sockets, `load uas` answers them.
+    Load(load_cmds::LoadArgs),
 }
 
 /// `siplb agent` options.
@@ -229,5 +233,6 @@ fn main() -> ExitCode {
             init_tracing();
             perf_cmds::perf_server(args)
         }
+        Command::Load(args) => load_cmds::run(args),
     }
 }
