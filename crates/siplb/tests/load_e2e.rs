@@ -195,3 +195,66 @@ fn with_no_uas_every_call_fails_by_timeout_and_the_uac_exits() {
     assert!(field(line, "invite_retrans") >= 20, "{line}");
     drop(silent);
 }
+
+/// A UAS that answers each INVITE with 200, the 200 again, then a 180 (a
+/// retransmission and a response reordered behind the final one), each BYE
+/// with 200 twice, and ignores ACK; until `stop`.
+fn misbehaving_uas(sock: UdpSocket, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = vec![0u8; 65_535];
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, src)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(m) = sip::Message::parse(&buf[..n]) else {
+            continue;
+        };
+        let answers: &[(u16, &str)] = match m.method() {
+            sip::Method::Invite => &[(200, "OK"), (200, "OK"), (180, "Ringing")],
+            sip::Method::Bye => &[(200, "OK"), (200, "OK")],
+            _ => &[],
+        };
+        for &(code, reason) in answers {
+            out.clear();
+            sip::reply::response_for(&m, code, reason, b"odd", &[], &mut out);
+            sock.send_to(&out, src).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_repeated_200_is_acked_again_and_late_responses_are_counted_not_failed() {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = sock.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let uas = {
+        let stop = stop.clone();
+        std::thread::spawn(move || misbehaving_uas(sock, stop))
+    };
+    let mut uac = Command::new(siplb_bin());
+    uac.args(["load", "uac", &target.to_string()]).args([
+        "--rate",
+        "100",
+        "--calls",
+        "50",
+        "--timeout",
+        "8s",
+    ]);
+    let limit = Duration::from_secs(60);
+    let (status, text) = bounded(uac, "load_uac_odd", limit);
+    stop.store(true, Ordering::Relaxed);
+    uas.join().unwrap();
+    let line = last_line(&text, "uac ");
+    assert!(status.is_some_and(|s| s.success()), "{text}");
+    assert_eq!(field(line, "ok"), 50, "{line}");
+    assert_eq!(field(line, "failed"), 0, "{line}");
+    // Each call's second 200 got an ACK of its own; its 180 (after the 200)
+    // and its BYE's second 200 changed nothing (the last call's may come
+    // after the UAC, its calls all done, has stopped reading).
+    assert_eq!(field(line, "reacks"), 50, "{line}");
+    let dups = field(line, "duplicates");
+    assert!((99..=100).contains(&dups), "{line}");
+    assert_eq!(field(line, "strays"), 0, "{line}");
+}
