@@ -74,6 +74,20 @@ def tcp_answers(port):
         return False
 
 
+def sipp_p99_bound(st):
+    """The upper bound (ms) of SIPp's ResponseTimeRepartition1 bucket (<10, <20, ...
+    <200) that holds the 99th percentile of INVITE->200; None past 200 ms."""
+    buckets = sorted((int(k.split("<")[1]), int(v or 0)) for k, v in st.items()
+                     if k.startswith("ResponseTimeRepartition1_<"))
+    total = sum(n for _, n in buckets) + int(st.get("ResponseTimeRepartition1_>=200", 0) or 0)
+    seen = 0
+    for bound, n in buckets:
+        seen += n
+        if total and seen >= 0.99 * total:
+            return float(bound)
+    return None
+
+
 SIPLB_CONFIG = """[sip]
 listen = ["127.0.0.1:{x}"]
 transports = ["udp"]
@@ -197,10 +211,14 @@ class Bench:
             else:
                 st = sipp_totals(self.stat)
                 ok, failed = int(st.get("SuccessfulCall(C)", 0)), int(st.get("FailedCall(C)", 0))
-                # SIPp's schedule: the calls over the time it took to place them and end them.
-                achieved = ok / max(wall, a.seconds) if wall else 0.0
-                res.update(p99_ms=None, p50_ms=None, retrans=int(st.get("Retransmissions(C)", 0)),
-                           failed_by={})
+                # SIPp's own rate of calls created, scaled by the share that succeeded.
+                created = int(st.get("OutgoingCall(C)", 0)) or 1
+                achieved = float(st.get("CallRate(C)", 0) or 0) * ok / created
+                res.update(p99_ms=sipp_p99_bound(st), p50_ms=None,
+                           retrans=int(st.get("Retransmissions(C)", 0)),
+                           failed_by={k[6:-3]: int(v) for k, v in st.items()
+                                      if k.startswith("Failed") and k.endswith("(C)")
+                                      and k != "FailedCall(C)" and v not in ("0", "")})
             n = max(ok + failed, 1)
             res.update(ok=ok, failed=failed, achieved=round(achieved, 1),
                        x_cpu_per_1000=round(x_cpu * 1000 / n, 1) if x else None,
@@ -338,6 +356,8 @@ def main():
         open_ended = [t for t in ("siplb", "relay") if by[t]["first_fail"] is None]
         caveat = f" (a lower bound for {', '.join(open_ended)}: no step failed; raise --max-rate)" if open_ended else ""
         log(f"siplb / relay = {ratio:.2f} (target >= 0.90){caveat}")
+    if a.generator == "sipp":
+        log("(SIPp: p99 is the upper bound of its ResponseTimeRepartition1 bucket, e.g. 10 = under 10 ms)")
         if by.get("alone", {}).get("first_fail") and by["alone"]["highest"] <= by["relay"]["highest"] * (1 + a.precision):
             log("the generator alone is no faster than with the relay: the generator may be the limit")
     if a.json:
