@@ -134,7 +134,7 @@ fn every_call_through_the_balancer_completes_and_the_uas_sees_each_invite_once()
             "--listen",
             &uas_addr.to_string(),
             "--idle-exit",
-            "2s",
+            "5s",
             "--seconds",
             "120s",
         ],
@@ -156,7 +156,7 @@ fn every_call_through_the_balancer_completes_and_the_uas_sees_each_invite_once()
     assert_eq!(field(&line, "ok"), 400, "{line}");
     assert_eq!(field(&line, "failed"), 0, "{line}");
     assert!(status.unwrap().success(), "{text}");
-    // The UAS exits once it has been idle for 2 s (bounded here all the same).
+    // The UAS exits once it has been idle for 5 s (bounded here all the same).
     let start = Instant::now();
     while uas.0.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(100));
@@ -165,7 +165,12 @@ fn every_call_through_the_balancer_completes_and_the_uas_sees_each_invite_once()
     let u = last_line(&uas_text, "uas ");
     assert_eq!(field(u, "invites"), 400, "{u}");
     assert_eq!(field(u, "acks"), 400, "{u}");
-    assert_eq!(field(u, "byes"), 400, "{u}");
+    // A BYE the UAC sent again (a busy machine) reaches the UAS too.
+    assert_eq!(
+        field(u, "byes"),
+        400 + field(&line, "bye_retrans"),
+        "{u}\n{line}"
+    );
     assert_eq!(field(u, "ack_timeouts"), 0, "{u}");
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -252,9 +257,11 @@ fn a_repeated_200_is_acked_again_and_late_responses_are_counted_not_failed() {
     assert_eq!(field(line, "failed"), 0, "{line}");
     // Each call's second 200 got an ACK of its own; its 180 (after the 200)
     // and its BYE's second 200 changed nothing (the last call's may come
-    // after the UAC, its calls all done, has stopped reading).
-    assert_eq!(field(line, "reacks"), 50, "{line}");
+    // after the UAC, its calls all done, has stopped reading). A request
+    // sent again (a busy machine) brings its answers again.
+    let (ir, br) = (field(line, "invite_retrans"), field(line, "bye_retrans"));
+    assert_eq!(field(line, "reacks"), 50 + 2 * ir, "{line}");
     let dups = field(line, "duplicates");
-    assert!((99..=100).contains(&dups), "{line}");
+    assert!((99 + ir..=100 + ir + 2 * br).contains(&dups), "{line}");
     assert_eq!(field(line, "strays"), 0, "{line}");
 }
