@@ -517,33 +517,31 @@ impl Scanner {
 impl Thread {
     fn run(self, sock: &UdpSocket) -> io::Result<Stats> {
         let local = sock.local_addr()?;
-        let w = Writer {
-            target: self.cfg.target.to_string().into_bytes(),
-            local: local.to_string().into_bytes(),
-            tail: format!(".{}.{:x}", self.index, self.run).into_bytes(),
+        let levels = self.cfg.max_retrans as usize;
+        let mut f = Flight {
+            sock,
+            target: self.cfg.target,
+            timeout: self.cfg.timeout,
+            t1: self.cfg.t1.max(Duration::from_millis(1)),
+            w: Writer {
+                target: self.cfg.target.to_string().into_bytes(),
+                local: local.to_string().into_bytes(),
+                tail: format!(".{}.{:x}", self.index, self.run).into_bytes(),
+            },
+            st: Stats::default(),
+            out: Vec::with_capacity(2048),
+            out2: Vec::with_capacity(1024),
+            window: VecDeque::new(),
+            base: 0,
+            issued: 0,
+            finished: 0,
+            invite_rt: vec![VecDeque::new(); levels],
+            bye_rt: vec![VecDeque::new(); levels],
+            invite_to: VecDeque::new(),
+            bye_to: VecDeque::new(),
         };
         let scan = Scanner::new();
-        let t1 = self.cfg.t1.max(Duration::from_millis(1));
-        let levels = self.cfg.max_retrans as usize;
-        let mut st = Stats::default();
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut out = Vec::with_capacity(2048);
-        let mut out2 = Vec::with_capacity(1024);
-        // The calls in flight: call `base + j` at `window[j]`.
-        let mut window: VecDeque<Call> = VecDeque::new();
-        let mut base = 0u64;
-        let mut issued = 0u64;
-        let mut finished = 0u64;
-        // Retransmission timers per attempt (each level has one interval, so
-        // each queue is in time order) and the transaction timeouts.
-        let mut invite_rt: Vec<VecDeque<Timer>> = vec![VecDeque::new(); levels];
-        let mut bye_rt: Vec<VecDeque<Timer>> = vec![VecDeque::new(); levels];
-        let mut invite_to: VecDeque<Timer> = VecDeque::new();
-        let mut bye_to: VecDeque<Timer> = VecDeque::new();
-        let interval = |attempt: usize, cap: bool| {
-            let d = t1.saturating_mul(1u32 << attempt.min(20));
-            if cap { d.min(T2) } else { d }
-        };
         let per_thread = self.sockets as f64;
         let offset = self.index as f64;
         // Every call has been placed and had its timeout well before this.
@@ -555,125 +553,35 @@ impl Thread {
             let now = Instant::now();
             // New calls on schedule: call n (global n * sockets + index) at
             // t0 + global / rate.
-            if issued < self.calls {
+            if f.issued < self.calls {
                 let x = now.duration_since(self.t0).as_secs_f64() * self.rate - offset;
                 let due = if x < 0.0 {
                     0
                 } else {
                     ((x / per_thread) as u64 + 1).min(self.calls)
                 };
-                let until = due.min(issued + MAX_BURST);
-                while issued < until {
-                    let n = issued;
-                    w.invite(&mut out, n);
-                    if sock.send_to(&out, self.cfg.target).is_err() {
-                        st.send_errors += 1;
-                    }
-                    let sent = Instant::now();
-                    window.push_back(Call {
-                        phase: Phase::Inviting,
-                        sent,
-                        retrans: 0,
-                        to_tag: Vec::new(),
-                    });
-                    if levels > 0 {
-                        invite_rt[0].push_back(Timer {
-                            at: sent + interval(0, false),
-                            call: n,
-                            attempt: 0,
-                        });
-                    }
-                    invite_to.push_back(Timer {
-                        at: sent + self.cfg.timeout,
-                        call: n,
-                        attempt: 0,
-                    });
-                    st.last_first_send = Some(sent);
-                    issued += 1;
+                let until = due.min(f.issued + MAX_BURST);
+                while f.issued < until {
+                    f.start();
                 }
             }
-            // Retransmissions due: each moves its call's timer to the next level.
-            for inv in [true, false] {
-                let queues = if inv { &mut invite_rt } else { &mut bye_rt };
-                for lvl in 0..levels {
-                    while queues[lvl].front().is_some_and(|t| t.at <= now) {
-                        let t = queues[lvl].pop_front().expect("front checked");
-                        let Some(c) = t
-                            .call
-                            .checked_sub(base)
-                            .and_then(|j| window.get_mut(usize::try_from(j).ok()?))
-                        else {
-                            continue;
-                        };
-                        let live = if inv {
-                            c.phase == Phase::Inviting
-                        } else {
-                            c.phase == Phase::Closing
-                        };
-                        if !live || c.retrans != t.attempt {
-                            continue;
-                        }
-                        if inv {
-                            w.invite(&mut out, t.call);
-                            st.invite_retrans += 1;
-                        } else {
-                            w.bye(&mut out, t.call, &c.to_tag);
-                            st.bye_retrans += 1;
-                        }
-                        if sock.send_to(&out, self.cfg.target).is_err() {
-                            st.send_errors += 1;
-                        }
-                        c.retrans += 1;
-                        let next = lvl + 1;
-                        if next < levels {
-                            queues[next].push_back(Timer {
-                                at: now + interval(next, !inv),
-                                call: t.call,
-                                attempt: c.retrans,
-                            });
-                        }
-                    }
-                }
+            f.retransmit(now, true);
+            f.retransmit(now, false);
+            f.time_out(now, true);
+            f.time_out(now, false);
+            while f.window.front().is_some_and(|c| c.phase == Phase::Done) {
+                f.window.pop_front();
+                f.base += 1;
             }
-            for (q, inv) in [(&mut invite_to, true), (&mut bye_to, false)] {
-                while q.front().is_some_and(|t| t.at <= now) {
-                    let t = q.pop_front().expect("front checked");
-                    let Some(c) = t
-                        .call
-                        .checked_sub(base)
-                        .and_then(|j| window.get_mut(usize::try_from(j).ok()?))
-                    else {
-                        continue;
-                    };
-                    let live = if inv {
-                        matches!(c.phase, Phase::Inviting | Phase::Proceeding)
-                    } else {
-                        c.phase == Phase::Closing
-                    };
-                    if live {
-                        c.phase = Phase::Done;
-                        finished += 1;
-                        if inv {
-                            st.failed.invite_timeout += 1;
-                        } else {
-                            st.failed.bye_timeout += 1;
-                        }
-                    }
-                }
-            }
-            while window.front().is_some_and(|c| c.phase == Phase::Done) {
-                window.pop_front();
-                base += 1;
-            }
-            if issued == self.calls && finished == self.calls {
+            if f.issued == self.calls && f.finished == self.calls {
                 break;
             }
             if now >= hard_end {
                 // Cannot happen with the timeouts above; bounded all the same.
-                for c in &window {
+                for c in &f.window {
                     match c.phase {
-                        Phase::Inviting | Phase::Proceeding => st.failed.invite_timeout += 1,
-                        Phase::Closing => st.failed.bye_timeout += 1,
+                        Phase::Inviting | Phase::Proceeding => f.st.failed.invite_timeout += 1,
+                        Phase::Closing => f.st.failed.bye_timeout += 1,
                         Phase::Done => {}
                     }
                 }
@@ -682,102 +590,260 @@ impl Thread {
             // One datagram, or 1 ms of nothing.
             let n = match sock.recv_from(&mut buf) {
                 Ok((n, _)) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::ConnectionRefused
-                    ) =>
-                {
-                    continue;
-                }
+                Err(e) if quiet(&e) => continue,
                 Err(e) => return Err(e),
             };
-            let Some(a) = scan.answer(&buf[..n], self.index, self.run) else {
-                st.strays += 1;
-                continue;
-            };
-            if a.call >= issued {
-                st.strays += 1;
-                continue;
-            }
-            let now = Instant::now();
-            let call = a
-                .call
-                .checked_sub(base)
-                .and_then(|j| window.get_mut(usize::try_from(j).ok()?));
-            match (a.invite, a.status, call) {
-                (true, 100..=199, Some(c)) if c.phase == Phase::Inviting => {
-                    c.phase = Phase::Proceeding;
-                }
-                (true, 200..=299, Some(c))
-                    if matches!(c.phase, Phase::Inviting | Phase::Proceeding) =>
-                {
-                    st.hist.record(now.duration_since(c.sent));
-                    w.ack(&mut out, a.call, a.to_tag, false);
-                    w.bye(&mut out2, a.call, a.to_tag);
-                    for m in [&out, &out2] {
-                        if sock.send_to(m, self.cfg.target).is_err() {
-                            st.send_errors += 1;
-                        }
-                    }
-                    c.phase = Phase::Closing;
-                    c.sent = now;
-                    c.retrans = 0;
-                    c.to_tag.clear();
-                    c.to_tag.extend_from_slice(a.to_tag);
-                    if levels > 0 {
-                        bye_rt[0].push_back(Timer {
-                            at: now + interval(0, true),
-                            call: a.call,
-                            attempt: 0,
-                        });
-                    }
-                    bye_to.push_back(Timer {
-                        at: now + self.cfg.timeout,
-                        call: a.call,
-                        attempt: 0,
-                    });
-                }
-                (true, 200..=299, _) => {
-                    // A 2xx again (retransmitted, or behind the BYE's answer):
-                    // its ACK again, from the response alone.
-                    w.ack(&mut out, a.call, a.to_tag, false);
-                    if sock.send_to(&out, self.cfg.target).is_err() {
-                        st.send_errors += 1;
-                    }
-                    st.reacks += 1;
-                }
-                (true, 300..=699, c) => {
-                    w.ack(&mut out, a.call, a.to_tag, true);
-                    if sock.send_to(&out, self.cfg.target).is_err() {
-                        st.send_errors += 1;
-                    }
-                    match c {
-                        Some(c) if matches!(c.phase, Phase::Inviting | Phase::Proceeding) => {
-                            c.phase = Phase::Done;
-                            finished += 1;
-                            st.failed.invite_rejected += 1;
-                        }
-                        _ => st.duplicates += 1,
-                    }
-                }
-                (false, 200..=699, Some(c)) if c.phase == Phase::Closing => {
-                    c.phase = Phase::Done;
-                    finished += 1;
-                    if a.status < 300 {
-                        st.ok += 1;
-                    } else {
-                        st.failed.bye_rejected += 1;
-                    }
-                }
-                _ => st.duplicates += 1,
+            match scan.answer(&buf[..n], self.index, self.run) {
+                Some(a) if a.call < f.issued => f.on_answer(&a, Instant::now()),
+                _ => f.st.strays += 1,
             }
         }
-        st.calls = issued;
-        Ok(st)
+        f.st.calls = f.issued;
+        Ok(f.st)
+    }
+}
+
+/// A receive error that only means "nothing now".
+fn quiet(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// One UAC thread's calls in flight, their timers and counts.
+#[derive(Debug)]
+struct Flight<'a> {
+    sock: &'a UdpSocket,
+    target: SocketAddr,
+    timeout: Duration,
+    t1: Duration,
+    w: Writer,
+    st: Stats,
+    out: Vec<u8>,
+    out2: Vec<u8>,
+    /// The calls not yet done and those after them: call `base + j` at `window[j]`.
+    window: VecDeque<Call>,
+    base: u64,
+    issued: u64,
+    finished: u64,
+    /// Retransmission timers per attempt (one interval per level, so each
+    /// queue is in time order).
+    invite_rt: Vec<VecDeque<Timer>>,
+    bye_rt: Vec<VecDeque<Timer>>,
+    /// Transaction timeouts (one interval, so in time order).
+    invite_to: VecDeque<Timer>,
+    bye_to: VecDeque<Timer>,
+}
+
+impl Flight<'_> {
+    /// Timer A (INVITE: T1 doubling) or E (BYE: capped at T2) before `attempt`.
+    fn interval(&self, attempt: usize, invite: bool) -> Duration {
+        let d = self.t1.saturating_mul(1u32 << attempt.min(20));
+        if invite { d } else { d.min(T2) }
+    }
+
+    fn slot(&self, call: u64) -> Option<usize> {
+        let j = usize::try_from(call.checked_sub(self.base)?).ok()?;
+        (j < self.window.len()).then_some(j)
+    }
+
+    fn send(&mut self, second: bool) {
+        let m = if second { &self.out2 } else { &self.out };
+        if self.sock.send_to(m, self.target).is_err() {
+            self.st.send_errors += 1;
+        }
+    }
+
+    /// The next call's INVITE, and its timers.
+    fn start(&mut self) {
+        let n = self.issued;
+        self.w.invite(&mut self.out, n);
+        self.send(false);
+        let sent = Instant::now();
+        self.window.push_back(Call {
+            phase: Phase::Inviting,
+            sent,
+            retrans: 0,
+            to_tag: Vec::new(),
+        });
+        self.arm(n, sent, true);
+        self.st.last_first_send = Some(sent);
+        self.issued += 1;
+    }
+
+    /// The first retransmission timer and the timeout of a transaction.
+    fn arm(&mut self, call: u64, sent: Instant, invite: bool) {
+        let first = Timer {
+            at: sent + self.interval(0, invite),
+            call,
+            attempt: 0,
+        };
+        let (rt, to) = if invite {
+            (&mut self.invite_rt, &mut self.invite_to)
+        } else {
+            (&mut self.bye_rt, &mut self.bye_to)
+        };
+        if let Some(q) = rt.first_mut() {
+            q.push_back(first);
+        }
+        to.push_back(Timer {
+            at: sent + self.timeout,
+            call,
+            attempt: 0,
+        });
+    }
+
+    /// Sends again each INVITE (or BYE) whose timer is due and is still
+    /// unanswered; its timer moves to the next level.
+    fn retransmit(&mut self, now: Instant, invite: bool) {
+        let levels = self.invite_rt.len();
+        for lvl in 0..levels {
+            loop {
+                let q = if invite {
+                    &mut self.invite_rt[lvl]
+                } else {
+                    &mut self.bye_rt[lvl]
+                };
+                let Some(t) = q.front().copied().filter(|t| t.at <= now) else {
+                    break;
+                };
+                q.pop_front();
+                let Some(j) = self.slot(t.call) else {
+                    continue;
+                };
+                let c = &self.window[j];
+                let live = if invite {
+                    c.phase == Phase::Inviting
+                } else {
+                    c.phase == Phase::Closing
+                };
+                if !live || c.retrans != t.attempt {
+                    continue;
+                }
+                if invite {
+                    self.w.invite(&mut self.out, t.call);
+                    self.st.invite_retrans += 1;
+                } else {
+                    self.w.bye(&mut self.out, t.call, &c.to_tag);
+                    self.st.bye_retrans += 1;
+                }
+                self.send(false);
+                let c = &mut self.window[j];
+                c.retrans += 1;
+                let attempt = c.retrans;
+                if lvl + 1 < levels {
+                    let at = now + self.interval(lvl + 1, invite);
+                    let q = if invite {
+                        &mut self.invite_rt
+                    } else {
+                        &mut self.bye_rt
+                    };
+                    q[lvl + 1].push_back(Timer {
+                        at,
+                        call: t.call,
+                        attempt,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Fails each call whose INVITE (or BYE) is unanswered at its timeout.
+    fn time_out(&mut self, now: Instant, invite: bool) {
+        loop {
+            let q = if invite {
+                &mut self.invite_to
+            } else {
+                &mut self.bye_to
+            };
+            let Some(t) = q.front().copied().filter(|t| t.at <= now) else {
+                break;
+            };
+            q.pop_front();
+            let Some(j) = self.slot(t.call) else {
+                continue;
+            };
+            let c = &mut self.window[j];
+            let live = if invite {
+                matches!(c.phase, Phase::Inviting | Phase::Proceeding)
+            } else {
+                c.phase == Phase::Closing
+            };
+            if live {
+                c.phase = Phase::Done;
+                self.finished += 1;
+                if invite {
+                    self.st.failed.invite_timeout += 1;
+                } else {
+                    self.st.failed.bye_timeout += 1;
+                }
+            }
+        }
+    }
+
+    /// A response to one of this thread's calls.
+    fn on_answer(&mut self, a: &Answer<'_>, now: Instant) {
+        let slot = self.slot(a.call);
+        let phase = slot.map(|j| self.window[j].phase);
+        let inviting = matches!(phase, Some(Phase::Inviting | Phase::Proceeding));
+        match (a.invite, a.status) {
+            (true, 100..=199) if inviting => {
+                if let Some(j) = slot {
+                    self.window[j].phase = Phase::Proceeding;
+                }
+            }
+            (true, 200..=299) if inviting => {
+                let j = slot.expect("inviting: in the window");
+                self.w.ack(&mut self.out, a.call, a.to_tag, false);
+                self.w.bye(&mut self.out2, a.call, a.to_tag);
+                self.send(false);
+                self.send(true);
+                let c = &mut self.window[j];
+                self.st.hist.record(now.duration_since(c.sent));
+                c.phase = Phase::Closing;
+                c.sent = now;
+                c.retrans = 0;
+                c.to_tag.clear();
+                c.to_tag.extend_from_slice(a.to_tag);
+                self.arm(a.call, now, false);
+            }
+            (true, 200..=299) => {
+                // A 2xx again (retransmitted, or behind the BYE's answer):
+                // its ACK again, from the response alone.
+                self.w.ack(&mut self.out, a.call, a.to_tag, false);
+                self.send(false);
+                self.st.reacks += 1;
+            }
+            (true, 300..=699) => {
+                // Hop by hop: the ACK of a failure takes the INVITE's branch.
+                self.w.ack(&mut self.out, a.call, a.to_tag, true);
+                self.send(false);
+                match slot {
+                    Some(j) if inviting => {
+                        self.window[j].phase = Phase::Done;
+                        self.finished += 1;
+                        self.st.failed.invite_rejected += 1;
+                    }
+                    _ => self.st.duplicates += 1,
+                }
+            }
+            (false, 100..=199) => {}
+            (false, 200..=699) if phase == Some(Phase::Closing) => {
+                let j = slot.expect("closing: in the window");
+                self.window[j].phase = Phase::Done;
+                self.finished += 1;
+                if a.status < 300 {
+                    self.st.ok += 1;
+                } else {
+                    self.st.failed.bye_rejected += 1;
+                }
+            }
+            _ => self.st.duplicates += 1,
+        }
     }
 }
 
@@ -954,17 +1020,7 @@ pub fn run_uas(cfg: &UasConfig) -> io::Result<UasReport> {
         }
         let (n, src) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                continue;
-            }
+            Err(e) if quiet(&e) => continue,
             Err(e) => return Err(e),
         };
         last_traffic = Some(now);
