@@ -517,29 +517,8 @@ impl Scanner {
 impl Thread {
     fn run(self, sock: &UdpSocket) -> io::Result<Stats> {
         let local = sock.local_addr()?;
-        let levels = self.cfg.max_retrans as usize;
-        let mut f = Flight {
-            sock,
-            target: self.cfg.target,
-            timeout: self.cfg.timeout,
-            t1: self.cfg.t1.max(Duration::from_millis(1)),
-            w: Writer {
-                target: self.cfg.target.to_string().into_bytes(),
-                local: local.to_string().into_bytes(),
-                tail: format!(".{}.{:x}", self.index, self.run).into_bytes(),
-            },
-            st: Stats::default(),
-            out: Vec::with_capacity(2048),
-            out2: Vec::with_capacity(1024),
-            window: VecDeque::new(),
-            base: 0,
-            issued: 0,
-            finished: 0,
-            invite_rt: vec![VecDeque::new(); levels],
-            bye_rt: vec![VecDeque::new(); levels],
-            invite_to: VecDeque::new(),
-            bye_to: VecDeque::new(),
-        };
+        let tail = format!(".{}.{:x}", self.index, self.run);
+        let mut f = Flight::new(sock, local, &self.cfg, tail.as_bytes());
         let scan = Scanner::new();
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let per_thread = self.sockets as f64;
@@ -639,7 +618,33 @@ struct Flight<'a> {
     bye_to: VecDeque<Timer>,
 }
 
-impl Flight<'_> {
+impl<'a> Flight<'a> {
+    fn new(sock: &'a UdpSocket, local: SocketAddr, cfg: &UacConfig, tail: &[u8]) -> Flight<'a> {
+        let levels = cfg.max_retrans as usize;
+        Flight {
+            sock,
+            target: cfg.target,
+            timeout: cfg.timeout,
+            t1: cfg.t1.max(Duration::from_millis(1)),
+            w: Writer {
+                target: cfg.target.to_string().into_bytes(),
+                local: local.to_string().into_bytes(),
+                tail: tail.to_vec(),
+            },
+            st: Stats::default(),
+            out: Vec::with_capacity(2048),
+            out2: Vec::with_capacity(1024),
+            window: VecDeque::new(),
+            base: 0,
+            issued: 0,
+            finished: 0,
+            invite_rt: vec![VecDeque::new(); levels],
+            bye_rt: vec![VecDeque::new(); levels],
+            invite_to: VecDeque::new(),
+            bye_to: VecDeque::new(),
+        }
+    }
+
     /// Timer A (INVITE: T1 doubling) or E (BYE: capped at T2) before `attempt`.
     fn interval(&self, attempt: usize, invite: bool) -> Duration {
         let d = self.t1.saturating_mul(1u32 << attempt.min(20));
@@ -1453,6 +1458,87 @@ mod tests {
 cseq: 1 INVITE\r\nt: <sip:a@b>;tag=zz\r\n\r\n";
         let a = Scanner::new().answer(msg, 0, 0x1f).expect("matched");
         assert_eq!((a.status, a.call, a.to_tag), (180, 5, &b"zz"[..]));
+    }
+
+    /// A Flight whose requests go to a socket nobody reads.
+    fn flight<'a>(sock: &'a UdpSocket, sink: &UdpSocket) -> Flight<'a> {
+        let cfg = UacConfig {
+            target: sink.local_addr().unwrap(),
+            local_ip: [127, 0, 0, 1].into(),
+            local_port: 0,
+            sockets: 1,
+            rate: 1.0,
+            calls: 1,
+            timeout: Duration::from_secs(8),
+            t1: Duration::from_millis(500),
+            max_retrans: 7,
+        };
+        Flight::new(sock, sock.local_addr().unwrap(), &cfg, b".0.1")
+    }
+
+    fn answer(status: u16, invite: bool) -> Answer<'static> {
+        Answer {
+            status,
+            call: 0,
+            invite,
+            to_tag: b"t",
+        }
+    }
+
+    #[test]
+    fn a_call_counts_its_late_and_repeated_answers() {
+        let (sock, sink) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        let mut f = flight(&sock, &sink);
+        f.start();
+        let now = Instant::now();
+        for a in [
+            answer(100, true),
+            answer(180, true),
+            answer(200, true), // ACK and BYE
+            answer(200, true), // again: ACKed again
+            answer(180, true), // behind the 200
+            answer(200, false),
+            answer(200, false), // the BYE's 200 again
+        ] {
+            f.on_answer(&a, now);
+        }
+        let st = &f.st;
+        assert_eq!((st.ok, st.failed.total(), f.finished), (1, 0, 1));
+        assert_eq!((st.reacks, st.duplicates), (1, 2));
+    }
+
+    #[test]
+    fn an_unanswered_invite_is_sent_again_on_timer_a_then_fails() {
+        let (sock, sink) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        let mut f = flight(&sock, &sink);
+        f.start();
+        let t0 = f.window[0].sent;
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // T1 = 500 ms, doubling: sent again at 0.5, 1.5, 3.5, 7.5 s.
+        for (ms, sent_again) in [
+            (499, 0),
+            (500, 1),
+            (1499, 1),
+            (1500, 2),
+            (3500, 3),
+            (7500, 4),
+        ] {
+            f.retransmit(at(ms), true);
+            f.time_out(at(ms), true);
+            assert_eq!(f.st.invite_retrans, sent_again, "at {ms} ms");
+        }
+        assert_eq!(f.st.failed.invite_timeout, 0);
+        f.time_out(at(8000), true);
+        assert_eq!((f.st.failed.invite_timeout, f.finished), (1, 1));
+        // A failed call's late 200 is ACKed all the same, and changes nothing else.
+        f.on_answer(&answer(200, true), at(8100));
+        assert_eq!((f.st.reacks, f.st.ok, f.finished), (1, 0, 1));
     }
 
     #[test]
