@@ -207,6 +207,7 @@ class Bench:
                 r = json.loads(lines[-1])
                 ok, failed, achieved = r["ok"], r["failed"], r["achieved"]
                 res.update(p99_ms=r["p99_ms"], p50_ms=r["p50_ms"], retrans=r["invite_retrans"] + r["bye_retrans"],
+                           duplicates=r["duplicates"], reacks=r["reacks"],
                            failed_by={k: v for k, v in r["failed_by"].items() if v})
             else:
                 st = sipp_totals(self.stat)
@@ -238,8 +239,9 @@ class Bench:
             r = self.step(target, rate)
             steps.append(r)
             fb = " ".join(f"{k}={v}" for k, v in r.get("failed_by", {}).items())
+            late = f"dups={r['duplicates']} reacks={r['reacks']} " if "duplicates" in r else ""
             log(f"  {target:6} rate={rate:>6} ok={r['ok']}/{r['calls']} failed={r['failed']} {fb} "
-                f"achieved={r['achieved']:.0f} p99_ms={r['p99_ms']} retrans={r['retrans']} "
+                f"achieved={r['achieved']:.0f} p99_ms={r['p99_ms']} retrans={r['retrans']} {late}"
                 f"x_cpu/1000={r['x_cpu_per_1000']} gen_cpu/1000={r['gen_cpu_per_1000']} "
                 f"{'PASS' if r['passed'] else 'FAIL'}")
             return r["passed"]
