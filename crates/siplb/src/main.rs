@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod balancer_cmds;
 mod check;
+mod load_cmds;
 mod perf_cmds;
 
 /// siplb: a SIP load balancer that sends each new call to the server doing
@@ -96,6 +97,9 @@ enum Command {
     /// Run a standalone performance server: poll every agent over one persistent
     /// connection each, and serve the table to the balancers that subscribe.
     PerfServer(PerfServerArgs),
+    /// A SIP load generator for ceiling runs (bench/ceiling.py): `load uac`
+    /// places calls at a rate over several sockets, `load uas` answers them.
+    Load(load_cmds::LoadArgs),
 }
 
 /// How the long-running commands log (to stderr; the level comes from
@@ -261,5 +265,6 @@ fn main() -> ExitCode {
             init_tracing(&args.log);
             perf_cmds::perf_server(args)
         }
+        Command::Load(args) => load_cmds::run(args),
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod demo;
 pub mod experiment;
+pub mod load;
 pub mod uac;
 pub mod uas;
