@@ -491,7 +491,7 @@ async fn metrics(
         "# HELP siplb_policy The routing policy in force (1).\n# TYPE siplb_policy gauge\nsiplb_policy{{name=\"{}\"}} 1",
         p.policy_name()
     );
-    let per_server: [(&str, &str, &str, Per); 12] = [
+    let per_server: [(&str, &str, &str, Per); 14] = [
         (
             "siplb_selected_total",
             "counter",
@@ -547,6 +547,18 @@ async fn metrics(
             |v| Some(v.ejections_total as f64),
         ),
         (
+            "siplb_overloaded",
+            "gauge",
+            "1 while the server is out of new-session selection after its own 503 with Retry-After.",
+            |v| Some(f64::from(u8::from(v.overloaded))),
+        ),
+        (
+            "siplb_overloads_total",
+            "counter",
+            "Overload periods of each server (a 503 with Retry-After while not overloaded).",
+            |v| Some(v.overloads_total as f64),
+        ),
+        (
             "siplb_weight_factor",
             "gauge",
             "Slow start factor of each server's weight (1: full).",
@@ -579,10 +591,10 @@ async fn metrics(
     }
     let _ = writeln!(
         o,
-        "# HELP siplb_down_by Which signal says each server is down (agent, probe, outlier).\n# TYPE siplb_down_by gauge"
+        "# HELP siplb_down_by Which signal says each server is down (agent, probe, outlier, overload).\n# TYPE siplb_down_by gauge"
     );
     for v in &servers {
-        for signal in ["agent", "probe", "outlier"] {
+        for signal in ["agent", "probe", "outlier", "overload"] {
             let on = v
                 .down_by
                 .as_deref()

@@ -276,6 +276,11 @@ pub struct ServerStats {
     pub ejected_until: AtomicU64,
     /// Failure ratio over the window, per mille (claim 9 input).
     pub failure_permille: AtomicU32,
+    /// Out of new-session selection until this time (balancer clock, ms)
+    /// because it answered `503` with `Retry-After`; 0: never.
+    pub overloaded_until: AtomicU64,
+    /// Overload periods so far (a `503` with `Retry-After` while not overloaded).
+    pub overloads: AtomicU64,
     /// Slow start began at this time (balancer clock, ms) + 1; 0: none.
     pub ramp_from: AtomicU64,
     /// Up at the last health round.
@@ -329,6 +334,12 @@ impl ServerStats {
     #[must_use]
     pub fn ejected(&self, now_ms: u64) -> bool {
         now_ms < self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    /// Overloaded (its own `503` with `Retry-After`) at `now_ms`.
+    #[must_use]
+    pub fn overloaded(&self, now_ms: u64) -> bool {
+        now_ms < self.overloaded_until.load(Ordering::Relaxed)
     }
 
     /// Learned capacity, if any.

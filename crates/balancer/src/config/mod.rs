@@ -214,6 +214,8 @@ struct RoutingSection {
     trying_after: String,
     max_attempts: u8,
     failover_statuses: Vec<u16>,
+    retry_after_max: String,
+    probe_down_statuses: Vec<u16>,
     health: Health,
     legacy_sb: bool,
     outlier_failures: u32,
@@ -244,6 +246,8 @@ impl Default for RoutingSection {
             trying_after: "200ms".into(),
             max_attempts: 3,
             failover_statuses: vec![500, 503],
+            retry_after_max: "300s".into(),
+            probe_down_statuses: vec![503],
             health: Health::Both,
             legacy_sb: false,
             outlier_failures: 3,
@@ -435,6 +439,11 @@ pub struct Config {
     pub max_attempts: u8,
     /// Final responses that make us try another server.
     pub failover_statuses: Vec<u16>,
+    /// Longest overload period a server's `503` with `Retry-After` takes
+    /// it out of new-session selection for; zero: `Retry-After` ignored.
+    pub retry_after_max: Duration,
+    /// Statuses of an answer to an OPTIONS probe that count as a failed probe.
+    pub probe_down_statuses: Vec<u16>,
     /// Which signals decide up/down.
     pub health: Health,
     /// Outlier ejection, failure window and slow start.
@@ -682,6 +691,20 @@ impl Config {
                 format!("{c} is not a final failure status (300-699)"),
             );
         }
+        if let Some(c) = r
+            .probe_down_statuses
+            .iter()
+            .find(|c| !(200..700).contains(*c))
+        {
+            return err(
+                "routing.probe_down_statuses",
+                format!("{c} is not a final status (200-699)"),
+            );
+        }
+        let retry_after_max = duration("routing.retry_after_max", &r.retry_after_max)?;
+        if retry_after_max > Duration::from_secs(86_400) {
+            return err("routing.retry_after_max", "at most 24h");
+        }
 
         let invite_timeout = duration("routing.invite_timeout", &r.invite_timeout)?;
         if invite_timeout < Duration::from_secs(1) {
@@ -889,6 +912,8 @@ impl Config {
             trying_after,
             max_attempts: r.max_attempts,
             failover_statuses: r.failover_statuses,
+            retry_after_max,
+            probe_down_statuses: r.probe_down_statuses,
             health: r.health,
             legacy_sb: r.legacy_sb,
             outlier,

@@ -257,3 +257,26 @@ fn errors_name_the_field() {
         "{e}"
     );
 }
+
+#[test]
+fn overload_signals_have_defaults_and_checked_fields() {
+    let c = Config::parse(GOOD, &base()).unwrap();
+    assert_eq!(c.retry_after_max, Duration::from_secs(300));
+    assert_eq!(c.probe_down_statuses, [503]);
+    let with = |line: &str| {
+        Config::parse(
+            &GOOD.replace("[routing]", &format!("[routing]\n{line}")),
+            &base(),
+        )
+    };
+    let c = with("retry_after_max = \"0s\"\nprobe_down_statuses = [503, 500]").unwrap();
+    assert_eq!(c.retry_after_max, Duration::ZERO);
+    assert_eq!(c.probe_down_statuses, [503, 500]);
+    for (line, field) in [
+        ("probe_down_statuses = [180]", "routing.probe_down_statuses"),
+        ("retry_after_max = \"soon\"", "routing.retry_after_max"),
+        ("retry_after_max = \"25h\"", "routing.retry_after_max"),
+    ] {
+        assert_eq!(with(line).unwrap_err().field, field, "{line}");
+    }
+}

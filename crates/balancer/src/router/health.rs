@@ -39,7 +39,7 @@ pub(super) fn input_of(
     if input == Input::Drained {
         return input;
     }
-    if s.stats.ejected(now_ms) {
+    if s.stats.ejected(now_ms) || s.stats.overloaded(now_ms) {
         return Input::Down;
     }
     let input = match input {
@@ -142,6 +142,43 @@ impl Router {
                 "outlier: ejected"
             );
         }
+    }
+
+    /// A server's `503` (to a request of ours, or to a probe) at `now`: with
+    /// `Retry-After: N` it says it is overloaded, and takes no new session
+    /// for N seconds (at most `routing.retry_after_max`; RFC 3261 §21.5.4).
+    /// In-dialog requests still reach it. Returns whether a new overload
+    /// period began.
+    pub(super) fn note_overload(
+        &self,
+        cfg: &Config,
+        s: &Server,
+        msg: &sip::Message<'_>,
+        now: Now,
+    ) -> bool {
+        if msg.status() != Some(503) {
+            return false;
+        }
+        let now_ms = self.ms(now);
+        let Some(until) = msg
+            .header(sip::HeaderName::RetryAfter)
+            .and_then(|h| outlier::retry_after_secs(h.value))
+            .and_then(|secs| outlier::overload_until(now_ms, secs, cfg.retry_after_max))
+        else {
+            return false;
+        };
+        let before = s.stats.overloaded_until.fetch_max(until, Ordering::Relaxed);
+        if before > now_ms {
+            // Already in a period (a later Retry-After may extend it).
+            return false;
+        }
+        s.stats.overloads.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            server = %s.id,
+            for_ms = until - now_ms,
+            "overloaded: 503 with Retry-After, no new sessions until then"
+        );
+        true
     }
 
     /// One health round: refreshes the failure ratios, starts the slow start

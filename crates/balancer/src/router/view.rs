@@ -96,11 +96,16 @@ impl Router {
                             && s.stats.probe_down.load(Ordering::Relaxed)
                             && cfg.health != Health::Agent;
                         let outlier = s.stats.ejected(now_ms);
-                        let by: Vec<&str> =
-                            [(agent, "agent"), (probe, "probe"), (outlier, "outlier")]
-                                .into_iter()
-                                .filter_map(|(on, name)| on.then_some(name))
-                                .collect();
+                        let overload = s.stats.overloaded(now_ms);
+                        let by: Vec<&str> = [
+                            (agent, "agent"),
+                            (probe, "probe"),
+                            (outlier, "outlier"),
+                            (overload, "overload"),
+                        ]
+                        .into_iter()
+                        .filter_map(|(on, name)| on.then_some(name))
+                        .collect();
                         (!by.is_empty()).then(|| by.join("+"))
                     },
                     failure_ratio: f64::from(s.stats.failure_permille.load(Ordering::Relaxed))
@@ -112,6 +117,15 @@ impl Router {
                         .load(Ordering::Relaxed)
                         .saturating_sub(now_ms),
                     ejections_total: s.stats.tracker.lock().map_or(0, |t| t.ejections),
+                    overloaded: s.stats.overloaded(now_ms),
+                    overloaded_until: s.stats.overloaded(now_ms).then(|| {
+                        now.wall_ms
+                            + s.stats
+                                .overloaded_until
+                                .load(Ordering::Relaxed)
+                                .saturating_sub(now_ms)
+                    }),
+                    overloads_total: s.stats.overloads.load(Ordering::Relaxed),
                     weight_factor: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
                     capacity: caps[k],
                     policy_weight: (weighted && total > 0.0).then(|| weights[k] / total),
@@ -166,7 +180,7 @@ pub struct ServerView {
     /// OPTIONS probing: `off`, `up` or `down`.
     pub probe_state: String,
     /// Which signals say the server is down, when one does: `agent`,
-    /// `probe`, `outlier`, joined by `+`.
+    /// `probe`, `outlier`, `overload`, joined by `+`.
     pub down_by: Option<String>,
     /// Failed new-session attempts / attempts over the failure window.
     pub failure_ratio: f64,
@@ -176,6 +190,12 @@ pub struct ServerView {
     pub ejected_for_ms: u64,
     /// Ejections so far.
     pub ejections_total: u64,
+    /// Out of new-session selection now: it answered `503` with `Retry-After`.
+    pub overloaded: bool,
+    /// End of that overload period, Unix time in ms (`None` when not overloaded).
+    pub overloaded_until: Option<u64>,
+    /// Overload periods so far.
+    pub overloads_total: u64,
     /// Slow start factor of the weight, `slow_start_floor..=1` (1: full weight).
     pub weight_factor: f64,
     /// The share of new sessions the policy in force gives this server now,
