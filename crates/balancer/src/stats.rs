@@ -354,6 +354,17 @@ impl ServerStats {
     pub fn ramp_from(&self) -> Option<u64> {
         self.ramp_from.load(Ordering::Relaxed).checked_sub(1)
     }
+
+    /// Start of the slow start in force at `now_ms`: the later of the one
+    /// the health round started and the end of the last overload period
+    /// (known to the millisecond, while the health round sees a comeback
+    /// only at its next 100 ms turn).
+    #[must_use]
+    pub fn ramp_start(&self, now_ms: u64) -> Option<u64> {
+        let overload_end =
+            Some(self.overloaded_until.load(Ordering::Relaxed)).filter(|&u| u > 0 && u <= now_ms);
+        self.ramp_from().max(overload_end)
+    }
 }
 
 #[cfg(test)]
@@ -392,5 +403,12 @@ mod tests {
         assert_eq!(st.ramp_from(), None);
         st.ramp_from.store(11, Ordering::Relaxed);
         assert_eq!(st.ramp_from(), Some(10));
+        // An overload period's end starts a ramp too, once it is over.
+        assert_eq!(st.ramp_start(50), Some(10));
+        st.overloaded_until.store(40, Ordering::Relaxed);
+        assert_eq!(st.ramp_start(39), Some(10));
+        assert_eq!(st.ramp_start(50), Some(40));
+        st.ramp_from.store(61, Ordering::Relaxed);
+        assert_eq!(st.ramp_start(70), Some(60));
     }
 }

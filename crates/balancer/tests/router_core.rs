@@ -605,7 +605,10 @@ fn a_503_with_retry_after_takes_the_server_out_for_that_long_then_it_ramps_back(
     }
     assert!(ms < 5_200);
     assert!(view_of(&core, 5_199, busy_id).overloaded);
-    // Over: back, with the slow start ramp, and it takes calls again.
+    // Over: back, with the slow start ramp from the period's very end
+    // (before the health round's next turn notices), and it takes calls again.
+    let v = view_of(&core, 5_200, busy_id);
+    assert!(!v.overloaded && v.weight_factor < 0.11, "{v:?}");
     tick(&mut core, 5_200);
     let v = view_of(&core, 5_200, busy_id);
     assert!(!v.overloaded && v.state == "up", "{v:?}");

@@ -77,7 +77,7 @@ pub(super) fn facts_of(
         .map(|(s, &cap)| {
             let mut f = Facts {
                 outstanding: s.stats.outstanding(),
-                ramp: outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
+                ramp: outlier::ramp(now_ms, s.stats.ramp_start(now_ms), &cfg.outlier),
                 capacity: Some(cap),
                 ..Facts::default()
             };
@@ -217,7 +217,15 @@ impl Router {
             // The first time up (balancer start) is no comeback: every
             // server would ramp alike.
             if up && !was && s.stats.ever_available.swap(true, Ordering::Relaxed) {
-                s.stats.ramp_from.store(now_ms + 1, Ordering::Relaxed);
+                // Back from an overload period: the ramp began at its end
+                // (`ServerStats::ramp_start`), not at this turn.
+                let until = s.stats.overloaded_until.load(Ordering::Relaxed);
+                let from = if until > 0 && until <= now_ms && now_ms - until < 1000 {
+                    until
+                } else {
+                    now_ms
+                };
+                s.stats.ramp_from.store(from + 1, Ordering::Relaxed);
                 if !cfg.outlier.slow_start.is_zero() {
                     info!(server = %s.id, over_ms = cfg.outlier.slow_start.as_millis() as u64, "back: slow start");
                 }

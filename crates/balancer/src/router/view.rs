@@ -126,7 +126,11 @@ impl Router {
                                 .saturating_sub(now_ms)
                     }),
                     overloads_total: s.stats.overloads.load(Ordering::Relaxed),
-                    weight_factor: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
+                    weight_factor: crate::outlier::ramp(
+                        now_ms,
+                        s.stats.ramp_start(now_ms),
+                        &cfg.outlier,
+                    ),
                     capacity: caps[k],
                     policy_weight: (weighted && total > 0.0).then(|| weights[k] / total),
                     capacity_source: if s.cfg.capacity.is_some() {
