@@ -607,6 +607,39 @@ async fn metrics(
             );
         }
     }
+    let sources = p.sources();
+    if !sources.is_empty() {
+        let _ = writeln!(
+            o,
+            "# HELP siplb_dns_answers_total DNS answers taken per followed name ([[discover]] id, or the id of a server written host:port).\n# TYPE siplb_dns_answers_total counter"
+        );
+        for (k, v) in &sources {
+            let _ = writeln!(o, "siplb_dns_answers_total{{source=\"{k}\"}} {}", v.answers);
+        }
+        let _ = writeln!(
+            o,
+            "# HELP siplb_dns_failures_total Failed resolutions per followed name (its last answer stayed).\n# TYPE siplb_dns_failures_total counter"
+        );
+        for (k, v) in &sources {
+            let _ = writeln!(
+                o,
+                "siplb_dns_failures_total{{source=\"{k}\"}} {}",
+                v.failures
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP siplb_dns_members Members per followed name: in its last answer (member), or gone from it and draining (retiring).\n# TYPE siplb_dns_members gauge"
+        );
+        for (k, v) in &sources {
+            let retiring = v.members.iter().filter(|m| m.gone_since.is_some()).count();
+            let _ = writeln!(
+                o,
+                "siplb_dns_members{{source=\"{k}\",state=\"member\"}} {}\nsiplb_dns_members{{source=\"{k}\",state=\"retiring\"}} {retiring}",
+                v.members.len() - retiring
+            );
+        }
+    }
     ([("content-type", "text/plain; version=0.0.4")], o)
 }
 

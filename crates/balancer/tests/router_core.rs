@@ -743,3 +743,119 @@ fn an_options_probe_answered_503_marks_the_server_down_like_an_unanswered_one() 
         "{v:?}"
     );
 }
+
+#[test]
+fn a_member_gone_from_dns_keeps_its_dialogs_then_leaves() {
+    use balancer::config::{DiscoverConfig, DiscoverKind, ServerConfig, Transport};
+    use balancer::discover::Target;
+    let mut core = Core::new("retire", "");
+    // Only the members found by name take calls here.
+    core.router.set_drained("s1", true);
+    core.router.set_drained("s2", true);
+    let src = DiscoverConfig {
+        source: "pool".into(),
+        name: "_sip._udp.pool.test".into(),
+        kind: DiscoverKind::Srv,
+        template: ServerConfig {
+            id: "pool".into(),
+            address: addr("0.0.0.0:0"),
+            transport: Transport::Udp,
+            agent: None,
+            capacity: None,
+            probe: None,
+            probe_failures: 2,
+            probe_successes: 2,
+            tls_name: None,
+        },
+    };
+    let (m1, m2) = (addr("127.0.0.1:5091"), addr("127.0.0.1:5092"));
+    let t = |name: &str, a| Target {
+        name: name.into(),
+        address: a,
+    };
+    let now = core.now(0);
+    core.router
+        .set_discovered(&src, &[t("m1.pool.test", m1), t("m2.pool.test", m2)], now);
+    let ids: Vec<String> = core
+        .router
+        .servers_view(now)
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "s1",
+            "s2",
+            "pool-m1-pool-test-5091",
+            "pool-m2-pool-test-5092"
+        ]
+    );
+    // A call to one of them.
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let sent = core.feed(&invite("ret-1", ua, "UDP"), from, 10);
+    let (x, req) = sent
+        .iter()
+        .find_map(|(d, t)| match d {
+            Dest::Udp(a) if (*a == m1 || *a == m2) && t.starts_with("INVITE") => {
+                Some((*a, t.clone()))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("to a member: {sent:?}"));
+    let ok = ok_for(&req, x);
+    let sent = core.feed(&ok, Origin::Udp { peer: x }, 20);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Udp(ua) && t.starts_with("SIP/2.0 200"))
+    );
+    let (x_id, other, other_name) = if x == m1 {
+        ("pool-m1-pool-test-5091", m2, "m2.pool.test")
+    } else {
+        ("pool-m2-pool-test-5092", m1, "m1.pool.test")
+    };
+    // The next answer has only the other one: x retires.
+    core.router
+        .set_discovered(&src, &[t(other_name, other)], core.now(1_000));
+    assert_eq!(view_of(&core, 1_000, x_id).state, "retiring");
+    for i in 0..4 {
+        let sent = core.feed(&invite(&format!("ret-new-{i}"), ua, "UDP"), from, 1_100 + i);
+        assert_eq!(invites_to(&sent), [other], "{sent:?}");
+    }
+    // Its dialog's BYE, routed by our Record-Route token, still reaches it.
+    let rr = header_values(&ok, "record-route")[0].to_owned();
+    let bye = format!(
+        "BYE sip:bob@{x} SIP/2.0\r\nVia: SIP/2.0/UDP {ua};branch=z9hG4bKretbye;rport\r\n\
+         Max-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:alice@127.0.0.1>;tag=a-ret-1\r\n\
+         To: <sip:bob@127.0.0.1>;tag=srv\r\nCall-ID: ret-1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    let sent = core.feed(&bye, from, 2_000);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Udp(x) && t.starts_with("BYE ")),
+        "{sent:?}"
+    );
+    // After dns.retire_after (1 h) it leaves the pool.
+    tick(&mut core, 3_000_000);
+    assert!(
+        core.router
+            .servers_view(core.now(3_000_000))
+            .iter()
+            .any(|v| v.id == x_id)
+    );
+    tick(&mut core, 3_602_000);
+    assert!(
+        !core
+            .router
+            .servers_view(core.now(3_602_000))
+            .iter()
+            .any(|v| v.id == x_id)
+    );
+    let other_id = if x == m1 {
+        "pool-m2-pool-test-5092"
+    } else {
+        "pool-m1-pool-test-5091"
+    };
+    assert_eq!(view_of(&core, 3_602_000, other_id).state, "up");
+}

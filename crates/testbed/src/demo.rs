@@ -271,6 +271,8 @@ pub fn loopback_config(
             ..balancer::config::LimitsConfig::default()
         },
         servers,
+        dns: balancer::config::DnsConfig::default(),
+        discover: Vec::new(),
     }
 }
 

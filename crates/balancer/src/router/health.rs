@@ -36,8 +36,8 @@ pub(super) fn input_of(
         tokio::time::Instant::from_std(now),
         cfg.stale_after,
     );
-    if input == Input::Drained {
-        return input;
+    if input == Input::Drained || s.retiring {
+        return Input::Drained;
     }
     if s.stats.ejected(now_ms) || s.stats.overloaded(now_ms) {
         return Input::Down;

@@ -50,7 +50,9 @@ impl Router {
                     address: s.cfg.address.to_string(),
                     transport: s.cfg.transport.via_name().to_ascii_lowercase(),
                     agent: s.cfg.agent.clone(),
+                    source: s.source.as_deref().map(str::to_owned),
                     state: match input {
+                        Input::Drained if s.retiring => "retiring",
                         Input::Drained => "drained",
                         Input::Up(_) => "up",
                         // No agent by design (round-robin, p2c, static):
@@ -159,7 +161,11 @@ pub struct ServerView {
     pub transport: String,
     /// Agent address, if it has one.
     pub agent: Option<String>,
-    /// `up`, `down` or `drained`.
+    /// The `[[discover]]` id (or, for a server written `host:port`, its
+    /// own id) whose DNS answer gave it; `None` for a server given by address.
+    pub source: Option<String>,
+    /// `up`, `down`, `drained`, or `retiring` (gone from its DNS answer:
+    /// no new session, its dialogs still reach it).
     pub state: String,
     /// What the agent connection says: `up`, `down`, `connecting`.
     pub agent_state: String,
