@@ -791,6 +791,9 @@ fn a_member_gone_from_dns_keeps_its_dialogs_then_leaves() {
             "pool-m2-pool-test-5092"
         ]
     );
+    // A reload keeps them (and the drain state of s1, s2).
+    core.router.reload((*core.router.config()).clone());
+    assert_eq!(core.router.pool().servers.len(), 4);
     // A call to one of them.
     let ua = addr("192.0.2.10:5070");
     let from = Origin::Udp { peer: ua };

@@ -298,6 +298,8 @@ impl Router {
         if let Err(e) = self.scoring.set(new.scoring) {
             warn!(error = %e, "scoring not changed");
         }
+        // Before the policy check (it reads the pool), and again once the
+        // configuration is stored (a DNS answer in between read the old one).
         self.apply_servers(&new.servers);
         if new.limits != self.limiter.load().cfg {
             self.limiter.store(Arc::new(crate::limits::Limiter::new(
@@ -312,12 +314,32 @@ impl Router {
         }
         info!(servers = new.servers.len(), "configuration reloaded");
         self.cfg.store(Arc::new(new));
+        self.rebuild_pool();
+    }
+
+    /// Rebuilds the pool from the configuration in force and the members
+    /// found by name ([`Router::apply_servers`]).
+    fn rebuild_pool(&self) {
+        let d = self.discovered_lock();
+        // Read under the lock: of two rebuilds at once (a reload, a DNS
+        // answer), the later one has the later configuration.
+        let cfg = self.cfg.load_full();
+        self.build_pool(&d, &cfg.servers);
     }
 
     /// Replaces the pool: servers are kept by id with their counters and drain
     /// state; new ids start fresh; removed ids go (their sessions idle out).
+    /// The members found by name are added after `servers`.
     pub fn apply_servers(&self, servers: &[crate::config::ServerConfig]) {
         let d = self.discovered_lock();
+        self.build_pool(&d, servers);
+    }
+
+    fn build_pool(
+        &self,
+        d: &std::collections::BTreeMap<String, Source>,
+        servers: &[crate::config::ServerConfig],
+    ) {
         let old = self.pool.load_full();
         let named = d.iter().flat_map(|(k, src)| {
             src.members
@@ -358,7 +380,7 @@ impl Router {
             e.answers += 1;
             e.error = None;
         }
-        self.apply_servers(&self.cfg.load().servers);
+        self.rebuild_pool();
     }
 
     /// A resolution of `source` failed: its members stay as they are.
@@ -392,7 +414,7 @@ impl Router {
         };
         if changed {
             info!("DNS: retired members left the pool");
-            self.apply_servers(&cfg.servers);
+            self.rebuild_pool();
         }
     }
 
