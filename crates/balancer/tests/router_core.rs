@@ -862,3 +862,35 @@ fn a_member_gone_from_dns_keeps_its_dialogs_then_leaves() {
     };
     assert_eq!(view_of(&core, 3_602_000, other_id).state, "up");
 }
+
+#[test]
+fn with_every_server_overloaded_our_503_says_when_the_first_is_back() {
+    let mut core = Core::new("overload-all", "");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    // Each server answers a call 503 Retry-After (30 s, 90 s).
+    for (i, secs) in [(0, 30), (1, 90)] {
+        let sent = core.feed(&invite(&format!("all-{i}"), ua, "UDP"), from, i * 10);
+        let (server, req) = to_server(&sent);
+        core.feed(
+            &final_for(
+                &req,
+                server,
+                503,
+                "Service Unavailable",
+                &format!("Retry-After: {secs}\r\n"),
+            ),
+            Origin::Udp { peer: server },
+            i * 10 + 1,
+        );
+    }
+    let overloaded = core.router.servers_view(core.now(100));
+    assert!(overloaded.iter().all(|v| v.overloaded), "{overloaded:?}");
+    // A new call: no server; our 503 asks to wait until the first is back.
+    let sent = core.feed(&invite("all-late", ua, "UDP"), from, 1_000);
+    let ours = sent
+        .iter()
+        .find(|(d, t)| *d == Dest::Udp(ua) && status(t) == Some(503))
+        .unwrap_or_else(|| panic!("our 503: {sent:?}"));
+    assert_eq!(header_values(&ours.1, "retry-after"), ["30"], "{}", ours.1);
+}
