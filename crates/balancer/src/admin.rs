@@ -506,7 +506,7 @@ async fn metrics(
         "# HELP siplb_policy The routing policy in force (1).\n# TYPE siplb_policy gauge\nsiplb_policy{{name=\"{}\"}} 1",
         p.policy_name()
     );
-    let per_server: [(&str, &str, &str, Per); 15] = [
+    let per_server: [(&str, &str, &str, Per); 17] = [
         (
             "siplb_server_cpu_ratio",
             "gauge",
@@ -580,6 +580,18 @@ async fn metrics(
             |v| Some(v.ejections_total as f64),
         ),
         (
+            "siplb_overloaded",
+            "gauge",
+            "1 while the server is out of new-session selection after its own 503 with Retry-After.",
+            |v| Some(f64::from(u8::from(v.overloaded))),
+        ),
+        (
+            "siplb_overloads_total",
+            "counter",
+            "Overload periods of each server (a 503 with Retry-After while not overloaded).",
+            |v| Some(v.overloads_total as f64),
+        ),
+        (
             "siplb_weight_factor",
             "gauge",
             "Slow start factor of each server's weight (1: full).",
@@ -638,10 +650,10 @@ async fn metrics(
     }
     let _ = writeln!(
         o,
-        "# HELP siplb_down_by Which signal says each server is down (agent, probe, outlier).\n# TYPE siplb_down_by gauge"
+        "# HELP siplb_down_by Which signal says each server is down (agent, probe, outlier, overload).\n# TYPE siplb_down_by gauge"
     );
     for v in &servers {
-        for signal in ["agent", "probe", "outlier"] {
+        for signal in ["agent", "probe", "outlier", "overload"] {
             let on = v
                 .down_by
                 .as_deref()
@@ -651,6 +663,39 @@ async fn metrics(
                 "siplb_down_by{{server=\"{}\",signal=\"{signal}\"}} {}",
                 v.id,
                 u8::from(on)
+            );
+        }
+    }
+    let sources = p.sources();
+    if !sources.is_empty() {
+        let _ = writeln!(
+            o,
+            "# HELP siplb_dns_answers_total DNS answers taken per followed name ([[discover]] id, or the id of a server written host:port).\n# TYPE siplb_dns_answers_total counter"
+        );
+        for (k, v) in &sources {
+            let _ = writeln!(o, "siplb_dns_answers_total{{source=\"{k}\"}} {}", v.answers);
+        }
+        let _ = writeln!(
+            o,
+            "# HELP siplb_dns_failures_total Failed resolutions per followed name (its last answer stayed).\n# TYPE siplb_dns_failures_total counter"
+        );
+        for (k, v) in &sources {
+            let _ = writeln!(
+                o,
+                "siplb_dns_failures_total{{source=\"{k}\"}} {}",
+                v.failures
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP siplb_dns_members Members per followed name: in its last answer (member), or gone from it and draining (retiring).\n# TYPE siplb_dns_members gauge"
+        );
+        for (k, v) in &sources {
+            let retiring = v.members.iter().filter(|m| m.gone_since.is_some()).count();
+            let _ = writeln!(
+                o,
+                "siplb_dns_members{{source=\"{k}\",state=\"member\"}} {}\nsiplb_dns_members{{source=\"{k}\",state=\"retiring\"}} {retiring}",
+                v.members.len() - retiring
             );
         }
     }

@@ -311,7 +311,12 @@ impl Balancer {
             let t = cfg.tls.as_ref().ok_or("TLS listeners without [sip.tls]")?;
             Some(Arc::new(crate::tls::TlsListener::new(t)?))
         };
-        let tls_client = if cfg.servers.iter().any(|s| s.transport == Transport::Tls) {
+        let tls_client = if cfg
+            .servers
+            .iter()
+            .chain(cfg.discover.iter().map(|d| &d.template))
+            .any(|s| s.transport == Transport::Tls)
+        {
             let t = cfg.tls.as_ref().ok_or("TLS servers without [sip.tls]")?;
             Some(Arc::new(crate::tls::TlsClient::new(t)?))
         } else {

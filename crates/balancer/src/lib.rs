@@ -21,6 +21,8 @@
 pub mod admin;
 pub mod codec;
 pub mod config;
+pub mod discover;
+pub mod dns;
 pub mod forwarding;
 pub mod limits;
 pub mod load;

@@ -12,8 +12,12 @@
 //!   back down by one step for every `max` period without one. At most
 //!   `max_ejected_percent` of the pool is ejected at once (at least one
 //!   server when the pool has two or more).
-//! - A server that comes back (up again after being down, or an ejection
-//!   over) ramps its weight linearly from `floor` to 1 over `slow_start`.
+//! - A server that answers `503 Service Unavailable` with `Retry-After: N`
+//!   says it is overloaded: it takes no new session for N seconds (capped
+//!   by `routing.retry_after_max`), then comes back like any other.
+//! - A server that comes back (up again after being down, an ejection or
+//!   an overload period over) ramps its weight linearly from `floor` to 1
+//!   over `slow_start`.
 
 use std::time::Duration;
 
@@ -186,6 +190,35 @@ pub fn ramp(now: u64, from: Option<u64>, cfg: &OutlierConfig) -> f64 {
     }
 }
 
+/// The seconds of a `Retry-After` value (RFC 3261 §20.33:
+/// `delta-seconds [comment] *( SEMI retry-param )`); `None` when it does
+/// not start with digits.
+#[must_use]
+pub fn retry_after_secs(value: &[u8]) -> Option<u64> {
+    let v = value.trim_ascii_start();
+    let digits = v.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    // More digits than a u64 holds: as long as it can be (the cap decides).
+    Some(
+        std::str::from_utf8(&v[..digits])
+            .ok()?
+            .parse()
+            .unwrap_or(u64::MAX),
+    )
+}
+
+/// Until when (ms) a server that answered `503` with `Retry-After: secs`
+/// at `now` stays out of new-session selection: `secs`, at most `max`;
+/// `None` (no overload period) for 0 s or when `max` is zero (off).
+#[must_use]
+pub fn overload_until(now: u64, secs: u64, max: Duration) -> Option<u64> {
+    let max_ms = max.as_millis() as u64;
+    let ms = secs.saturating_mul(1000).min(max_ms);
+    (ms > 0).then(|| now.saturating_add(ms))
+}
+
 /// Up/down with hysteresis, in the shape of pingora's `observe_health`: a
 /// result against the current state counts towards a flip; `needed` of them
 /// in a row flip it; a result that agrees resets the count.
@@ -333,6 +366,22 @@ mod tests {
         // Far beyond the bucket count the window wraps cleanly.
         t.record(61_000, false, &c, false);
         assert_eq!(t.failure_ratio(61_000, Duration::from_secs(10)), 1.0);
+    }
+
+    #[test]
+    fn retry_after_is_read_and_capped() {
+        assert_eq!(retry_after_secs(b"5"), Some(5));
+        assert_eq!(retry_after_secs(b" 18000;duration=3600"), Some(18_000));
+        assert_eq!(retry_after_secs(b"120 (I'm in a meeting)"), Some(120));
+        assert_eq!(retry_after_secs(b"soon"), None);
+        assert_eq!(retry_after_secs(b""), None);
+        assert_eq!(retry_after_secs(b"99999999999999999999999"), Some(u64::MAX));
+        let max = Duration::from_secs(300);
+        assert_eq!(overload_until(1_000, 5, max), Some(6_000));
+        assert_eq!(overload_until(1_000, 3600, max), Some(301_000), "capped");
+        assert_eq!(overload_until(1_000, u64::MAX, max), Some(301_000));
+        assert_eq!(overload_until(1_000, 0, max), None, "0 s: no period");
+        assert_eq!(overload_until(1_000, 5, Duration::ZERO), None, "off");
     }
 
     #[test]

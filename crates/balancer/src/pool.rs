@@ -21,6 +21,12 @@ pub struct Server {
     /// Where its entry is expected in the performance table (the order of
     /// the servers with an agent).
     pub slot: usize,
+    /// Gone from its name's DNS answer: no new session, its dialogs still
+    /// reach it until `dns.retire_after` ([`crate::discover`]).
+    pub retiring: bool,
+    /// The `[[discover]]` id (or the server id of a `host:port` server)
+    /// whose answer gave it; `None` for a server given by address.
+    pub source: Option<Arc<str>>,
 }
 
 impl Server {
@@ -49,22 +55,35 @@ impl Pool {
     /// every id that `old` has; new ids start fresh.
     #[must_use]
     pub fn build(servers: &[ServerConfig], old: &Pool) -> Pool {
+        Pool::build_with(servers.iter().map(|c| (c, false, None)), old)
+    }
+
+    /// [`Pool::build`] for `(config, retiring, source)` triples; an id
+    /// already in the list is skipped.
+    #[must_use]
+    pub fn build_with<'a>(
+        servers: impl Iterator<Item = (&'a ServerConfig, bool, Option<&'a str>)>,
+        old: &Pool,
+    ) -> Pool {
         let mut slot = 0;
-        let servers = servers
-            .iter()
-            .map(|c| {
-                let this_slot = slot;
-                slot += usize::from(c.agent.is_some());
-                let prev = old.by_id(&c.id);
-                Arc::new(Server {
-                    id: c.id.as_str().into(),
-                    stats: prev.map_or_else(Arc::default, |p| p.stats.clone()),
-                    cfg: c.clone(),
-                    slot: this_slot,
-                })
-            })
-            .collect();
-        Pool { servers }
+        let mut out: Vec<Arc<Server>> = Vec::new();
+        for (c, retiring, source) in servers {
+            if out.iter().any(|s| *s.id == *c.id) {
+                continue;
+            }
+            let this_slot = slot;
+            slot += usize::from(c.agent.is_some());
+            let prev = old.by_id(&c.id);
+            out.push(Arc::new(Server {
+                id: c.id.as_str().into(),
+                stats: prev.map_or_else(Arc::default, |p| p.stats.clone()),
+                cfg: c.clone(),
+                slot: this_slot,
+                retiring,
+                source: source.map(Into::into),
+            }));
+        }
+        Pool { servers: out }
     }
 
     /// The server with this id.

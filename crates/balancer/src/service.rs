@@ -35,8 +35,10 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 fn agent_specs(cfg: &Config) -> Vec<AgentSpec> {
+    // A server written `host:port` may have an agent too.
     cfg.servers
         .iter()
+        .chain(cfg.discover.iter().map(|d| &d.template))
         .filter_map(|s| {
             Some(AgentSpec {
                 id: s.id.clone(),
@@ -134,6 +136,19 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
     let reload_tls = balancer.tls_reloader();
     let proxy = balancer.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
+    // Names followed in DNS: one task each (their settings change at a restart).
+    if !proxy.config().discover.is_empty() {
+        let c = proxy.config();
+        let resolver = crate::dns::resolver(&c.dns).map_err(|e| format!("dns: {e}"))?;
+        for src in &c.discover {
+            tasks.spawn(crate::dns::follow(
+                proxy.clone(),
+                resolver.clone(),
+                src.clone(),
+                c.dns.clone(),
+            ));
+        }
+    }
 
     let reload = {
         let p = proxy.clone();

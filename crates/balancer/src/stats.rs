@@ -357,6 +357,11 @@ pub struct ServerStats {
     pub ejected_until: AtomicU64,
     /// Failure ratio over the window, per mille (claim 9 input).
     pub failure_permille: AtomicU32,
+    /// Out of new-session selection until this time (balancer clock, ms)
+    /// because it answered `503` with `Retry-After`; 0: never.
+    pub overloaded_until: AtomicU64,
+    /// Overload periods so far (a `503` with `Retry-After` while not overloaded).
+    pub overloads: AtomicU64,
     /// Slow start began at this time (balancer clock, ms) + 1; 0: none.
     pub ramp_from: AtomicU64,
     /// Up at the last health round.
@@ -417,6 +422,12 @@ impl ServerStats {
         now_ms < self.ejected_until.load(Ordering::Relaxed)
     }
 
+    /// Overloaded (its own `503` with `Retry-After`) at `now_ms`.
+    #[must_use]
+    pub fn overloaded(&self, now_ms: u64) -> bool {
+        now_ms < self.overloaded_until.load(Ordering::Relaxed)
+    }
+
     /// Learned capacity, if any.
     #[must_use]
     pub fn capacity_learned(&self) -> Option<f64> {
@@ -428,6 +439,17 @@ impl ServerStats {
     #[must_use]
     pub fn ramp_from(&self) -> Option<u64> {
         self.ramp_from.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Start of the slow start in force at `now_ms`: the later of the one
+    /// the health round started and the end of the last overload period
+    /// (known to the millisecond, while the health round sees a comeback
+    /// only at its next 100 ms turn).
+    #[must_use]
+    pub fn ramp_start(&self, now_ms: u64) -> Option<u64> {
+        let overload_end =
+            Some(self.overloaded_until.load(Ordering::Relaxed)).filter(|&u| u > 0 && u <= now_ms);
+        self.ramp_from().max(overload_end)
     }
 }
 
@@ -467,6 +489,13 @@ mod tests {
         assert_eq!(st.ramp_from(), None);
         st.ramp_from.store(11, Ordering::Relaxed);
         assert_eq!(st.ramp_from(), Some(10));
+        // An overload period's end starts a ramp too, once it is over.
+        assert_eq!(st.ramp_start(50), Some(10));
+        st.overloaded_until.store(40, Ordering::Relaxed);
+        assert_eq!(st.ramp_start(39), Some(10));
+        assert_eq!(st.ramp_start(50), Some(40));
+        st.ramp_from.store(61, Ordering::Relaxed);
+        assert_eq!(st.ramp_start(70), Some(60));
     }
 
     #[test]

@@ -638,3 +638,373 @@ fn requests_over_a_limit_are_counted_by_the_limit() {
         3
     );
 }
+
+/// The server's final `code` to `req` with `extra` header lines (its Via on
+/// top, To tagged), as `ok_for` builds a 200.
+fn final_for(req: &str, server: SocketAddr, code: u16, reason: &str, extra: &str) -> String {
+    ok_for(req, server).replacen(
+        "SIP/2.0 200 OK\r\n",
+        &format!("SIP/2.0 {code} {reason}\r\n{extra}"),
+        1,
+    )
+}
+
+/// The INVITEs among `sent`, by the server they went to.
+fn invites_to(sent: &[(Dest, String)]) -> Vec<SocketAddr> {
+    sent.iter()
+        .filter_map(|(d, t)| match d {
+            Dest::Udp(a) if t.starts_with("INVITE ") => Some(*a),
+            _ => None,
+        })
+        .collect()
+}
+
+fn view_of(core: &Core, ms: u64, id: &str) -> balancer::router::ServerView {
+    core.router
+        .servers_view(core.now(ms))
+        .into_iter()
+        .find(|v| v.id == id)
+        .unwrap()
+}
+
+fn tick(core: &mut Core, ms: u64) -> Vec<(Dest, String)> {
+    core.out.clear();
+    let now = core.now(ms);
+    core.router.tick(now, &mut core.rng, &mut core.out);
+    core.out
+        .sends()
+        .map(|(d, b)| (d.clone(), String::from_utf8_lossy(b).into_owned()))
+        .collect()
+}
+
+#[test]
+fn a_503_with_retry_after_takes_the_server_out_for_that_long_then_it_ramps_back() {
+    let mut core = Core::new("overload", "");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    tick(&mut core, 0);
+    // The first call's server answers 503 Retry-After: 5.
+    let sent = core.feed(&invite("ov-0", ua, "UDP"), from, 100);
+    let (busy, req) = to_server(&sent);
+    let (busy_id, other) = if busy == addr(S1) {
+        ("s1", addr(S2))
+    } else {
+        ("s2", addr(S1))
+    };
+    let resp = final_for(&req, busy, 503, "Service Unavailable", "Retry-After: 5\r\n");
+    let sent = core.feed(&resp, Origin::Udp { peer: busy }, 200);
+    // Failover (RFC 3261 §16.7: the 503 is not passed on), and an ACK to it.
+    assert_eq!(invites_to(&sent), [other], "{sent:?}");
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Udp(busy) && t.starts_with("ACK ")),
+        "{sent:?}"
+    );
+    assert!(!sent.iter().any(|(d, _)| *d == Dest::Udp(ua)), "{sent:?}");
+    let v = view_of(&core, 200, busy_id);
+    assert!(v.overloaded, "{v:?}");
+    assert_eq!(v.state, "down");
+    assert_eq!(v.down_by.as_deref(), Some("overload"));
+    assert_eq!(v.overloads_total, 1);
+    assert_eq!(v.overloaded_until, Some(1_700_000_000_000 + 200 + 5_000));
+    // Its 5 s: every new call goes to the other server, none is refused.
+    let mut ms = 300;
+    for i in 1..=40 {
+        ms = 200 + i * 120;
+        if i % 5 == 0 {
+            tick(&mut core, ms);
+        }
+        let sent = core.feed(&invite(&format!("ov-{i}"), ua, "UDP"), from, ms);
+        assert_eq!(invites_to(&sent), [other], "call {i} at {ms} ms: {sent:?}");
+    }
+    assert!(ms < 5_200);
+    assert!(view_of(&core, 5_199, busy_id).overloaded);
+    // Over: back, with the slow start ramp from the period's very end
+    // (before the health round's next turn notices), and it takes calls again.
+    let v = view_of(&core, 5_200, busy_id);
+    assert!(!v.overloaded && v.weight_factor < 0.11, "{v:?}");
+    tick(&mut core, 5_200);
+    let v = view_of(&core, 5_200, busy_id);
+    assert!(!v.overloaded && v.state == "up", "{v:?}");
+    assert!(v.weight_factor < 0.2, "ramping from the floor: {v:?}");
+    let back = (0..10)
+        .filter(|i| {
+            let sent = core.feed(&invite(&format!("ov-back-{i}"), ua, "UDP"), from, 5_300 + i);
+            invites_to(&sent) == [busy]
+        })
+        .count();
+    assert!(back > 0, "the server takes new calls again");
+    assert_eq!(view_of(&core, 6_000, busy_id).overloads_total, 1);
+}
+
+#[test]
+fn a_503_without_retry_after_only_fails_over_and_retry_after_is_capped() {
+    let mut core = Core::new("overload-cap", "retry_after_max = \"2s\"");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let sent = core.feed(&invite("cap-0", ua, "UDP"), from, 0);
+    let (busy, req) = to_server(&sent);
+    let id = if busy == addr(S1) { "s1" } else { "s2" };
+    let sent = core.feed(
+        &final_for(&req, busy, 503, "Service Unavailable", ""),
+        Origin::Udp { peer: busy },
+        10,
+    );
+    assert_eq!(invites_to(&sent).len(), 1, "failover: {sent:?}");
+    assert_ne!(invites_to(&sent), [busy]);
+    let v = view_of(&core, 10, id);
+    assert!(!v.overloaded && v.overloads_total == 0, "{v:?}");
+    // An hour asked, two seconds given (routing.retry_after_max).
+    let sent = core.feed(&invite("cap-1", ua, "UDP"), from, 20);
+    let sent = if invites_to(&sent) == [busy] {
+        sent
+    } else {
+        core.feed(&invite("cap-2", ua, "UDP"), from, 30)
+    };
+    let (to, req) = to_server(&sent);
+    assert_eq!(to, busy);
+    core.feed(
+        &final_for(
+            &req,
+            busy,
+            503,
+            "Service Unavailable",
+            "Retry-After: 3600 (maintenance)\r\n",
+        ),
+        Origin::Udp { peer: busy },
+        40,
+    );
+    let v = view_of(&core, 40, id);
+    assert_eq!(
+        v.overloaded_until,
+        Some(1_700_000_000_000 + 40 + 2_000),
+        "{v:?}"
+    );
+    assert!(!view_of(&core, 2_040, id).overloaded);
+}
+
+#[test]
+fn an_options_probe_answered_503_marks_the_server_down_like_an_unanswered_one() {
+    let mut core = Core::new("probe-503", "");
+    // s2 probed every second; probe_failures = 2 by default.
+    let mut cfg = (*core.router.config()).clone();
+    cfg.servers[1].probe = Some(Duration::from_secs(1));
+    core.router.reload(cfg);
+    let s2 = addr(S2);
+    let probe_of = |sent: &[(Dest, String)]| {
+        sent.iter()
+            .find(|(d, t)| *d == Dest::Udp(s2) && t.starts_with("OPTIONS "))
+            .map(|(_, t)| t.clone())
+            .expect("a probe to s2")
+    };
+    let mut ms = 0;
+    // Answered 200: up.
+    for _ in 0..3 {
+        let p = probe_of(&tick(&mut core, ms));
+        core.feed(
+            &final_for(&p, s2, 200, "OK", ""),
+            Origin::Udp { peer: s2 },
+            ms + 10,
+        );
+        ms += 1_000;
+    }
+    assert_eq!(view_of(&core, ms, "s2").probe_state, "up");
+    // Answered 503 (no Retry-After): two in a row take it down.
+    for _ in 0..3 {
+        let p = probe_of(&tick(&mut core, ms));
+        core.feed(
+            &final_for(&p, s2, 503, "Service Unavailable", ""),
+            Origin::Udp { peer: s2 },
+            ms + 10,
+        );
+        ms += 1_000;
+    }
+    let v = view_of(&core, ms, "s2");
+    assert_eq!(v.probe_state, "down", "{v:?}");
+    assert_eq!(v.state, "down");
+    assert!(!v.overloaded);
+    // New calls go to s1 only.
+    let ua = addr("192.0.2.10:5070");
+    for i in 0..4 {
+        let sent = core.feed(
+            &invite(&format!("pd-{i}"), ua, "UDP"),
+            Origin::Udp { peer: ua },
+            ms + i,
+        );
+        assert_eq!(invites_to(&sent), [addr(S1)], "{sent:?}");
+    }
+    // 200s again: up after probe_successes (2).
+    for _ in 0..3 {
+        let p = probe_of(&tick(&mut core, ms));
+        core.feed(
+            &final_for(&p, s2, 200, "OK", ""),
+            Origin::Udp { peer: s2 },
+            ms + 10,
+        );
+        ms += 1_000;
+    }
+    assert_eq!(view_of(&core, ms, "s2").probe_state, "up");
+    // A probe answered 503 with Retry-After: an overload period at once.
+    let p = probe_of(&tick(&mut core, ms));
+    core.feed(
+        &final_for(&p, s2, 503, "Service Unavailable", "Retry-After: 30\r\n"),
+        Origin::Udp { peer: s2 },
+        ms + 10,
+    );
+    let v = view_of(&core, ms + 10, "s2");
+    assert!(
+        v.overloaded && v.down_by.as_deref() == Some("overload"),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_member_gone_from_dns_keeps_its_dialogs_then_leaves() {
+    use balancer::config::{DiscoverConfig, DiscoverKind, ServerConfig, Transport};
+    use balancer::discover::Target;
+    let mut core = Core::new("retire", "");
+    // Only the members found by name take calls here.
+    core.router.set_drained("s1", true);
+    core.router.set_drained("s2", true);
+    let src = DiscoverConfig {
+        source: "pool".into(),
+        name: "_sip._udp.pool.test".into(),
+        kind: DiscoverKind::Srv,
+        template: ServerConfig {
+            id: "pool".into(),
+            address: addr("0.0.0.0:0"),
+            transport: Transport::Udp,
+            agent: None,
+            capacity: None,
+            probe: None,
+            probe_failures: 2,
+            probe_successes: 2,
+            tls_name: None,
+        },
+    };
+    let (m1, m2) = (addr("127.0.0.1:5091"), addr("127.0.0.1:5092"));
+    let t = |name: &str, a| Target {
+        name: name.into(),
+        address: a,
+    };
+    let now = core.now(0);
+    core.router
+        .set_discovered(&src, &[t("m1.pool.test", m1), t("m2.pool.test", m2)], now);
+    let ids: Vec<String> = core
+        .router
+        .servers_view(now)
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "s1",
+            "s2",
+            "pool-m1-pool-test-5091",
+            "pool-m2-pool-test-5092"
+        ]
+    );
+    // A reload keeps them (and the drain state of s1, s2).
+    core.router.reload((*core.router.config()).clone());
+    assert_eq!(core.router.pool().servers.len(), 4);
+    // A call to one of them.
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let sent = core.feed(&invite("ret-1", ua, "UDP"), from, 10);
+    let (x, req) = sent
+        .iter()
+        .find_map(|(d, t)| match d {
+            Dest::Udp(a) if (*a == m1 || *a == m2) && t.starts_with("INVITE") => {
+                Some((*a, t.clone()))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("to a member: {sent:?}"));
+    let ok = ok_for(&req, x);
+    let sent = core.feed(&ok, Origin::Udp { peer: x }, 20);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Udp(ua) && t.starts_with("SIP/2.0 200"))
+    );
+    let (x_id, other, other_name) = if x == m1 {
+        ("pool-m1-pool-test-5091", m2, "m2.pool.test")
+    } else {
+        ("pool-m2-pool-test-5092", m1, "m1.pool.test")
+    };
+    // The next answer has only the other one: x retires.
+    core.router
+        .set_discovered(&src, &[t(other_name, other)], core.now(1_000));
+    assert_eq!(view_of(&core, 1_000, x_id).state, "retiring");
+    for i in 0..4 {
+        let sent = core.feed(&invite(&format!("ret-new-{i}"), ua, "UDP"), from, 1_100 + i);
+        assert_eq!(invites_to(&sent), [other], "{sent:?}");
+    }
+    // Its dialog's BYE, routed by our Record-Route token, still reaches it.
+    let rr = header_values(&ok, "record-route")[0].to_owned();
+    let bye = format!(
+        "BYE sip:bob@{x} SIP/2.0\r\nVia: SIP/2.0/UDP {ua};branch=z9hG4bKretbye;rport\r\n\
+         Max-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:alice@127.0.0.1>;tag=a-ret-1\r\n\
+         To: <sip:bob@127.0.0.1>;tag=srv\r\nCall-ID: ret-1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    let sent = core.feed(&bye, from, 2_000);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Udp(x) && t.starts_with("BYE ")),
+        "{sent:?}"
+    );
+    // After dns.retire_after (1 h) it leaves the pool.
+    tick(&mut core, 3_000_000);
+    assert!(
+        core.router
+            .servers_view(core.now(3_000_000))
+            .iter()
+            .any(|v| v.id == x_id)
+    );
+    tick(&mut core, 3_602_000);
+    assert!(
+        !core
+            .router
+            .servers_view(core.now(3_602_000))
+            .iter()
+            .any(|v| v.id == x_id)
+    );
+    let other_id = if x == m1 {
+        "pool-m2-pool-test-5092"
+    } else {
+        "pool-m1-pool-test-5091"
+    };
+    assert_eq!(view_of(&core, 3_602_000, other_id).state, "up");
+}
+
+#[test]
+fn with_every_server_overloaded_our_503_says_when_the_first_is_back() {
+    let mut core = Core::new("overload-all", "");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    // Each server answers a call 503 Retry-After (30 s, 90 s).
+    for (i, secs) in [(0, 30), (1, 90)] {
+        let sent = core.feed(&invite(&format!("all-{i}"), ua, "UDP"), from, i * 10);
+        let (server, req) = to_server(&sent);
+        core.feed(
+            &final_for(
+                &req,
+                server,
+                503,
+                "Service Unavailable",
+                &format!("Retry-After: {secs}\r\n"),
+            ),
+            Origin::Udp { peer: server },
+            i * 10 + 1,
+        );
+    }
+    let overloaded = core.router.servers_view(core.now(100));
+    assert!(overloaded.iter().all(|v| v.overloaded), "{overloaded:?}");
+    // A new call: no server; our 503 asks to wait until the first is back.
+    let sent = core.feed(&invite("all-late", ua, "UDP"), from, 1_000);
+    let ours = sent
+        .iter()
+        .find(|(d, t)| *d == Dest::Udp(ua) && status(t) == Some(503))
+        .unwrap_or_else(|| panic!("our 503: {sent:?}"));
+    assert_eq!(header_values(&ours.1, "retry-after"), ["30"], "{}", ours.1);
+}

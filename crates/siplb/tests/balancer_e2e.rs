@@ -354,6 +354,29 @@ impl Net {
         bound(p, &format!("sipp uas {}", i + 1), &[(false, port)], &log)
     }
 
+    /// SIPp with scenario `xml` (a path from the repository's root) as
+    /// server `i`, its `<log>` actions written to `logs`.
+    fn sipp_scenario(&self, i: usize, xml: &str, logs: &Path) -> Result<Proc, String> {
+        let port = self.servers[i];
+        let log = self.dir.join(format!("uas{}.log", i + 1));
+        let p = Proc(
+            Command::new("sipp")
+                .arg("-sf")
+                .arg(root().join(xml))
+                .args(["-i", &self.ip.to_string()])
+                .args(["-p", &port.to_string(), "-nostdin", "-timeout", "120"])
+                .arg("-trace_logs")
+                .arg("-log_file")
+                .arg(logs)
+                .current_dir(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(log_file(&log))
+                .spawn()
+                .expect("sipp (Debian package sip-tester)"),
+        );
+        bound(p, &format!("sipp {xml} {}", i + 1), &[(false, port)], &log)
+    }
+
     /// A responder written here as server `i` (0: s1, 1: s2).
     fn responder(&self, i: usize, register_reply: &'static str) -> Result<Responder, String> {
         let at = self.server_addr(i);
@@ -1562,4 +1585,164 @@ Contact: <sip:ua@127.0.0.1:{p}>\r\nContent-Length: 0\r\n\r\n",
         r1.count("CANCEL rings-for-ever") + r2.count("CANCEL rings-for-ever"),
         1
     );
+}
+
+/// One whole call from `ua` through the balancer (INVITE, its 200, ACK,
+/// BYE and its 200): the SIP port of the server that answered it, from the
+/// Contact of its 200 (written by the server itself).
+fn whole_call(ua: &Ua, call_id: &str) -> Result<u16, String> {
+    let mut buf = vec![0u8; 65536];
+    let final_of = |want: &str, buf: &mut [u8]| -> Result<String, String> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if let Ok((n, _)) = ua.sock.recv_from(buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let code = status_of(&buf[..n]);
+                if code >= 200 && text.contains(want) && text.contains(call_id) {
+                    return Ok(text);
+                }
+            }
+        }
+        Err(format!("{call_id}: no final response to {want} within 3 s"))
+    };
+    ua.send("INVITE", call_id, None, "");
+    let ok = final_of(" INVITE\r\n", &mut buf)?;
+    if status_of(ok.as_bytes()) != 200 {
+        return Err(format!("{call_id} failed: {ok}"));
+    }
+    let header = |name: &str| {
+        ok.split("\r\n")
+            .find(|l| l.to_ascii_lowercase().starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let tag = header("to:")
+        .split(";tag=")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let port = header("contact:")
+        .split("sip:")
+        .nth(1)
+        .and_then(|h| h.split([';', '>']).next())
+        .and_then(|h| h.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("{call_id}: no Contact port in {ok}"))?;
+    ua.send("ACK", call_id, Some(&tag), "");
+    ua.send("BYE", call_id, Some(&tag), "");
+    final_of(" BYE\r\n", &mut buf)?;
+    Ok(port)
+}
+
+#[test]
+fn a_503_with_retry_after_keeps_new_calls_away_for_that_long_then_they_ramp_back() {
+    let _heavy = heavy();
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    // s1: a SIPp server that answers its first INVITE 503 Retry-After: 5 and
+    // later ones 200 (bench/sipp/uas_overloaded_once.xml), logging each
+    // INVITE it gets; s2: SIPp's built-in UAS.
+    let logs = std::env::temp_dir().join(format!("siplb-e2e-overload-{}.log", std::process::id()));
+    let (net, (_a1, _a2, _u1, _u2, _lb)) = setup("overload", false, &[], |n| {
+        let _ = std::fs::remove_file(&logs);
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.sipp_scenario(0, "bench/sipp/uas_overloaded_once.xml", &logs)?,
+            n.uas(1)?,
+            n.balancer()?,
+        ))
+    });
+    let invites_at_s1 = || {
+        std::fs::read_to_string(&logs)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("INVITE call "))
+            .count()
+    };
+    net.both_up();
+    let (s1, s2) = (net.servers[0], net.servers[1]);
+    let ua = Ua::new(&net);
+    // Calls until one is drawn for s1: its 503 moves that call to s2 (the
+    // UA never sees the 503) and starts s1's 5 s.
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let mut n = 0;
+    let mut sent_at = wall();
+    while net.server_field("s1", "overloaded") != true {
+        assert!(n < 40, "no call reached s1 in 40");
+        sent_at = wall();
+        assert_eq!(whole_call(&ua, &format!("ov-{n}")), Ok(s2), "call {n}");
+        n += 1;
+    }
+    let seen_at = wall();
+    assert_eq!(invites_at_s1(), 1);
+    assert_eq!(net.server_field("s1", "down_by"), "overload");
+    assert_eq!(net.server_field("s1", "overloads_total"), 1);
+    let until = net.server_field("s1", "overloaded_until").as_u64().unwrap();
+    // 5 s from the 503, which came between the call's start and now.
+    assert!(
+        (sent_at + 5_000..=seen_at + 5_005).contains(&until),
+        "until {until}: the 503 came between {sent_at} and {seen_at}"
+    );
+    let metrics = net.http("GET", "/metrics", "").1;
+    assert!(
+        metrics.contains("siplb_overloaded{server=\"s1\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("siplb_overloads_total{server=\"s1\"} 1"));
+    assert!(metrics.contains("siplb_down_by{server=\"s1\",signal=\"overload\"} 1"));
+    // During those 5 s: every call whole, on s2; s1 gets no INVITE (one per
+    // call would be a retry storm).
+    let selected = net.server_field("s1", "selected_total");
+    let mut during = 0;
+    while wall() + 300 < until && during < 100 {
+        assert_eq!(whole_call(&ua, &format!("ov-during-{during}")), Ok(s2));
+        during += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(during >= 10, "calls during the overload: {during}");
+    assert_eq!(invites_at_s1(), 1, "no INVITE reached s1 while it said 503");
+    assert_eq!(net.server_field("s1", "selected_total"), selected);
+    // After them: s1 back, ramping up from the slow start floor.
+    wait(Duration::from_secs(3), "s1 back", || {
+        net.server_field("s1", "state") == "up"
+    });
+    assert_eq!(net.server_field("s1", "overloaded"), false);
+    assert!(net.server_field("s1", "overloaded_until").is_null());
+    let factor = net.server_field("s1", "weight_factor").as_f64().unwrap();
+    assert!(factor < 0.5, "slow start: weight factor {factor}");
+    let (mut at_s1, mut at_s2) = (0, 0);
+    for i in 0..60 {
+        match whole_call(&ua, &format!("ov-after-{i}")) {
+            Ok(p) if p == s1 => at_s1 += 1,
+            Ok(p) if p == s2 => at_s2 += 1,
+            other => panic!("call {i} after: {other:?}"),
+        }
+        if at_s1 >= 2 && i >= 20 {
+            break;
+        }
+    }
+    assert!(
+        at_s1 >= 1,
+        "s1 takes calls again: {at_s1} of {}",
+        at_s1 + at_s2
+    );
+    assert!(
+        at_s1 < at_s2,
+        "ramping, not at once a full share: s1 {at_s1}, s2 {at_s2}"
+    );
+    assert_eq!(
+        invites_at_s1(),
+        1 + at_s1,
+        "every INVITE s1 got was a call it answered"
+    );
+    assert_eq!(net.server_field("s1", "overloads_total"), 1);
+    let _ = std::fs::remove_file(&logs);
 }

@@ -254,6 +254,8 @@ pub fn loopback_config(
         trying_after: Duration::from_millis(200),
         max_attempts: 3,
         failover_statuses: vec![500, 503],
+        retry_after_max: Duration::from_secs(300),
+        probe_down_statuses: vec![503],
         health: Health::Both,
         legacy_sb: false,
         outlier: balancer::outlier::OutlierConfig::default(),
@@ -269,6 +271,8 @@ pub fn loopback_config(
             ..balancer::config::LimitsConfig::default()
         },
         servers,
+        dns: balancer::config::DnsConfig::default(),
+        discover: Vec::new(),
     }
 }
 

@@ -5,8 +5,11 @@
 mod admin;
 mod limits;
 
+mod dns;
+
 pub use admin::{AdminConfig, AdminToken, MIN_TOKEN_LEN};
 use admin::{AdminSection, admin_config};
+pub use dns::{DiscoverConfig, DiscoverKind, DnsConfig, host_port};
 pub use limits::{LimitsConfig, OverLimit};
 use limits::{LimitsSection, limits_config};
 
@@ -214,6 +217,8 @@ struct RoutingSection {
     trying_after: String,
     max_attempts: u8,
     failover_statuses: Vec<u16>,
+    retry_after_max: String,
+    probe_down_statuses: Vec<u16>,
     health: Health,
     legacy_sb: bool,
     outlier_failures: u32,
@@ -244,6 +249,8 @@ impl Default for RoutingSection {
             trying_after: "200ms".into(),
             max_attempts: 3,
             failover_statuses: vec![500, 503],
+            retry_after_max: "300s".into(),
+            probe_down_statuses: vec![503],
             health: Health::Both,
             legacy_sb: false,
             outlier_failures: 3,
@@ -285,7 +292,7 @@ impl Default for PerfSection {
 #[serde(deny_unknown_fields)]
 struct ServerSection {
     id: String,
-    address: SocketAddr,
+    address: String,
     #[serde(default = "udp")]
     transport: Transport,
     agent: Option<String>,
@@ -335,6 +342,10 @@ struct FileConfig {
     limits: LimitsSection,
     #[serde(default)]
     servers: Vec<ServerSection>,
+    #[serde(default)]
+    dns: dns::DnsSection,
+    #[serde(default)]
+    discover: Vec<dns::DiscoverSection>,
 }
 
 /// One SIP server of the pool.
@@ -435,6 +446,11 @@ pub struct Config {
     pub max_attempts: u8,
     /// Final responses that make us try another server.
     pub failover_statuses: Vec<u16>,
+    /// Longest overload period a server's `503` with `Retry-After` takes
+    /// it out of new-session selection for; zero: `Retry-After` ignored.
+    pub retry_after_max: Duration,
+    /// Statuses of an answer to an OPTIONS probe that count as a failed probe.
+    pub probe_down_statuses: Vec<u16>,
     /// Which signals decide up/down.
     pub health: Health,
     /// Outlier ejection, failure window and slow start.
@@ -456,8 +472,12 @@ pub struct Config {
     pub legacy_sb: bool,
     /// Per-source limits.
     pub limits: LimitsConfig,
-    /// The pool.
+    /// The pool (the servers given by address).
     pub servers: Vec<ServerConfig>,
+    /// How names are resolved (`[dns]`).
+    pub dns: DnsConfig,
+    /// Servers found by name: `[[discover]]`, and `[[servers]]` written `host:port`.
+    pub discover: Vec<DiscoverConfig>,
 }
 
 fn duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -682,6 +702,20 @@ impl Config {
                 format!("{c} is not a final failure status (300-699)"),
             );
         }
+        if let Some(c) = r
+            .probe_down_statuses
+            .iter()
+            .find(|c| !(200..700).contains(*c))
+        {
+            return err(
+                "routing.probe_down_statuses",
+                format!("{c} is not a final status (200-699)"),
+            );
+        }
+        let retry_after_max = duration("routing.retry_after_max", &r.retry_after_max)?;
+        if retry_after_max > Duration::from_secs(86_400) {
+            return err("routing.retry_after_max", "at most 24h");
+        }
 
         let invite_timeout = duration("routing.invite_timeout", &r.invite_timeout)?;
         if invite_timeout < Duration::from_secs(1) {
@@ -758,6 +792,8 @@ impl Config {
         })?;
 
         let mut servers = Vec::with_capacity(f.servers.len());
+        let mut named: Vec<DiscoverConfig> = Vec::new();
+        let mut ids: Vec<String> = Vec::new();
         for (i, sv) in f.servers.iter().enumerate() {
             let field = |name: &str| format!("servers[{i}].{name}");
             if sv.id.is_empty()
@@ -768,9 +804,25 @@ impl Config {
             {
                 return err(field("id"), "letters, digits, '-' and '_' only, not empty");
             }
-            if servers.iter().any(|s: &ServerConfig| s.id == sv.id) {
+            if ids.contains(&sv.id) {
                 return err(field("id"), format!("'{}' is used twice", sv.id));
             }
+            ids.push(sv.id.clone());
+            let (address, name) = match sv.address.parse::<SocketAddr>() {
+                Ok(a) => (a, None),
+                Err(_) => match host_port(&sv.address) {
+                    Some((host, port)) => (
+                        SocketAddr::from(([0, 0, 0, 0], port)),
+                        Some((host.to_owned(), port)),
+                    ),
+                    None => {
+                        return err(
+                            field("address"),
+                            format!("'{}' is neither IP:port nor host:port", sv.address),
+                        );
+                    }
+                },
+            };
             let agent = sv.agent.clone();
             if agent.is_none() && crate::policy::needs_agents(&r.policy) {
                 return err(
@@ -825,9 +877,9 @@ impl Config {
                     "probe_failures and probe_successes must be at least 1",
                 );
             }
-            servers.push(ServerConfig {
+            let server = ServerConfig {
                 id: sv.id.clone(),
-                address: sv.address,
+                address,
                 transport: sv.transport,
                 agent,
                 capacity: sv.capacity,
@@ -835,14 +887,26 @@ impl Config {
                 probe_failures: sv.probe_failures,
                 probe_successes: sv.probe_successes,
                 tls_name: sv.tls_name.clone(),
-            });
+            };
+            match name {
+                None => servers.push(server),
+                Some((host, port)) => named.push(DiscoverConfig {
+                    source: sv.id.clone(),
+                    name: host,
+                    kind: DiscoverKind::Server(port),
+                    template: server,
+                }),
+            }
         }
-        if servers.is_empty() {
-            return err("servers", "at least one [[servers]] entry");
+        let dns = dns::dns_config(&f.dns)?;
+        let mut discover = named;
+        discover.extend(dns::discover_configs(&f.discover, &r.policy, &ids)?);
+        if servers.is_empty() && discover.is_empty() {
+            return err("servers", "at least one [[servers]] or [[discover]] entry");
         }
         if r.register == RegisterMode::Registrar {
             match &r.registrar {
-                Some(id) if servers.iter().any(|s| &s.id == id) => {}
+                Some(id) if ids.contains(id) => {}
                 Some(id) => return err("routing.registrar", format!("'{id}' is not a server id")),
                 None => {
                     return err(
@@ -889,6 +953,8 @@ impl Config {
             trying_after,
             max_attempts: r.max_attempts,
             failover_statuses: r.failover_statuses,
+            retry_after_max,
+            probe_down_statuses: r.probe_down_statuses,
             health: r.health,
             legacy_sb: r.legacy_sb,
             outlier,
@@ -900,6 +966,8 @@ impl Config {
             admin,
             limits,
             servers,
+            dns,
+            discover,
         })
     }
 

@@ -191,7 +191,7 @@ fn errors_name_the_field() {
     let cases = [
         (
             GOOD.replace("address = \"127.0.0.1:5082\"", "address = \"nowhere\""),
-            "config",
+            "servers[1].address",
         ),
         (
             GOOD.replace("secret = \"0123456789abcdef0123\"", "secret = \"short\""),
@@ -256,4 +256,96 @@ fn errors_name_the_field() {
         e.reason.contains("bogus") && e.reason.contains("line"),
         "{e}"
     );
+}
+
+#[test]
+fn overload_signals_have_defaults_and_checked_fields() {
+    let c = Config::parse(GOOD, &base()).unwrap();
+    assert_eq!(c.retry_after_max, Duration::from_secs(300));
+    assert_eq!(c.probe_down_statuses, [503]);
+    let with = |line: &str| {
+        Config::parse(
+            &GOOD.replace("[routing]", &format!("[routing]\n{line}")),
+            &base(),
+        )
+    };
+    let c = with("retry_after_max = \"0s\"\nprobe_down_statuses = [503, 500]").unwrap();
+    assert_eq!(c.retry_after_max, Duration::ZERO);
+    assert_eq!(c.probe_down_statuses, [503, 500]);
+    for (line, field) in [
+        ("probe_down_statuses = [180]", "routing.probe_down_statuses"),
+        ("retry_after_max = \"soon\"", "routing.retry_after_max"),
+        ("retry_after_max = \"25h\"", "routing.retry_after_max"),
+    ] {
+        assert_eq!(with(line).unwrap_err().field, field, "{line}");
+    }
+}
+
+#[test]
+fn servers_by_name_and_discover_entries() {
+    // A server written host:port is followed in DNS under its own id.
+    let text = GOOD.replace(
+        "address = \"127.0.0.1:5082\"",
+        "address = \"sip2.example.test:5082\"",
+    );
+    let c = Config::parse(&text, &base()).unwrap();
+    assert_eq!(c.servers.len(), 1);
+    assert_eq!(c.discover.len(), 1);
+    assert_eq!(c.discover[0].source, "s2");
+    assert_eq!(c.discover[0].name, "sip2.example.test");
+    assert_eq!(c.discover[0].kind, DiscoverKind::Server(5082));
+    assert_eq!(
+        c.discover[0].template.agent.as_deref(),
+        Some("127.0.0.1:7072")
+    );
+    assert_eq!(c.dns, DnsConfig::default());
+    // [[discover]]: SRV and A/AAAA names, with an agentless policy.
+    let agentless = GOOD.replace("[routing]", "[routing]\npolicy = \"round-robin\"");
+    let text = format!(
+        "{agentless}\n[dns]\nnameservers = [\"127.0.0.1:5353\"]\nmin_ttl = \"1s\"\n\
+         [[discover]]\nid = \"pool\"\nname = \"_sip._udp.example.test\"\n\
+         [[discover]]\nid = \"k8s\"\nname = \"sip.default.svc.cluster.local\"\nport = 5080\ntransport = \"tcp\"\n"
+    );
+    let c = Config::parse(&text, &base()).unwrap();
+    assert_eq!(c.dns.nameservers, ["127.0.0.1:5353".parse().unwrap()]);
+    assert_eq!(c.dns.min_ttl, Duration::from_secs(1));
+    assert_eq!(c.discover[0].kind, DiscoverKind::Srv);
+    assert_eq!(c.discover[1].kind, DiscoverKind::Addresses(5080));
+    assert_eq!(c.discover[1].template.transport, Transport::Tcp);
+    // Only discover entries: a pool all the same.
+    let only = "[routing]\nsecret = \"0123456789abcdef0123\"\npolicy = \"p2c\"\n\
+                [perf]\nkey_file = \"agent.key\"\n\
+                [[discover]]\nid = \"pool\"\nname = \"_sip._udp.example.test\"\n";
+    assert!(Config::parse(only, &base()).unwrap().servers.is_empty());
+    for (edit, field) in [
+        (
+            "[[discover]]\nid = \"s1\"\nname = \"a.test\"",
+            "discover[0].id",
+        ),
+        (
+            "[[discover]]\nid = \"p\"\nname = \"not a name\"",
+            "discover[0].name",
+        ),
+        (
+            "[[discover]]\nid = \"p\"\nname = \"_sip._udp.a.test\"\nport = 5060",
+            "discover[0].port",
+        ),
+        (
+            "[[discover]]\nid = \"p\"\nname = \"a.test\"\ntransport = \"ws\"",
+            "discover[0].transport",
+        ),
+        ("[dns]\nmin_ttl = \"10ms\"", "dns.min_ttl"),
+        ("[dns]\nmax_ttl = \"2s\"", "dns.max_ttl"),
+        ("[dns]\nnameservers = [\"localhost\"]", "config"),
+    ] {
+        let e = Config::parse(&format!("{agentless}\n{edit}\n"), &base()).unwrap_err();
+        assert_eq!(e.field, field, "{edit}: {e}");
+    }
+    // Members have no agent: a policy that needs one is refused.
+    let e = Config::parse(
+        &format!("{GOOD}\n[[discover]]\nid = \"p\"\nname = \"a.test\"\n"),
+        &base(),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "discover[0].name");
 }

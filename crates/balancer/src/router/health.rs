@@ -36,10 +36,10 @@ pub(super) fn input_of(
         tokio::time::Instant::from_std(now),
         cfg.stale_after,
     );
-    if input == Input::Drained {
-        return input;
+    if input == Input::Drained || s.retiring {
+        return Input::Drained;
     }
-    if s.stats.ejected(now_ms) {
+    if s.stats.ejected(now_ms) || s.stats.overloaded(now_ms) {
         return Input::Down;
     }
     let input = match input {
@@ -77,7 +77,7 @@ pub(super) fn facts_of(
         .map(|(s, &cap)| {
             let mut f = Facts {
                 outstanding: s.stats.outstanding(),
-                ramp: outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
+                ramp: outlier::ramp(now_ms, s.stats.ramp_start(now_ms), &cfg.outlier),
                 capacity: Some(cap),
                 ..Facts::default()
             };
@@ -144,6 +144,43 @@ impl Router {
         }
     }
 
+    /// A server's `503` (to a request of ours, or to a probe) at `now`: with
+    /// `Retry-After: N` it says it is overloaded, and takes no new session
+    /// for N seconds (at most `routing.retry_after_max`; RFC 3261 §21.5.4).
+    /// In-dialog requests still reach it. Returns whether a new overload
+    /// period began.
+    pub(super) fn note_overload(
+        &self,
+        cfg: &Config,
+        s: &Server,
+        msg: &sip::Message<'_>,
+        now: Now,
+    ) -> bool {
+        if msg.status() != Some(503) {
+            return false;
+        }
+        let now_ms = self.ms(now);
+        let Some(until) = msg
+            .header(sip::HeaderName::RetryAfter)
+            .and_then(|h| outlier::retry_after_secs(h.value))
+            .and_then(|secs| outlier::overload_until(now_ms, secs, cfg.retry_after_max))
+        else {
+            return false;
+        };
+        let before = s.stats.overloaded_until.fetch_max(until, Ordering::Relaxed);
+        if before > now_ms {
+            // Already in a period (a later Retry-After may extend it).
+            return false;
+        }
+        s.stats.overloads.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            server = %s.id,
+            for_ms = until - now_ms,
+            "overloaded: 503 with Retry-After, no new sessions until then"
+        );
+        true
+    }
+
     /// One health round: refreshes the failure ratios, starts the slow start
     /// of every server that came back, and moves the calls that ring on a
     /// server that stopped answering SIP.
@@ -180,7 +217,15 @@ impl Router {
             // The first time up (balancer start) is no comeback: every
             // server would ramp alike.
             if up && !was && s.stats.ever_available.swap(true, Ordering::Relaxed) {
-                s.stats.ramp_from.store(now_ms + 1, Ordering::Relaxed);
+                // Back from an overload period: the ramp began at its end
+                // (`ServerStats::ramp_start`), not at this turn.
+                let until = s.stats.overloaded_until.load(Ordering::Relaxed);
+                let from = if until > 0 && until <= now_ms && now_ms - until < 1000 {
+                    until
+                } else {
+                    now_ms
+                };
+                s.stats.ramp_from.store(from + 1, Ordering::Relaxed);
                 if !cfg.outlier.slow_start.is_zero() {
                     info!(server = %s.id, over_ms = cfg.outlier.slow_start.as_millis() as u64, "back: slow start");
                 }

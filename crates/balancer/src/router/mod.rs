@@ -191,6 +191,22 @@ pub struct Router {
     /// The connections user agents have open to us (RFC 5626 flows), by id:
     /// a request for a flow that is not here gets 430 Flow Failed.
     flows: papaya::HashMap<ConnId, FlowInfo>,
+    /// Members found by name, per source (`[[discover]]` id, or the id of
+    /// a server written `host:port`), and what its resolutions did.
+    discovered: Mutex<std::collections::BTreeMap<String, Source>>,
+}
+
+/// One name followed in DNS, as the core keeps it.
+#[derive(Debug, Default, Clone)]
+pub struct Source {
+    /// Its members (retiring ones included).
+    pub members: Vec<crate::discover::Member>,
+    /// Answers taken.
+    pub answers: u64,
+    /// Resolutions that failed (the last answer stayed).
+    pub failures: u64,
+    /// The last failure, when the last resolution failed.
+    pub error: Option<String>,
 }
 
 impl std::fmt::Debug for Router {
@@ -236,6 +252,7 @@ impl Router {
             last_sweep: AtomicU64::new(0),
             limiter: ArcSwap::from_pointee(limiter),
             flows: papaya::HashMap::new(),
+            discovered: Mutex::new(std::collections::BTreeMap::new()),
             cfg: ArcSwap::from_pointee(cfg),
         })
     }
@@ -271,9 +288,18 @@ impl Router {
             warn!("routing.secret changed: takes effect at the next restart");
             new.secret.clone_from(&cur.secret);
         }
+        if new.discover != cur.discover || new.dns != cur.dns {
+            warn!(
+                "[[discover]], [dns] or a server written host:port changed: takes effect at the next restart"
+            );
+            new.discover.clone_from(&cur.discover);
+            new.dns.clone_from(&cur.dns);
+        }
         if let Err(e) = self.scoring.set(new.scoring) {
             warn!(error = %e, "scoring not changed");
         }
+        // Before the policy check (it reads the pool), and again once the
+        // configuration is stored (a DNS answer in between read the old one).
         self.apply_servers(&new.servers);
         if new.limits != self.limiter.load().cfg {
             self.limiter.store(Arc::new(crate::limits::Limiter::new(
@@ -288,13 +314,108 @@ impl Router {
         }
         info!(servers = new.servers.len(), "configuration reloaded");
         self.cfg.store(Arc::new(new));
+        self.rebuild_pool();
+    }
+
+    /// Rebuilds the pool from the configuration in force and the members
+    /// found by name ([`Router::apply_servers`]).
+    fn rebuild_pool(&self) {
+        let d = self.discovered_lock();
+        // Read under the lock: of two rebuilds at once (a reload, a DNS
+        // answer), the later one has the later configuration.
+        let cfg = self.cfg.load_full();
+        self.build_pool(&d, &cfg.servers);
     }
 
     /// Replaces the pool: servers are kept by id with their counters and drain
     /// state; new ids start fresh; removed ids go (their sessions idle out).
+    /// The members found by name are added after `servers`.
     pub fn apply_servers(&self, servers: &[crate::config::ServerConfig]) {
+        let d = self.discovered_lock();
+        self.build_pool(&d, servers);
+    }
+
+    fn build_pool(
+        &self,
+        d: &std::collections::BTreeMap<String, Source>,
+        servers: &[crate::config::ServerConfig],
+    ) {
         let old = self.pool.load_full();
-        self.pool.store(Arc::new(Pool::build(servers, &old)));
+        let named = d.iter().flat_map(|(k, src)| {
+            src.members
+                .iter()
+                .map(move |m| (&m.cfg, m.gone_since.is_some(), Some(k.as_str())))
+        });
+        let all = servers.iter().map(|c| (c, false, None)).chain(named);
+        self.pool.store(Arc::new(Pool::build_with(all, &old)));
+    }
+
+    fn discovered_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Source>> {
+        self.discovered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A DNS answer for `src` at `now` (from the shell): its members join,
+    /// follow, or retire ([`crate::discover::merge`]), and the pool is
+    /// rebuilt with the same rules as a reload.
+    pub fn set_discovered(
+        &self,
+        src: &crate::config::DiscoverConfig,
+        targets: &[crate::discover::Target],
+        now: Now,
+    ) {
+        let ms = self.ms(now);
+        {
+            let mut d = self.discovered_lock();
+            let e = d.entry(src.source.clone()).or_default();
+            let next = crate::discover::merge(src, &e.members, targets, ms);
+            if next != e.members {
+                let live = next.iter().filter(|m| m.gone_since.is_none()).count();
+                info!(source = %src.source, name = %src.name, members = live, retiring = next.len() - live, "DNS: members changed");
+            }
+            e.members = next;
+            e.answers += 1;
+            e.error = None;
+        }
+        self.rebuild_pool();
+    }
+
+    /// A resolution of `source` failed: its members stay as they are.
+    pub fn discovery_failed(&self, source: &str, error: String) {
+        let mut d = self.discovered_lock();
+        let e = d.entry(source.to_owned()).or_default();
+        e.failures += 1;
+        e.error = Some(error);
+    }
+
+    /// What each followed name's resolutions did, by source.
+    #[must_use]
+    pub fn sources(&self) -> Vec<(String, Source)> {
+        self.discovered_lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Members retired for `dns.retire_after` leave the pool.
+    fn sweep_retired(&self, cfg: &Config, now: Now) {
+        let ms = self.ms(now);
+        let after = cfg.dns.retire_after.as_millis() as u64;
+        let changed = {
+            let mut d = self.discovered_lock();
+            let mut changed = false;
+            for src in d.values_mut() {
+                changed |= crate::discover::sweep(&mut src.members, ms, after);
+            }
+            changed
+        };
+        if changed {
+            info!("DNS: retired members left the pool");
+            self.rebuild_pool();
+        }
     }
 
     /// The routing policy in force.
@@ -512,6 +633,7 @@ impl Router {
         {
             self.txn_round(now, rng, out);
             self.sweep(now);
+            self.sweep_retired(&self.cfg.load(), now);
         }
     }
 

@@ -519,11 +519,27 @@ impl Router {
             if cfg.on_no_server == OnNoServer::Drop {
                 self.drop_counted(DropReason::NoServer, out);
             } else {
-                let ra = format!("Retry-After: {}", cfg.retry_after);
+                let ra = format!("Retry-After: {}", self.retry_after(cfg, pool, now));
                 self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
             }
         }
         s
+    }
+
+    /// Seconds in the `Retry-After` of our 503 when no server may take a
+    /// new session: `routing.retry_after`, or longer when servers said
+    /// they are overloaded for longer (until the first of them is back):
+    /// the UAs do not come back while every server still refuses.
+    fn retry_after(&self, cfg: &Config, pool: &Pool, now: Now) -> u64 {
+        let ms = self.ms(now);
+        let back = pool
+            .servers
+            .iter()
+            .filter(|s| s.stats.overloaded(ms))
+            .map(|s| s.stats.overloaded_until.load(Ordering::Relaxed) - ms)
+            .min();
+        let configured = u64::from(cfg.retry_after);
+        back.map_or(configured, |b| configured.max(b.div_ceil(1000)))
     }
 
     /// The first request of a new session (or its retransmission, or the

@@ -57,11 +57,18 @@ impl Router {
         }
         match branch.leg {
             Leg::Probe => {
-                // The answer to one of our OPTIONS probes: any status means
-                // alive (from the server it went to, with our MAC).
+                // The answer to one of our OPTIONS probes (from the server
+                // it went to, with our MAC): alive, unless its status is
+                // one of `probe_down_statuses` (the server says it takes
+                // nothing: a failed probe); a 503 with Retry-After starts
+                // an overload period too.
                 if let Some(s) = self.pool.load().by_addr(origin.peer())
                     && self.sealed_for(&branch, &Dest::Udp(s.cfg.address))
                 {
+                    self.note_overload(cfg, s, msg, now);
+                    if code >= 200 && cfg.probe_down_statuses.contains(&code) {
+                        return;
+                    }
                     s.stats
                         .probe_answered
                         .fetch_max(branch.txn, Ordering::Relaxed);

@@ -66,7 +66,9 @@ impl Router {
                     address: s.cfg.address.to_string(),
                     transport: s.cfg.transport.via_name().to_ascii_lowercase(),
                     agent: s.cfg.agent.clone(),
+                    source: s.source.as_deref().map(str::to_owned),
                     state: match input {
+                        Input::Drained if s.retiring => "retiring",
                         Input::Drained => "drained",
                         Input::Up(_) => "up",
                         // No agent by design (round-robin, p2c, static):
@@ -112,11 +114,16 @@ impl Router {
                             && s.stats.probe_down.load(Ordering::Relaxed)
                             && cfg.health != Health::Agent;
                         let outlier = s.stats.ejected(now_ms);
-                        let by: Vec<&str> =
-                            [(agent, "agent"), (probe, "probe"), (outlier, "outlier")]
-                                .into_iter()
-                                .filter_map(|(on, name)| on.then_some(name))
-                                .collect();
+                        let overload = s.stats.overloaded(now_ms);
+                        let by: Vec<&str> = [
+                            (agent, "agent"),
+                            (probe, "probe"),
+                            (outlier, "outlier"),
+                            (overload, "overload"),
+                        ]
+                        .into_iter()
+                        .filter_map(|(on, name)| on.then_some(name))
+                        .collect();
                         (!by.is_empty()).then(|| by.join("+"))
                     },
                     failure_ratio: f64::from(s.stats.failure_permille.load(Ordering::Relaxed))
@@ -128,7 +135,20 @@ impl Router {
                         .load(Ordering::Relaxed)
                         .saturating_sub(now_ms),
                     ejections_total: s.stats.tracker.lock().map_or(0, |t| t.ejections),
-                    weight_factor: crate::outlier::ramp(now_ms, s.stats.ramp_from(), &cfg.outlier),
+                    overloaded: s.stats.overloaded(now_ms),
+                    overloaded_until: s.stats.overloaded(now_ms).then(|| {
+                        now.wall_ms
+                            + s.stats
+                                .overloaded_until
+                                .load(Ordering::Relaxed)
+                                .saturating_sub(now_ms)
+                    }),
+                    overloads_total: s.stats.overloads.load(Ordering::Relaxed),
+                    weight_factor: crate::outlier::ramp(
+                        now_ms,
+                        s.stats.ramp_start(now_ms),
+                        &cfg.outlier,
+                    ),
                     capacity: caps[k],
                     policy_weight: (weighted && total > 0.0).then(|| weights[k] / total),
                     capacity_source: if s.cfg.capacity.is_some() {
@@ -157,7 +177,11 @@ pub struct ServerView {
     pub transport: String,
     /// Agent address, if it has one.
     pub agent: Option<String>,
-    /// `up`, `down` or `drained`.
+    /// The `[[discover]]` id (or, for a server written `host:port`, its
+    /// own id) whose DNS answer gave it; `None` for a server given by address.
+    pub source: Option<String>,
+    /// `up`, `down`, `drained`, or `retiring` (gone from its DNS answer:
+    /// no new session, its dialogs still reach it).
     pub state: String,
     /// What the agent connection says: `up`, `down`, `connecting`.
     pub agent_state: String,
@@ -182,7 +206,7 @@ pub struct ServerView {
     /// OPTIONS probing: `off`, `up` or `down`.
     pub probe_state: String,
     /// Which signals say the server is down, when one does: `agent`,
-    /// `probe`, `outlier`, joined by `+`.
+    /// `probe`, `outlier`, `overload`, joined by `+`.
     pub down_by: Option<String>,
     /// Failed new-session attempts / attempts over the failure window.
     pub failure_ratio: f64,
@@ -192,6 +216,12 @@ pub struct ServerView {
     pub ejected_for_ms: u64,
     /// Ejections so far.
     pub ejections_total: u64,
+    /// Out of new-session selection now: it answered `503` with `Retry-After`.
+    pub overloaded: bool,
+    /// End of that overload period, Unix time in ms (`None` when not overloaded).
+    pub overloaded_until: Option<u64>,
+    /// Overload periods so far.
+    pub overloads_total: u64,
     /// Slow start factor of the weight, `slow_start_floor..=1` (1: full weight).
     pub weight_factor: f64,
     /// The share of new sessions the policy in force gives this server now,

@@ -468,6 +468,11 @@ impl Router {
         }
         let pool = self.pool.load();
         let server = pool.by_id(&t.tries[i].server).cloned();
+        if code == 503
+            && let Some(s) = &server
+        {
+            self.note_overload(cfg, s, msg, now);
+        }
         if first_answer
             && !(code >= 200 && fails_over_on(cfg, t.invite, code))
             && let Some(s) = &server
