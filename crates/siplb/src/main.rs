@@ -81,10 +81,20 @@ enum Command {
     },
     /// Run the load balancer: the SIP outbound proxy for a pool of SIP servers,
     /// routing each new session by performance score (config: docs/configuration.md).
+    ///
+    /// Exit status: 0 after a graceful stop (SIGTERM, SIGINT), 1 when it cannot
+    /// run (a socket that cannot be bound), 2 for a bad config. Under systemd
+    /// (`Type=notify`) it says READY=1, RELOADING=1 and STOPPING=1.
     Balancer {
-        /// The TOML configuration file, e.g. examples/local.toml.
+        /// The TOML configuration file, e.g. /etc/siplb/balancer.toml.
         #[arg(long)]
         config: PathBuf,
+        /// Check the config and the files it names (agent key, admin token,
+        /// TLS certificates), bind nothing, and exit: `OK` and 0, or the
+        /// field at fault (e.g. `servers[1].address: ...`) and 2. For
+        /// systemd's ExecStartPre= and ExecReload=.
+        #[arg(long)]
+        check: bool,
     },
     /// Show the balancer's servers as a table (from its admin API).
     Status(balancer_cmds::StatusArgs),
@@ -216,7 +226,14 @@ fn main() -> ExitCode {
                 seed,
             })
         }
-        Command::Balancer { config } => {
+        Command::Balancer {
+            config,
+            check: true,
+        } => balancer_cmds::check_config(&config),
+        Command::Balancer {
+            config,
+            check: false,
+        } => {
             init_tracing();
             balancer_cmds::balancer(config)
         }

@@ -167,7 +167,8 @@ fn admin_fields_are_checked() {
             "admin.allowed_hosts[0]",
             "port",
         ),
-        ("token = \"inline\"", "config", "token"),
+        // A serde error names the field too (the path where it stopped).
+        ("token = \"inline\"", "admin.token", "unknown field `token`"),
     ];
     for (admin, field, reason) in cases {
         let e = Config::parse(&with_admin(admin), &d).unwrap_err();
@@ -191,7 +192,7 @@ fn errors_name_the_field() {
     let cases = [
         (
             GOOD.replace("address = \"127.0.0.1:5082\"", "address = \"nowhere\""),
-            "config",
+            "servers[1].address",
         ),
         (
             GOOD.replace("secret = \"0123456789abcdef0123\"", "secret = \"short\""),
@@ -245,7 +246,19 @@ fn errors_name_the_field() {
             GOOD.replace("[routing]", "[routing]\npolicy = \"fastest\""),
             "routing.policy",
         ),
-        (GOOD.replace("[routing]", "[routing]\nbogus = 1"), "config"),
+        (
+            GOOD.replace("[routing]", "[routing]\nbogus = 1"),
+            "routing.bogus",
+        ),
+        (
+            GOOD.replace("transport = \"tcp\"", "transport = \"sctp\""),
+            "servers[1].transport",
+        ),
+        (
+            GOOD.replace("[perf]", "[perf]\ntimeout = 5"),
+            "perf.timeout",
+        ),
+        (GOOD.replace("[perf]", "[perf"), "config"),
     ];
     for (text, field) in cases {
         let e = Config::parse(&text, &base()).unwrap_err();
