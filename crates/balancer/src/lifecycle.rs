@@ -23,7 +23,7 @@ use sd_notify::NotifyState;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::router::Router as Core;
 
 /// Where the balancer is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +50,10 @@ impl Phase {
 /// The phase, and what readiness waits for.
 pub struct Lifecycle {
     phase: AtomicU8,
-    /// The configuration at start and the performance table: while
-    /// starting, `/readyz` says how many agents answered.
-    cfg: Config,
+    /// The routing core (for the configuration in force) and the
+    /// performance table: while starting, `/readyz` says how many agents
+    /// answered.
+    router: Arc<Core>,
     table: SharedTable,
 }
 
@@ -72,12 +73,12 @@ fn notify(states: &[NotifyState]) {
 }
 
 impl Lifecycle {
-    /// Starting, for `cfg` whose agents fill `table`.
+    /// Starting, for `router` whose agents fill `table`.
     #[must_use]
-    pub fn new(cfg: &Config, table: SharedTable) -> Arc<Lifecycle> {
+    pub fn new(router: Arc<Core>, table: SharedTable) -> Arc<Lifecycle> {
         Arc::new(Lifecycle {
             phase: AtomicU8::new(Phase::Starting as u8),
-            cfg: cfg.clone(),
+            router,
             table,
         })
     }
@@ -116,7 +117,12 @@ impl Lifecycle {
     ///
     /// # Errors
     /// The reload's, naming the field.
+    /// While starting (`POST /reload` before `READY=1`) nothing is said:
+    /// a `READY=1` then would end the start early.
     pub fn reload(&self, reload: &dyn Fn() -> Result<(), String>) -> Result<(), String> {
+        if self.phase() != Phase::Ready {
+            return reload();
+        }
         match NotifyState::monotonic_usec_now() {
             Ok(now) => notify(&[NotifyState::Reloading, now]),
             Err(_) => notify(&[NotifyState::Reloading]),
@@ -159,7 +165,8 @@ impl Lifecycle {
 
     /// Why the balancer is not ready, while starting.
     fn waiting(&self) -> String {
-        let (answered, agents) = crate::forwarding::agents_answered(&self.cfg, &self.table.load());
+        let (answered, agents) =
+            crate::forwarding::agents_answered(&self.router.config(), &self.table.load());
         format!("waiting for the agents' first answers: {answered} of {agents}")
     }
 }

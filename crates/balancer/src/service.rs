@@ -142,7 +142,6 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         }
     };
 
-    let life = Lifecycle::new(&cfg, table.clone());
     let admin_cfg = cfg.admin.clone();
     let sockets = Sockets {
         udp,
@@ -151,7 +150,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         ws,
         wss,
     };
-    let prepared = Balancer::prepare(cfg, sockets, table, None)?;
+    let prepared = Balancer::prepare(cfg, sockets, table.clone(), None)?;
+    let life = Lifecycle::new(prepared.router().clone(), table);
     let reload_tls = Balancer::tls_reloader_of(&prepared);
     let proxy = prepared.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
