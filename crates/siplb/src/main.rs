@@ -104,6 +104,24 @@ enum Command {
     /// Run a standalone performance server: poll every agent over one persistent
     /// connection each, and serve the table to the balancers that subscribe.
     PerfServer(PerfServerArgs),
+    /// Write the man pages or the shell completions of this CLI (packaging).
+    #[command(hide = true)]
+    Generate {
+        /// What to write.
+        #[arg(value_enum)]
+        what: Generated,
+        /// The folder to write into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// What `siplb generate` writes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Generated {
+    /// One man page per subcommand: siplb.1, siplb-balancer.1, ...
+    Man,
+    /// Completions for bash (siplb.bash), zsh (_siplb) and fish (siplb.fish).
+    Completions,
 }
 
 /// `siplb agent` options.
@@ -245,6 +263,29 @@ fn main() -> ExitCode {
         Command::PerfServer(args) => {
             init_tracing();
             perf_cmds::perf_server(args)
+        }
+        Command::Generate { what, dir } => generate(what, &dir),
+    }
+}
+
+/// `siplb generate man|completions DIR`, from this very CLI.
+fn generate(what: Generated, dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let written = std::fs::create_dir_all(dir).and_then(|()| match what {
+        Generated::Man => clap_mangen::generate_to(Cli::command(), dir),
+        Generated::Completions => {
+            use clap_complete::Shell;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                clap_complete::generate_to(shell, &mut Cli::command(), "siplb", dir)?;
+            }
+            Ok(())
+        }
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("siplb: generate {what:?} {}: {e}", dir.display());
+            ExitCode::from(1)
         }
     }
 }
