@@ -91,11 +91,18 @@ impl Balancer {
     /// Starts one with `servers` (TOML `[[servers]]` tables) and `perf`
     /// lines, and waits (bounded) until its admin listener answers.
     fn start(servers: &str, perf: &str, policy: &str) -> Balancer {
-        Balancer::start_with(servers, perf, policy, "")
+        Balancer::start_with(servers, perf, policy, "", None)
     }
 
-    /// As `start`, with more `[admin]` lines.
-    fn start_with(servers: &str, perf: &str, policy: &str, admin_extra: &str) -> Balancer {
+    /// As `start`, with more `[admin]` lines, and `WATCHDOG_USEC` set (with
+    /// `WATCHDOG_PID` its own, as systemd sets them) when `watchdog` is given.
+    fn start_with(
+        servers: &str,
+        perf: &str,
+        policy: &str,
+        admin_extra: &str,
+        watchdog: Option<u64>,
+    ) -> Balancer {
         let dir = std::env::temp_dir().join(format!(
             "siplb-life-{}-{}",
             std::process::id(),
@@ -122,12 +129,25 @@ impl Balancer {
             );
             std::fs::write(&config, text).unwrap();
             let log = std::fs::File::create(dir.join("balancer.log")).unwrap();
-            let child = Command::new(siplb_bin())
+            let mut cmd = match watchdog {
+                // The shell's PID is siplb's once it execs.
+                Some(usec) => {
+                    let mut c = Command::new("sh");
+                    c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+                        .arg(siplb_bin())
+                        .env("WATCHDOG_USEC", usec.to_string());
+                    c
+                }
+                None => {
+                    let mut c = Command::new(siplb_bin());
+                    c.env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
+                    c
+                }
+            };
+            let child = cmd
                 .args(["balancer", "--config"])
                 .arg(&config)
                 .env("NOTIFY_SOCKET", &sock_path)
-                .env_remove("WATCHDOG_USEC")
-                .env_remove("WATCHDOG_PID")
                 .env("SIPLB_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -457,7 +477,7 @@ fn probes_need_no_token_and_no_host_check() {
     let token = token_dir.join("admin.token");
     std::fs::write(&token, "lifecycle-e2e-token-0123456789abcdef\n").unwrap();
     let admin = format!("token_file = \"{}\"\nauth_reads = true", token.display());
-    let lb = Balancer::start_with(&servers, "", "round-robin", &admin);
+    let lb = Balancer::start_with(&servers, "", "round-robin", &admin, None);
     assert!(lb.next_notice().contains("READY=1"));
     for path in ["/healthz", "/readyz"] {
         let (code, body) = lb.must("GET", path);
@@ -481,4 +501,31 @@ fn probes_need_no_token_and_no_host_check() {
     assert_eq!(code, 403, "and the Host check");
     drop(lb);
     let _ = std::fs::remove_dir_all(&token_dir);
+}
+
+#[test]
+fn the_watchdog_is_pinged_when_systemd_asks() {
+    let servers = format!(
+        "[[servers]]\nid = \"s1\"\naddress = \"127.0.0.1:{}\"\n",
+        free_udp_port()
+    );
+    // WatchdogSec=400ms: a ping every 200 ms.
+    let mut lb = Balancer::start_with(&servers, "", "round-robin", "", Some(400_000));
+    let mut pings = 0;
+    let mut ready = false;
+    // Bounded: 20 notifications (each within 10 s).
+    for _ in 0..20 {
+        let n = lb.next_notice();
+        ready |= n.lines().any(|l| l == "READY=1");
+        if n.lines().any(|l| l == "WATCHDOG=1") {
+            pings += 1;
+            if pings == 3 {
+                break;
+            }
+        }
+    }
+    assert!(ready, "no READY=1");
+    assert_eq!(pings, 3, "WATCHDOG=1 pings");
+    lb.signal("-TERM");
+    assert!(lb.exit().success(), "{}", lb.log());
 }
