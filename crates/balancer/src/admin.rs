@@ -115,7 +115,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/policy", get(get_policy).put(put_policy))
         .route("/reload", post(reload))
         .route("/metrics", get(metrics))
-        .route("/", get(|| async { "siplb admin: GET /servers, POST /servers/{id}/drain|undrain, GET|PUT /scoring, GET|PUT /policy, POST /reload, GET /metrics\n" }))
+        .route("/", get(|| async { "siplb admin: GET /healthz, GET /readyz, GET /servers, POST /servers/{id}/drain|undrain, GET|PUT /scoring, GET|PUT /policy, POST /reload, GET /metrics\n" }))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(g.clone(), guard))
         .layer(Extension(g))

@@ -288,42 +288,48 @@ impl std::fmt::Debug for Balancer {
     }
 }
 
-impl Balancer {
-    /// Starts the balancer for `cfg` on `sockets`, reading performance data
-    /// from `table`: waits (bounded) until every agent answered once, then
-    /// serves SIP. `seed` makes selection repeatable (test beds).
+/// A balancer made but not yet serving SIP: its routing core exists (the
+/// admin API can use it), its sockets are bound, and it waits in
+/// [`Prepared::serve`] for the agents' first answers.
+pub struct Prepared {
+    router: Arc<Router>,
+    sockets: Sockets,
+    table: SharedTable,
+    seed: Option<u64>,
+    tls: Option<Arc<crate::tls::TlsListener>>,
+    tls_client: Option<Arc<crate::tls::TlsClient>>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// The routing core (for the admin API while the balancer waits).
+    #[must_use]
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Waits (bounded) until every agent answered once, then serves SIP.
     ///
     /// # Errors
-    /// An invalid scoring config, no UDP socket, or TLS listeners without a
-    /// usable certificate.
-    pub async fn start(
-        cfg: Config,
-        sockets: Sockets,
-        table: SharedTable,
-        seed: Option<u64>,
-    ) -> Result<Balancer, String> {
-        if sockets.udp.is_empty() {
-            return Err("the balancer needs at least one UDP socket".into());
-        }
-        let tls = if sockets.tls.is_empty() && sockets.wss.is_empty() {
-            None
-        } else {
-            let t = cfg.tls.as_ref().ok_or("TLS listeners without [sip.tls]")?;
-            Some(Arc::new(crate::tls::TlsListener::new(t)?))
-        };
-        let tls_client = if cfg
-            .servers
-            .iter()
-            .chain(cfg.discover.iter().map(|d| &d.template))
-            .any(|s| s.transport == Transport::Tls)
-        {
-            let t = cfg.tls.as_ref().ok_or("TLS servers without [sip.tls]")?;
-            Some(Arc::new(crate::tls::TlsClient::new(t)?))
-        } else {
-            None
-        };
-        wait_for_first_data(&cfg, &table).await;
-        let router = Arc::new(Router::new(cfg, table, Instant::now()).map_err(|e| e.to_string())?);
+    /// A UDP socket that cannot be made blocking for its thread, or a
+    /// thread that cannot start.
+    pub async fn serve(self) -> Result<Balancer, String> {
+        let Prepared {
+            router,
+            sockets,
+            table,
+            seed,
+            tls,
+            tls_client,
+        } = self;
+        wait_for_first_data(&router.config(), &table).await;
         let (resolve_tx, resolve_rx) = mpsc::channel(4096);
         // Each UDP socket as a blocking std socket for its thread (the
         // same socket: a duplicate of its descriptor).
@@ -397,6 +403,75 @@ impl Balancer {
             udp: udp_threads,
         })
     }
+}
+
+impl Balancer {
+    /// Starts the balancer for `cfg` on `sockets`, reading performance data
+    /// from `table`: waits (bounded) until every agent answered once, then
+    /// serves SIP. `seed` makes selection repeatable (test beds).
+    ///
+    /// # Errors
+    /// As [`Balancer::prepare`].
+    pub async fn start(
+        cfg: Config,
+        sockets: Sockets,
+        table: SharedTable,
+        seed: Option<u64>,
+    ) -> Result<Balancer, String> {
+        Balancer::prepare(cfg, sockets, table, seed)?.serve().await
+    }
+
+    /// The first half of [`Balancer::start`]: the routing core and the TLS
+    /// sides, nothing served yet.
+    ///
+    /// # Errors
+    /// An invalid scoring config, no UDP socket, or TLS listeners without a
+    /// usable certificate.
+    pub fn prepare(
+        cfg: Config,
+        sockets: Sockets,
+        table: SharedTable,
+        seed: Option<u64>,
+    ) -> Result<Prepared, String> {
+        if sockets.udp.is_empty() {
+            return Err("the balancer needs at least one UDP socket".into());
+        }
+        let tls = if sockets.tls.is_empty() && sockets.wss.is_empty() {
+            None
+        } else {
+            let t = cfg.tls.as_ref().ok_or("TLS listeners without [sip.tls]")?;
+            Some(Arc::new(crate::tls::TlsListener::new(t)?))
+        };
+        let tls_client = if cfg
+            .servers
+            .iter()
+            .chain(cfg.discover.iter().map(|d| &d.template))
+            .any(|s| s.transport == Transport::Tls)
+        {
+            let t = cfg.tls.as_ref().ok_or("TLS servers without [sip.tls]")?;
+            Some(Arc::new(crate::tls::TlsClient::new(t)?))
+        } else {
+            None
+        };
+        let router =
+            Arc::new(Router::new(cfg, table.clone(), Instant::now()).map_err(|e| e.to_string())?);
+        Ok(Prepared {
+            router,
+            sockets,
+            table,
+            seed,
+            tls,
+            tls_client,
+        })
+    }
+
+    /// What re-reads the TLS files on a reload, before serving (for the
+    /// reload hook, which the admin API has from the start).
+    pub fn tls_reloader_of(
+        prepared: &Prepared,
+    ) -> impl Fn(&Config) -> Result<(), String> + Send + Sync + Clone + 'static {
+        tls_reloader(prepared.tls.clone(), prepared.tls_client.clone())
+    }
 
     /// Re-reads the TLS certificate and key (a reload): new handshakes use
     /// them, established connections keep theirs.
@@ -411,18 +486,7 @@ impl Balancer {
     pub fn tls_reloader(
         &self,
     ) -> impl Fn(&Config) -> Result<(), String> + Send + Sync + Clone + 'static {
-        let (listener, client) = (self.tls.clone(), self.tls_client.clone());
-        move |cfg: &Config| {
-            if let (Some(l), Some(t)) = (&listener, &cfg.tls) {
-                l.reload(t)?;
-            }
-            if let (Some(c), Some(t)) = (&client, &cfg.tls)
-                && t.server_ca.is_some()
-            {
-                c.reload(t)?;
-            }
-            Ok(())
-        }
+        tls_reloader(self.tls.clone(), self.tls_client.clone())
     }
 
     /// The routing core (for the admin API and the test beds).
@@ -449,6 +513,45 @@ impl Balancer {
     }
 }
 
+/// Re-reads the TLS files of `listener` and `client` from a new config.
+fn tls_reloader(
+    listener: Option<Arc<crate::tls::TlsListener>>,
+    client: Option<Arc<crate::tls::TlsClient>>,
+) -> impl Fn(&Config) -> Result<(), String> + Send + Sync + Clone + 'static {
+    move |cfg: &Config| {
+        if let (Some(l), Some(t)) = (&listener, &cfg.tls) {
+            l.reload(t)?;
+        }
+        if let (Some(c), Some(t)) = (&client, &cfg.tls)
+            && t.server_ca.is_some()
+        {
+            c.reload(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// How many of the servers with an agent have had it answer (a sample) or
+/// fail (marked down) once, and how many servers have an agent: the data
+/// the balancer waits for before it serves SIP (and `GET /readyz` before it
+/// says ready).
+#[must_use]
+pub fn agents_answered(cfg: &Config, t: &perf::server::Table) -> (usize, usize) {
+    let mut answered = 0;
+    let mut agents = 0;
+    for s in cfg.servers.iter().filter(|s| s.agent.is_some()) {
+        agents += 1;
+        if t.get(&s.id).is_some_and(|e| match e.state {
+            perf::AgentState::Up => e.sample.is_some(),
+            perf::AgentState::Down => true,
+            perf::AgentState::Connecting => false,
+        }) {
+            answered += 1;
+        }
+    }
+    (answered, agents)
+}
+
 /// Waits (bounded by the agent timeout + 1 s) until every server's agent has
 /// answered or failed once. A balancer (re)started under load would
 /// otherwise refuse the first new calls for lack of data; meanwhile the
@@ -457,15 +560,8 @@ async fn wait_for_first_data(cfg: &Config, table: &SharedTable) {
     let start = Instant::now();
     let limit = cfg.poll.timeout + Duration::from_secs(1);
     loop {
-        let t = table.load();
-        let ready = cfg.servers.iter().filter(|s| s.agent.is_some()).all(|s| {
-            t.get(&s.id).is_some_and(|e| match e.state {
-                perf::AgentState::Up => e.sample.is_some(),
-                perf::AgentState::Down => true,
-                perf::AgentState::Connecting => false,
-            })
-        });
-        if ready {
+        let (answered, agents) = agents_answered(cfg, &table.load());
+        if answered == agents {
             info!(
                 after_ms = start.elapsed().as_millis() as u64,
                 "agents answered: serving SIP"

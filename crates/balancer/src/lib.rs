@@ -13,9 +13,10 @@
 //! - [`select`], [`policy`] — the FIG 6 draw and the pluggable routing policies;
 //! - [`query`] — performance query (box 408): the performance table as
 //!   load-computation inputs, and the scoring parameters live-changeable;
-//! - [`sessions`], [`merge`], [`outlier`], [`pool`] — the pure parts routing uses.
+//! - [`sessions`], [`merge`], [`outlier`], [`pool`] — the pure parts routing uses;
+//! - [`lifecycle`] — `/healthz`, `/readyz` and systemd's notify protocol.
 //!
-//! Everything but `forwarding`, `service` and `admin` is pure: no sockets,
+//! Everything but `forwarding`, `service`, `lifecycle` and `admin` is pure: no sockets,
 //! no clock, no global RNG.
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod discover;
 pub mod dns;
 pub mod forwarding;
+pub mod lifecycle;
 pub mod limits;
 pub mod load;
 pub mod merge;

@@ -1,6 +1,7 @@
 //! Starting and stopping the balancer: sockets, the embedded performance
 //! server (or a subscription to a standalone one), housekeeping, the admin
-//! API, and signals (SIGHUP reloads, SIGTERM stops gracefully).
+//! API, and signals (SIGHUP reloads, SIGTERM stops gracefully), told to
+//! systemd and the health probes (crate::lifecycle).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::admin::{AdminState, router};
 use crate::config::{Config, Transport};
 use crate::forwarding::{Balancer, Sockets};
+use crate::lifecycle::Lifecycle;
 
 /// How long a graceful stop waits for outstanding transactions.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -46,6 +48,24 @@ fn agent_specs(cfg: &Config) -> Vec<AgentSpec> {
             })
         })
         .collect()
+}
+
+/// What a start would refuse that loading the config does not check: the
+/// TLS files parse and the key matches the certificate (the listener's and
+/// the client side's). Binds nothing (`siplb balancer --check`).
+///
+/// # Errors
+/// The first problem, naming the field and the file.
+pub fn check(cfg: &Config) -> Result<(), String> {
+    if let Some(t) = &cfg.tls {
+        if cfg.transports.contains(&Transport::Tls) || cfg.transports.contains(&Transport::Wss) {
+            crate::tls::TlsListener::new(t)?;
+        }
+        if cfg.servers.iter().any(|s| s.transport == Transport::Tls) {
+            crate::tls::TlsClient::new(t)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the balancer from a config file until SIGTERM/SIGINT (and the grace period).
@@ -132,9 +152,10 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         ws,
         wss,
     };
-    let balancer = Balancer::start(cfg, sockets, table, None).await?;
-    let reload_tls = balancer.tls_reloader();
-    let proxy = balancer.router().clone();
+    let prepared = Balancer::prepare(cfg, sockets, table.clone(), None)?;
+    let life = Lifecycle::new(prepared.router().clone(), table);
+    let reload_tls = Balancer::tls_reloader_of(&prepared);
+    let proxy = prepared.router().clone();
     let mut tasks = tokio::task::JoinSet::new();
     // Names followed in DNS: one task each (their settings change at a restart).
     if !proxy.config().discover.is_empty() {
@@ -155,25 +176,30 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         let path = config_path.clone();
         let ps = perf_server.clone();
         let reload_tls = reload_tls.clone();
+        let life = life.clone();
         move || -> Result<(), String> {
-            let new = Config::load(&path).map_err(|e| e.to_string())?;
-            // The certificates first: a reload with unusable files changes
-            // nothing and says why.
-            reload_tls(&new)?;
-            if new.tls.is_some() {
-                info!("TLS certificates re-read");
-            }
-            if let Some(ps) = &ps {
-                ps.set_agents(&agent_specs(&new));
-            }
-            p.reload(new);
-            Ok(())
+            life.reload(&|| {
+                let new = Config::load(&path).map_err(|e| e.to_string())?;
+                // The certificates first: a reload with unusable files changes
+                // nothing and says why.
+                reload_tls(&new)?;
+                if new.tls.is_some() {
+                    info!("TLS certificates re-read");
+                }
+                if let Some(ps) = &ps {
+                    ps.set_agents(&agent_specs(&new));
+                }
+                p.reload(new);
+                Ok(())
+            })
         }
     };
     let state = Arc::new(AdminState {
         router: proxy.clone(),
         reload: Box::new(reload.clone()),
     });
+    // The admin listener before the wait for the agents, so `/readyz`
+    // answers `503 starting` meanwhile (crate::lifecycle).
     if let Some(admin) = admin_cfg {
         let a = admin.listen;
         let l = TcpListener::bind(a)
@@ -186,7 +212,9 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
                  anyone who reaches it can drain servers and reload"
             );
         }
-        let app = router(state).into_make_service_with_connect_info::<crate::admin::LocalAddr>();
+        let app = life
+            .app(router(state))
+            .into_make_service_with_connect_info::<crate::admin::LocalAddr>();
         tasks.spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 error!(error = %e, "admin API stopped");
@@ -194,15 +222,26 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         });
         info!(%a, "admin API listening");
     }
-    {
+    tasks.spawn(Lifecycle::watchdog());
+
+    let balancer = prepared.serve().await?;
+    let status = {
         let c = proxy.config();
         info!(listen = ?c.listen, servers = c.servers.len(), policy = %c.policy, "balancer running");
-    }
+        format!(
+            "serving SIP: {} servers, policy {}",
+            c.servers.len(),
+            c.policy
+        )
+    };
 
+    // The handlers before READY=1: a SIGHUP or SIGTERM right after it
+    // (systemctl reload, stop) must not meet the default action.
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    life.serving(&status);
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -216,6 +255,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         }
     }
     // Graceful stop: no new sessions; wait for what is in flight.
+    life.stopping();
     balancer.stop(GRACE).await;
     tasks.abort_all();
     drop(perf_server);

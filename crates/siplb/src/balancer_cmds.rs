@@ -37,6 +37,29 @@ pub fn balancer(path: PathBuf) -> ExitCode {
     }
 }
 
+/// Runs `siplb balancer --check --config FILE`: `OK ...` on stdout and exit
+/// 0, or one line naming the field on stderr and exit 2; binds nothing.
+pub fn check_config(path: &std::path::Path) -> ExitCode {
+    let checked = balancer::config::Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| balancer::service::check(&cfg).map(|()| cfg));
+    match checked {
+        Ok(cfg) => {
+            println!(
+                "OK {}: {} servers, policy {}",
+                path.display(),
+                cfg.servers.len(),
+                cfg.policy
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("siplb: {}: {e}", path.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `siplb status` options.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {

@@ -82,12 +82,22 @@ enum Command {
     },
     /// Run the load balancer: the SIP outbound proxy for a pool of SIP servers,
     /// routing each new session by performance score (config: docs/configuration.md).
+    ///
+    /// Exit status: 0 after a graceful stop (SIGTERM, SIGINT), 1 when it cannot
+    /// run (a socket that cannot be bound), 2 for a bad config. Under systemd
+    /// (`Type=notify`) it says READY=1, RELOADING=1 and STOPPING=1.
     Balancer {
-        /// The TOML configuration file, e.g. examples/local.toml.
+        /// The TOML configuration file, e.g. /etc/siplb/balancer.toml.
         #[arg(long)]
         config: PathBuf,
         #[command(flatten)]
         log: LogArgs,
+        /// Check the config and the files it names (agent key, admin token,
+        /// TLS certificates), bind nothing, and exit: `OK` and 0, or the
+        /// field at fault (e.g. `servers[1].address: ...`) and 2. For
+        /// systemd's ExecStartPre= and ExecReload=.
+        #[arg(long)]
+        check: bool,
     },
     /// Show the balancer's servers as a table (from its admin API).
     Status(balancer_cmds::StatusArgs),
@@ -100,6 +110,24 @@ enum Command {
     /// A SIP load generator for ceiling runs (bench/ceiling.py): `load uac`
     /// places calls at a rate over several sockets, `load uas` answers them.
     Load(load_cmds::LoadArgs),
+    /// Write the man pages or the shell completions of this CLI (packaging).
+    #[command(hide = true)]
+    Generate {
+        /// What to write.
+        #[arg(value_enum)]
+        what: Generated,
+        /// The folder to write into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// What `siplb generate` writes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Generated {
+    /// One man page per subcommand: siplb.1, siplb-balancer.1, ...
+    Man,
+    /// Completions for bash (siplb.bash), zsh (_siplb) and fish (siplb.fish).
+    Completions,
 }
 
 /// How the long-running commands log (to stderr; the level comes from
@@ -252,7 +280,16 @@ fn main() -> ExitCode {
                 seed,
             })
         }
-        Command::Balancer { config, log } => {
+        Command::Balancer {
+            config,
+            check: true,
+            ..
+        } => balancer_cmds::check_config(&config),
+        Command::Balancer {
+            config,
+            check: false,
+            log,
+        } => {
             init_tracing(&log);
             balancer_cmds::balancer(config)
         }
@@ -266,5 +303,28 @@ fn main() -> ExitCode {
             perf_cmds::perf_server(args)
         }
         Command::Load(args) => load_cmds::run(args),
+        Command::Generate { what, dir } => generate(what, &dir),
+    }
+}
+
+/// `siplb generate man|completions DIR`, from this very CLI.
+fn generate(what: Generated, dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let written = std::fs::create_dir_all(dir).and_then(|()| match what {
+        Generated::Man => clap_mangen::generate_to(Cli::command(), dir),
+        Generated::Completions => {
+            use clap_complete::Shell;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                clap_complete::generate_to(shell, &mut Cli::command(), "siplb", dir)?;
+            }
+            Ok(())
+        }
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("siplb: generate {what:?} {}: {e}", dir.display());
+            ExitCode::from(1)
+        }
     }
 }

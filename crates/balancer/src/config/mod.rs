@@ -499,28 +499,44 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// Deserializes `text`; an error names the field where serde stopped
+/// (`servers[1].address`, or `config` for the syntax) and its line.
+fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let line_of = |e: &toml::de::Error| {
+        e.span()
+            .map(|s| {
+                format!(
+                    " (line {})",
+                    text[..s.start.min(text.len())].lines().count().max(1)
+                )
+            })
+            .unwrap_or_default()
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        field: "config".into(),
+        reason: format!("{}{}", e.message(), line_of(&e)),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        ConfigError {
+            field: if path == "." || path.is_empty() {
+                "config".into()
+            } else {
+                path
+            },
+            reason: format!("{}{}", e.message(), line_of(&e)),
+        }
+    })
+}
+
 impl Config {
     /// Parses and checks a config; `base` is the folder relative paths start from.
     ///
     /// # Errors
     /// The first problem, naming its field.
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_owned();
-            let at = e
-                .span()
-                .map(|s| {
-                    format!(
-                        " (line {})",
-                        text[..s.start.min(text.len())].lines().count().max(1)
-                    )
-                })
-                .unwrap_or_default();
-            ConfigError {
-                field: "config".into(),
-                reason: format!("{msg}{at}"),
-            }
-        })?;
+        let f: FileConfig = from_toml(text)?;
         let s = f.sip;
         if s.listen.is_empty() {
             return err("sip.listen", "at least one address");
@@ -998,10 +1014,7 @@ impl Config {
             field: "config".into(),
             reason: format!("{}: {e}", path.display()),
         })?;
-        let f: AdminOnly = toml::from_str(&text).map_err(|e| ConfigError {
-            field: "config".into(),
-            reason: e.message().to_owned(),
-        })?;
+        let f: AdminOnly = from_toml(&text)?;
         admin_config(f.admin, path.parent().unwrap_or(Path::new(".")))
     }
 }

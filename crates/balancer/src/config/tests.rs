@@ -167,7 +167,8 @@ fn admin_fields_are_checked() {
             "admin.allowed_hosts[0]",
             "port",
         ),
-        ("token = \"inline\"", "config", "token"),
+        // A serde error names the field too (the path where it stopped).
+        ("token = \"inline\"", "admin.token", "unknown field `token`"),
     ];
     for (admin, field, reason) in cases {
         let e = Config::parse(&with_admin(admin), &d).unwrap_err();
@@ -245,7 +246,19 @@ fn errors_name_the_field() {
             GOOD.replace("[routing]", "[routing]\npolicy = \"fastest\""),
             "routing.policy",
         ),
-        (GOOD.replace("[routing]", "[routing]\nbogus = 1"), "config"),
+        (
+            GOOD.replace("[routing]", "[routing]\nbogus = 1"),
+            "routing.bogus",
+        ),
+        (
+            GOOD.replace("transport = \"tcp\"", "transport = \"sctp\""),
+            "servers[1].transport",
+        ),
+        (
+            GOOD.replace("[perf]", "[perf]\ntimeout = 5"),
+            "perf.timeout",
+        ),
+        (GOOD.replace("[perf]", "[perf"), "config"),
     ];
     for (text, field) in cases {
         let e = Config::parse(&text, &base()).unwrap_err();
@@ -336,7 +349,7 @@ fn servers_by_name_and_discover_entries() {
         ),
         ("[dns]\nmin_ttl = \"10ms\"", "dns.min_ttl"),
         ("[dns]\nmax_ttl = \"2s\"", "dns.max_ttl"),
-        ("[dns]\nnameservers = [\"localhost\"]", "config"),
+        ("[dns]\nnameservers = [\"localhost\"]", "dns.nameservers[0]"),
     ] {
         let e = Config::parse(&format!("{agentless}\n{edit}\n"), &base()).unwrap_err();
         assert_eq!(e.field, field, "{edit}: {e}");
