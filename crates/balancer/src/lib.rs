@@ -13,12 +13,15 @@
 //! - [`select`], [`policy`] — the FIG 6 draw and the pluggable routing policies;
 //! - [`query`] — performance query (box 408): the performance table as
 //!   load-computation inputs, and the scoring parameters live-changeable;
-//! - [`sessions`], [`merge`], [`outlier`], [`pool`] — the pure parts routing uses.
+//! - [`sessions`], [`merge`], [`outlier`], [`pool`] — the pure parts routing uses;
+//! - [`capture`] — HEPv3 call capture: the encoding (pure) and the queue
+//!   and thread the shell hands messages to.
 //!
-//! Everything but `forwarding`, `service` and `admin` is pure: no sockets,
+//! Everything but `forwarding`, `service`, `admin` and `capture`'s thread is pure: no sockets,
 //! no clock, no global RNG.
 
 pub mod admin;
+pub mod capture;
 pub mod codec;
 pub mod config;
 pub mod forwarding;

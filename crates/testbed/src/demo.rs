@@ -268,6 +268,7 @@ pub fn loopback_config(
             enabled: false,
             ..balancer::config::LimitsConfig::default()
         },
+        capture: None,
         servers,
     }
 }

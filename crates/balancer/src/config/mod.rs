@@ -3,10 +3,13 @@
 //! error names the field.
 
 mod admin;
+mod capture;
 mod limits;
 
 pub use admin::{AdminConfig, AdminToken, MIN_TOKEN_LEN};
 use admin::{AdminSection, admin_config};
+pub use capture::{CaptureConfig, CaptureTransport};
+use capture::{CaptureSection, capture_config};
 pub use limits::{LimitsConfig, OverLimit};
 use limits::{LimitsSection, limits_config};
 
@@ -334,6 +337,8 @@ struct FileConfig {
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
+    capture: CaptureSection,
+    #[serde(default)]
     servers: Vec<ServerSection>,
 }
 
@@ -456,6 +461,8 @@ pub struct Config {
     pub legacy_sb: bool,
     /// Per-source limits.
     pub limits: LimitsConfig,
+    /// HEPv3 call capture (`[capture]`; None: off). Restart-only.
+    pub capture: Option<CaptureConfig>,
     /// The pool.
     pub servers: Vec<ServerConfig>,
 }
@@ -751,6 +758,7 @@ impl Config {
         };
 
         let admin = admin_config(f.admin, base)?;
+        let capture = capture_config(f.capture)?;
 
         f.scoring.validate().map_err(|e| ConfigError {
             field: format!("scoring.{}", e.field),
@@ -899,6 +907,7 @@ impl Config {
             scoring: f.scoring,
             admin,
             limits,
+            capture,
             servers,
         })
     }
