@@ -3,9 +3,10 @@
 //! this test (a UDP socket on 127.0.0.1 and a HEPv3 parser of its own,
 //! written from the spec, not siplb's encoder). Every message of every call
 //! must reach it twice, as it came in and as it went out, with the right
-//! addresses, capture id, protocol and a payload that is a SIP message; a
-//! sample of calls is captured whole or not at all; a collector that is
-//! not there costs no call. Without `[capture]` nothing arrives and the
+//! addresses, capture id, protocol and a payload that is a SIP message
+//! (UDP and TCP user agents); a browser's MESSAGE over WSS is captured as
+//! the plaintext inside TLS and WebSocket; a sample of calls is captured
+//! whole or not at all; a collector that is not there costs no call. Without `[capture]` nothing arrives and the
 //! first test fails. Ports are picked at run time; every process is
 //! stopped by its PID (`Proc`'s drop); every wait is bounded.
 
@@ -538,5 +539,217 @@ fn calls_go_through_when_no_collector_listens() {
             "no failed send counted"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A balancer with a WSS listener (a certificate made here) in front of
+/// one UDP server that is this test: its port, the server's socket, the
+/// CA to trust, the admin address; the process.
+struct WssBed {
+    dir: PathBuf,
+    wss: u16,
+    server: UdpSocket,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    admin: SocketAddr,
+    _lb: Proc,
+}
+
+impl Drop for WssBed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("config and logs in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn wss_bed(hep: SocketAddr) -> WssBed {
+    let dir = std::env::temp_dir().join(format!("siplb-capture-wss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    leaf.subject_alt_names = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("chain.pem"), cert.pem() + &ca.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for _ in 0..3 {
+        let (sip, wss, admin) = (free_port(), free_port(), free_port());
+        std::fs::write(
+            dir.join("siplb.toml"),
+            format!(
+                "[sip]\nlisten = [\"127.0.0.1:{sip}\"]\ntransports = [\"udp\", \"wss\"]\n\
+                 wss_port = {wss}\n\
+                 [sip.tls]\ncertificate = \"chain.pem\"\nkey = \"key.pem\"\n\
+                 [routing]\nsecret = \"capture-e2e-secret-0123456789\"\n\
+                 policy = \"round-robin\"\nhealth = \"agent\"\noutlier_failures = 0\n\
+                 [perf]\nkey_file = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                 {}\n\
+                 [[servers]]\nid = \"s1\"\naddress = \"{}\"\n",
+                root().join("examples/agent.key").display(),
+                CAPTURE.replace("{hep}", &hep.to_string()),
+                server.local_addr().unwrap(),
+            ),
+        )
+        .unwrap();
+        let mut lb = spawn(
+            Command::new(siplb_bin())
+                .env("SIPLB_LOG", "info")
+                .args(["balancer", "--config"])
+                .arg(dir.join("siplb.toml")),
+            &dir.join("balancer.log"),
+        );
+        let begin = Instant::now();
+        while lb.0.try_wait().unwrap().is_none() && begin.elapsed() < Duration::from_secs(10) {
+            if TcpStream::connect(("127.0.0.1", wss)).is_ok() {
+                return WssBed {
+                    dir,
+                    wss,
+                    server,
+                    ca: ca.der().clone(),
+                    admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+                    _lb: lb,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // A port taken meanwhile: others.
+    }
+    panic!(
+        "the balancer did not listen for WSS; log in {}",
+        dir.display()
+    );
+}
+
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+#[test]
+fn a_browser_over_wss_is_captured_in_plaintext() {
+    let collector = Collector::start();
+    let bed = wss_bed(collector.addr);
+    // The browser: TLS to the WSS port, then the WebSocket upgrade.
+    let tcp = TcpStream::connect(("127.0.0.1", bed.wss)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let browser_addr = tcp.local_addr().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(bed.ca.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(
+        "127.0.0.1".parse::<std::net::IpAddr>().unwrap().into(),
+    );
+    let tls: Box<dyn Stream> = Box::new(rustls::StreamOwned::new(
+        rustls::ClientConnection::new(Arc::new(cfg), name).unwrap(),
+        tcp,
+    ));
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("wss://127.0.0.1:{}/", bed.wss)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "sip".parse().unwrap());
+    let (mut ws, _) = tungstenite::client::client(req, tls).expect("the WebSocket upgrade");
+    let message = String::from(
+        "MESSAGE sip:bob@example.com SIP/2.0\r\n\
+         Via: SIP/2.0/WSS b.invalid;branch=z9hG4bK-capture-1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\n\
+         To: <sip:bob@example.com>\r\nCall-ID: wss-capture@test\r\n\
+         CSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    ws.send(tungstenite::Message::text(message.clone()))
+        .unwrap();
+    // The server answers 200 with the Vias it got.
+    let mut buf = vec![0u8; 65_535];
+    let (n, from) = bed
+        .server
+        .recv_from(&mut buf)
+        .expect("the MESSAGE reaches the server");
+    let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut ok = String::from("SIP/2.0 200 OK\r\n");
+    for l in got.split("\r\n").skip(1).take_while(|l| !l.is_empty()) {
+        let lower = l.to_ascii_lowercase();
+        if ["via:", "from:", "to:", "call-id:", "cseq:"]
+            .iter()
+            .any(|h| lower.starts_with(h))
+        {
+            ok += l;
+            ok += "\r\n";
+        }
+    }
+    ok += "Content-Length: 0\r\n\r\n";
+    bed.server.send_to(ok.as_bytes(), from).unwrap();
+    let answer = loop {
+        match ws.read().expect("the browser gets the 200") {
+            tungstenite::Message::Text(t) if t.starts_with("SIP/2.0 200") => {
+                break t.as_str().to_owned();
+            }
+            _ => {}
+        }
+    };
+    // In the capture: the browser's MESSAGE and the 200 it got, as the
+    // plaintext inside TLS and WebSocket, over TCP; the server's leg on UDP.
+    let begin = Instant::now();
+    let (code, metrics) = loop {
+        let (code, body) = get(bed.admin, "/metrics").expect("admin API answers");
+        if body.contains("siplb_capture_sent_total 4\n") && collector.count() >= 4 {
+            break (code, body);
+        }
+        assert!(
+            begin.elapsed() < Duration::from_secs(10),
+            "the collector has {} packets:\n{body}",
+            collector.count()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, 200);
+    let wss = SocketAddr::from(([127, 0, 0, 1], bed.wss));
+    let packets = collector.packets();
+    let find = |src: SocketAddr, dst: SocketAddr| {
+        packets
+            .iter()
+            .find(|h| h.src == src && h.dst == dst)
+            .unwrap_or_else(|| panic!("no packet {src} -> {dst} in {packets:?}\n{metrics}"))
+    };
+    let inbound = find(browser_addr, wss);
+    assert_eq!(inbound.proto, 6);
+    assert_eq!(
+        inbound.payload,
+        message.as_bytes(),
+        "the plaintext, byte for byte"
+    );
+    let outbound = find(wss, browser_addr);
+    assert_eq!(outbound.proto, 6);
+    assert_eq!(outbound.payload, answer.as_bytes());
+    let server = bed.server.local_addr().unwrap();
+    let to_server = packets
+        .iter()
+        .find(|h| h.src == from && h.dst == server)
+        .expect("the MESSAGE out to the server");
+    assert_eq!(
+        (to_server.proto, to_server.payload.clone()),
+        (17, got.into_bytes())
+    );
+    assert!(
+        packets
+            .iter()
+            .any(|h| h.src == server && h.dst == from && h.payload == ok.as_bytes())
+    );
+    for h in &packets {
+        assert_eq!(h.correlation.as_deref(), Some(&b"wss-capture@test"[..]));
     }
 }
