@@ -82,8 +82,10 @@ pub(super) fn capture_config(c: CaptureSection) -> Result<Option<CaptureConfig>,
     if !(c.sample.is_finite() && (0.0..=1.0).contains(&c.sample)) {
         return err("capture.sample", "a fraction of calls between 0.0 and 1.0");
     }
-    if !(1..=1_000_000).contains(&c.queue) {
-        return err("capture.queue", "between 1 and 1000000 messages");
+    // Its slots are allocated up front (about 130 bytes each), and each
+    // waiting message holds its copy.
+    if !(1..=100_000).contains(&c.queue) {
+        return err("capture.queue", "between 1 and 100000 messages");
     }
     if let Some(p) = &c.password
         && (p.is_empty() || p.len() > 1024)

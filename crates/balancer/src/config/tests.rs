@@ -286,6 +286,7 @@ fn capture_is_off_by_default_and_checked_field_by_field() {
         ("hep = \"127.0.0.1:9060\"\nsample = 1.5", "capture.sample"),
         ("hep = \"127.0.0.1:9060\"\nsample = -0.1", "capture.sample"),
         ("hep = \"127.0.0.1:9060\"\nqueue = 0", "capture.queue"),
+        ("hep = \"127.0.0.1:9060\"\nqueue = 100001", "capture.queue"),
         (
             "hep = \"127.0.0.1:9060\"\npassword = \"\"",
             "capture.password",
