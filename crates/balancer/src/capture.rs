@@ -276,7 +276,8 @@ impl Capture {
     }
 
     /// Captures a message read or written: copied into the queue, or
-    /// dropped and counted when the queue is full. Keep-alives (CRLF) and
+    /// dropped and counted when the queue is full. What cannot be SIP
+    /// (CRLF keep-alives, STUN: a SIP message starts with a letter) and
     /// calls outside the sample are left out.
     pub fn record(&self, src: SocketAddr, dst: SocketAddr, proto: Proto, data: &[u8]) {
         if self.wanted(data) {
@@ -293,7 +294,7 @@ impl Capture {
     }
 
     fn wanted(&self, data: &[u8]) -> bool {
-        if data.first().is_none_or(|b| matches!(b, b'\r' | b'\n')) {
+        if !data.first().is_some_and(u8::is_ascii_alphabetic) {
             return false;
         }
         self.sample >= 1.0 || call_id(data).is_some_and(|c| sampled(c, self.sample))
@@ -514,8 +515,9 @@ mod tests {
         for _ in 0..1000 {
             c.record(a, b, Proto::Udp, INVITE);
         }
-        // Keep-alives are not captured.
+        // Keep-alives and STUN (a binding request) are not SIP.
         c.record(a, b, Proto::Tcp, b"\r\n\r\n");
+        c.record(a, b, Proto::Udp, &[0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42]);
         drop(c);
         // The thread sends what was queued, then ends: wait (bounded) for
         // the sum to reach every message.

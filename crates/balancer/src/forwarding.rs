@@ -14,7 +14,10 @@
 //! `failover_timeout` after a reload fires on time; see [`Timers`]); one
 //! task ticks the core every 100 ms. Names (a Request-URI or
 //! Via with a host name) are resolved by a resolver task with a cache, so a
-//! slow resolver never stalls a socket.
+//! slow resolver never stalls a socket. With `[capture]`, each message is
+//! also handed to [`crate::capture`] where it is read and where it is
+//! written (after TLS and WebSocket: the plaintext); without, that is one
+//! branch on a `None`.
 
 mod ws;
 
