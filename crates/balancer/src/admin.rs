@@ -462,6 +462,19 @@ async fn metrics(
     for (l, n) in p.stats.limited_counts() {
         let _ = writeln!(o, "siplb_rate_limited_total{{limit=\"{l}\"}} {n}");
     }
+    let cap = &p.stats.capture;
+    let _ = writeln!(
+        o,
+        "# HELP siplb_capture_sent_total SIP messages sent to the HEP collector ([capture]).\n# TYPE siplb_capture_sent_total counter\nsiplb_capture_sent_total {}",
+        cap.sent.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP siplb_capture_dropped_total SIP messages not captured, by reason (queue_full: capture.queue was full; send_failed: the socket refused the packet, e.g. the collector is down; too_large: over 64 KiB).\n# TYPE siplb_capture_dropped_total counter"
+    );
+    for (r, n) in cap.dropped() {
+        let _ = writeln!(o, "siplb_capture_dropped_total{{reason=\"{r}\"}} {n}");
+    }
     let _ = writeln!(
         o,
         "# HELP siplb_connections Inbound stream connections open.\n# TYPE siplb_connections gauge\nsiplb_connections {}",

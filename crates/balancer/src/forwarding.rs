@@ -14,7 +14,10 @@
 //! `failover_timeout` after a reload fires on time; see [`Timers`]); one
 //! task ticks the core every 100 ms. Names (a Request-URI or
 //! Via with a host name) are resolved by a resolver task with a cache, so a
-//! slow resolver never stalls a socket.
+//! slow resolver never stalls a socket. With `[capture]`, each message is
+//! also handed to [`crate::capture`] where it is read and where it is
+//! written (after TLS and WebSocket: the plaintext); without, that is one
+//! branch on a `None`.
 
 mod ws;
 
@@ -34,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::capture::{Capture, Proto};
 use crate::config::{Config, Transport};
 use crate::router::{ConnId, Dest, Now, Origin, Outbox, Router, TimerKey};
 use crate::stats::DropReason;
@@ -89,6 +93,11 @@ struct Net {
     /// The UDP sockets, blocking (their threads wait in `recv_from`; a
     /// `send_to` on UDP does not wait).
     udp: Vec<Arc<std::net::UdpSocket>>,
+    /// Each UDP socket's own address (the capture's source of what it sends).
+    udp_local: Vec<SocketAddr>,
+    /// HEP capture (`[capture]`); `None` when off: then each hook below is
+    /// one branch and nothing else.
+    capture: Option<Capture>,
     conns: papaya::HashMap<ConnId, mpsc::Sender<Bytes>>,
     /// Our persistent connection to each TCP (`false`) and TLS (`true`)
     /// server, or user agent address a Request-URI named over TCP.
@@ -138,7 +147,7 @@ impl Net {
     fn perform_now(&self, out: &mut Outbox) {
         for (dest, bytes) in out.sends() {
             let ok = match dest {
-                Dest::Udp(to) => self.udp_for(*to).send_to(bytes, *to).is_ok(),
+                Dest::Udp(to) => self.send_udp(bytes, *to),
                 Dest::Conn(id) => self
                     .conns
                     .pin()
@@ -159,11 +168,16 @@ impl Net {
         out.clear();
     }
 
-    fn udp_for(&self, dest: SocketAddr) -> &std::net::UdpSocket {
-        // Any of our sockets will do (they share the port); keep one per
-        // destination so one flow keeps its order.
-        let i = (dest.port() as usize) % self.udp.len().max(1);
-        &self.udp[i]
+    /// Sends a datagram from one of our UDP sockets (any will do: they
+    /// share the port; one per destination, so one flow keeps its order),
+    /// captured when it went.
+    fn send_udp(&self, bytes: &[u8], to: SocketAddr) -> bool {
+        let i = (to.port() as usize) % self.udp.len().max(1);
+        let sent = self.udp[i].send_to(bytes, to).is_ok();
+        if sent && let Some(c) = &self.capture {
+            c.record(self.udp_local[i], to, Proto::Udp, bytes);
+        }
+        sent
     }
 
     fn send_server(self: &Net, addr: SocketAddr, tls: bool, bytes: &[u8]) -> bool {
@@ -218,20 +232,21 @@ impl Net {
                 return gone("TCP");
             };
             let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().unwrap_or(unspecified(addr));
             let origin = Origin::Conn {
                 peer: addr,
                 conn: id,
                 inbound: false,
             };
             match tls {
-                None => serve_outbound(net, stream, origin, rx).await,
+                None => serve_outbound(net, stream, origin, local, rx).await,
                 Some((connector, name)) => {
                     let hs = tokio::time::timeout(
                         Duration::from_secs(2),
                         connector.connect(name, stream),
                     );
                     match hs.await {
-                        Ok(Ok(s)) => serve_outbound(net, s, origin, rx).await,
+                        Ok(Ok(s)) => serve_outbound(net, s, origin, local, rx).await,
                         Ok(Err(e)) => gone(&format!("TLS: {e}")),
                         Err(_) => gone("TLS: handshake timed out"),
                     }
@@ -348,10 +363,26 @@ impl Prepared {
             udp.push(Arc::new(std_sock));
         }
         drop(sockets.udp);
+        let udp_local = udp
+            .iter()
+            .map(|s| s.local_addr())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("udp socket: {e}"))?;
+        let capture = match &router.config().capture {
+            Some(c) => {
+                let cap = Capture::start(c, router.stats.capture.clone())
+                    .map_err(|e| format!("capture: {e}"))?;
+                info!(hep = %c.hep, capture_id = c.capture_id, sample = c.sample, "capturing SIP to a HEP collector");
+                Some(cap)
+            }
+            None => None,
+        };
         let net = Arc::new_cyclic(|me: &std::sync::Weak<Net>| Net {
             me: me.clone(),
             router: router.clone(),
             udp: udp.clone(),
+            udp_local: udp_local.clone(),
+            capture,
             conns: papaya::HashMap::new(),
             servers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -371,14 +402,14 @@ impl Prepared {
             sockets: udp.clone(),
         };
         let runtime = tokio::runtime::Handle::current();
-        for (i, sock) in udp.into_iter().enumerate() {
+        for (i, (sock, local)) in udp.into_iter().zip(udp_local).enumerate() {
             let (net, stop, runtime) = (net.clone(), udp_threads.stop.clone(), runtime.clone());
             std::thread::Builder::new()
                 .name(format!("siplb-udp-{i}"))
                 .spawn(move || {
                     // A new connection or lookup the core asks for is a task.
                     let _rt = runtime.enter();
-                    udp_thread(&net, &sock, &stop);
+                    udp_thread(&net, &sock, local, &stop);
                 })
                 .map_err(|e| format!("udp thread: {e}"))?;
         }
@@ -588,14 +619,24 @@ const UDP_STOP_CHECK: Duration = Duration::from_millis(250);
 /// asks, as a datagram relay would. Measured against a task per socket on
 /// tokio's reactor (an `epoll_wait`, a wake-up and often another thread's
 /// futex per datagram): docs/benchmarks.md, "Runtime shape".
-fn udp_thread(net: &Net, socket: &std::net::UdpSocket, stop: &std::sync::atomic::AtomicBool) {
+fn udp_thread(
+    net: &Net,
+    socket: &std::net::UdpSocket,
+    local: SocketAddr,
+    stop: &std::sync::atomic::AtomicBool,
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut out = Outbox::new();
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
             // A socket shut for reading (the balancer stops) reads empty.
             Ok((0, _)) if stop.load(Ordering::Relaxed) => return,
-            Ok((n, peer)) => net.handle_now(&buf[..n], Origin::Udp { peer }, &mut out),
+            Ok((n, peer)) => {
+                if let Some(c) = &net.capture {
+                    c.record(peer, local, Proto::Udp, &buf[..n]);
+                }
+                net.handle_now(&buf[..n], Origin::Udp { peer }, &mut out);
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -613,15 +654,19 @@ async fn accept_loop(net: Arc<Net>, l: TcpListener, kind: Transport) {
                 Ok(guard) => {
                     let _ = s.set_nodelay(true);
                     let net = net.clone();
+                    let ends = Ends {
+                        peer,
+                        local: s.local_addr().unwrap_or(unspecified(peer)),
+                    };
                     match kind {
                         Transport::Tls | Transport::Wss => {
-                            tokio::spawn(tls_conn(net, s, peer, guard, kind));
+                            tokio::spawn(tls_conn(net, s, ends, guard, kind));
                         }
                         Transport::Ws => {
-                            tokio::spawn(ws::ws_conn(net, s, peer, guard, kind));
+                            tokio::spawn(ws::ws_conn(net, s, ends, guard, kind));
                         }
                         Transport::Tcp | Transport::Udp => {
-                            tokio::spawn(stream_conn(net, s, peer, guard, Transport::Tcp));
+                            tokio::spawn(stream_conn(net, s, ends, guard, Transport::Tcp));
                         }
                     }
                 }
@@ -642,22 +687,17 @@ async fn accept_loop(net: Arc<Net>, l: TcpListener, kind: Transport) {
 
 /// The TLS handshake of an admitted connection (bounded by
 /// `sip.message_timeout`, like a message head), then the connection.
-async fn tls_conn(
-    net: Arc<Net>,
-    s: TcpStream,
-    peer: SocketAddr,
-    admitted: Admitted,
-    kind: Transport,
-) {
+async fn tls_conn(net: Arc<Net>, s: TcpStream, ends: Ends, admitted: Admitted, kind: Transport) {
+    let peer = ends.peer;
     let Some(tls) = net.tls.clone() else { return };
     let limit = net.router.config().message_timeout;
     match tokio::time::timeout(limit, tls.acceptor().accept(s)).await {
         Ok(Ok(stream)) => {
             debug!(%peer, "tls handshake done");
             if kind == Transport::Wss {
-                ws::ws_conn(net, stream, peer, admitted, kind).await;
+                ws::ws_conn(net, stream, ends, admitted, kind).await;
             } else {
-                stream_conn(net, stream, peer, admitted, Transport::Tls).await;
+                stream_conn(net, stream, ends, admitted, Transport::Tls).await;
             }
         }
         Ok(Err(e)) => {
@@ -673,6 +713,25 @@ async fn tls_conn(
             debug!(%peer, "tls handshake not done in time");
         }
     }
+}
+
+/// The two ends of a connection: the other's address and ours (what the
+/// capture says a message came from and went to).
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+/// The wildcard address of `like`'s family: our end when the socket cannot
+/// say.
+fn unspecified(like: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = if like.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(ip, 0)
 }
 
 /// An admitted inbound connection: counted until it is dropped.
@@ -731,17 +790,26 @@ async fn serve_outbound<S>(
     net: std::sync::Weak<Net>,
     stream: S,
     origin: Origin,
+    local: SocketAddr,
     mut rx: mpsc::Receiver<Bytes>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let (r, mut w) = tokio::io::split(stream);
+    let ends = Ends {
+        peer: origin.peer(),
+        local,
+    };
+    let capture = net.upgrade().and_then(|n| n.capture.clone());
     let reader = net
         .upgrade()
-        .map(|n| tokio::spawn(read_stream(n, r, origin)));
+        .map(|n| tokio::spawn(read_stream(n, r, origin, local)));
     while let Some(b) = rx.recv().await {
         if w.write_all(&b).await.is_err() {
             break;
+        }
+        if let Some(c) = &capture {
+            c.record_bytes(ends.local, ends.peer, Proto::Tcp, &b);
         }
     }
     if let Some(r) = reader {
@@ -757,12 +825,14 @@ async fn serve_outbound<S>(
 async fn stream_conn<S>(
     net: Arc<Net>,
     stream: S,
-    peer: SocketAddr,
+    ends: Ends,
     admitted: Admitted,
     transport: Transport,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
+    let peer = ends.peer;
+    let capture = net.capture.clone();
     let id = net.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
     net.conns.pin().insert(id, tx);
@@ -777,6 +847,9 @@ async fn stream_conn<S>(
                         if w.write_all(&b).await.is_err() {
                             return;
                         }
+                        if let Some(c) = &capture {
+                            c.record_bytes(ends.local, ends.peer, Proto::Tcp, &b);
+                        }
                     }
                     None => return,
                 },
@@ -788,6 +861,9 @@ async fn stream_conn<S>(
                     while let Ok(b) = rx.try_recv() {
                         if w.write_all(&b).await.is_err() {
                             return;
+                        }
+                        if let Some(c) = &capture {
+                            c.record_bytes(ends.local, ends.peer, Proto::Tcp, &b);
                         }
                     }
                     let _ = w.shutdown().await;
@@ -801,7 +877,7 @@ async fn stream_conn<S>(
         conn: id,
         inbound: true,
     };
-    read_stream(net.clone(), r, origin).await;
+    read_stream(net.clone(), r, origin, ends.local).await;
     debug!(%peer, conn = id, "connection closed");
     net.router.conn_closed(id);
     net.conns.pin().remove(&id);
@@ -817,8 +893,14 @@ async fn stream_conn<S>(
     drop(admitted);
 }
 
-/// Reads framed messages from a stream and hands them to the core.
-async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, origin: Origin) {
+/// Reads framed messages from a stream (`local`: our end) and hands them
+/// to the core.
+async fn read_stream<R: tokio::io::AsyncRead + Unpin>(
+    net: Arc<Net>,
+    mut r: R,
+    origin: Origin,
+    local: SocketAddr,
+) {
     let max = net.router.config().max_message_size;
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut out = Outbox::new();
@@ -838,6 +920,10 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(net: Arc<Net>, mut r: R, o
             match framer.check(&buf[consumed..], max) {
                 Ok(sip::Frame::Message(n)) => {
                     crlf = 0;
+                    if let Some(c) = &net.capture {
+                        let msg = &buf[consumed..consumed + n];
+                        c.record(origin.peer(), local, Proto::Tcp, msg);
+                    }
                     net.handle(&buf[consumed..consumed + n], origin, &mut out)
                         .await;
                     consumed += n;
@@ -1027,7 +1113,7 @@ async fn resolver_task(net: Arc<Net>, mut rx: mpsc::Receiver<(Box<str>, u16, Byt
             .map(|(a, _)| *a);
         match hit {
             Some(Some(a)) => {
-                let _ = net.udp_for(a).send_to(&bytes, a);
+                net.send_udp(&bytes, a);
             }
             Some(None) => net.router.stats.drop(DropReason::NoRoute),
             None => {
@@ -1058,7 +1144,7 @@ async fn resolver_task(net: Arc<Net>, mut rx: mpsc::Receiver<(Box<str>, u16, Byt
                         .insert((host, port), (found, until));
                     match found {
                         Some(a) => {
-                            let _ = net.udp_for(a).send_to(&bytes, a);
+                            net.send_udp(&bytes, a);
                         }
                         None => net.router.stats.drop(DropReason::NoRoute),
                     }

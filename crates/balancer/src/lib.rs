@@ -15,11 +15,14 @@
 //!   load-computation inputs, and the scoring parameters live-changeable;
 //! - [`sessions`], [`merge`], [`outlier`], [`pool`] — the pure parts routing uses;
 //! - [`lifecycle`] — `/healthz`, `/readyz` and systemd's notify protocol.
+//! - [`capture`] — HEPv3 call capture: the encoding (pure) and the queue
+//!   and thread the shell hands messages to.
 //!
-//! Everything but `forwarding`, `service`, `lifecycle` and `admin` is pure: no sockets,
+//! Everything but `forwarding`, `service`, `lifecycle`, `admin` and `capture`'s thread is pure: no sockets,
 //! no clock, no global RNG.
 
 pub mod admin;
+pub mod capture;
 pub mod codec;
 pub mod config;
 pub mod discover;

@@ -165,6 +165,8 @@ pub struct Stats {
     limited: [AtomicU64; LIMITS.len()],
     /// Responses we generated ourselves, by code.
     refusals: Box<[AtomicU64]>,
+    /// HEP capture (`[capture]`): sent and dropped, shared with its thread.
+    pub capture: std::sync::Arc<crate::capture::CaptureStats>,
 }
 
 impl Default for Stats {
@@ -178,6 +180,7 @@ impl Default for Stats {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             limited: std::array::from_fn(|_| AtomicU64::new(0)),
             refusals: (0..600).map(|_| AtomicU64::new(0)).collect(),
+            capture: std::sync::Arc::default(),
         }
     }
 }

@@ -270,6 +270,7 @@ pub fn loopback_config(
             enabled: false,
             ..balancer::config::LimitsConfig::default()
         },
+        capture: None,
         servers,
         dns: balancer::config::DnsConfig::default(),
         discover: Vec::new(),

@@ -3,12 +3,15 @@
 //! error names the field.
 
 mod admin;
+mod capture;
 mod limits;
 
 mod dns;
 
 pub use admin::{AdminConfig, AdminToken, MIN_TOKEN_LEN};
 use admin::{AdminSection, admin_config};
+pub use capture::{CaptureConfig, CaptureTransport};
+use capture::{CaptureSection, capture_config};
 pub use dns::{DiscoverConfig, DiscoverKind, DnsConfig, host_port};
 pub use limits::{LimitsConfig, OverLimit};
 use limits::{LimitsSection, limits_config};
@@ -341,6 +344,8 @@ struct FileConfig {
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
+    capture: CaptureSection,
+    #[serde(default)]
     servers: Vec<ServerSection>,
     #[serde(default)]
     dns: dns::DnsSection,
@@ -472,6 +477,8 @@ pub struct Config {
     pub legacy_sb: bool,
     /// Per-source limits.
     pub limits: LimitsConfig,
+    /// HEPv3 call capture (`[capture]`; None: off). Restart-only.
+    pub capture: Option<CaptureConfig>,
     /// The pool (the servers given by address).
     pub servers: Vec<ServerConfig>,
     /// How names are resolved (`[dns]`).
@@ -801,6 +808,7 @@ impl Config {
         };
 
         let admin = admin_config(f.admin, base)?;
+        let capture = capture_config(f.capture)?;
 
         f.scoring.validate().map_err(|e| ConfigError {
             field: format!("scoring.{}", e.field),
@@ -981,6 +989,7 @@ impl Config {
             scoring: f.scoring,
             admin,
             limits,
+            capture,
             servers,
             dns,
             discover,

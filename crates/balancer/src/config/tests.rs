@@ -362,3 +362,43 @@ fn servers_by_name_and_discover_entries() {
     .unwrap_err();
     assert_eq!(e.field, "discover[0].name");
 }
+
+#[test]
+fn capture_is_off_by_default_and_checked_field_by_field() {
+    assert_eq!(Config::parse(GOOD, &base()).unwrap().capture, None);
+    let with = |section: &str| Config::parse(&format!("[capture]\n{section}\n{GOOD}"), &base());
+    let c = with("hep = \"127.0.0.1:9060\"").unwrap().capture.unwrap();
+    assert_eq!(c.hep, "127.0.0.1:9060".parse().unwrap());
+    assert_eq!(
+        (c.transport, c.capture_id, c.sample, c.queue, c.password),
+        (CaptureTransport::Udp, 2001, 1.0, 10_000, None)
+    );
+    let c = with(
+        "hep = \"[::1]:9061\"\ncapture_id = 7\nsample = 0.25\nqueue = 5\npassword = \"homer\"",
+    )
+    .unwrap()
+    .capture
+    .unwrap();
+    assert_eq!(
+        (c.hep.port(), c.capture_id, c.sample, c.queue),
+        (9061, 7, 0.25, 5)
+    );
+    assert_eq!(c.password.as_deref(), Some("homer"));
+    for (section, field) in [
+        ("hep = \"homer.example:9060\"", "capture.hep"),
+        ("hep = \"127.0.0.1\"", "capture.hep"),
+        ("hep = \"0.0.0.0:9060\"", "capture.hep"),
+        ("hep = \"127.0.0.1:9060\"\nsample = 1.5", "capture.sample"),
+        ("hep = \"127.0.0.1:9060\"\nsample = -0.1", "capture.sample"),
+        ("hep = \"127.0.0.1:9060\"\nqueue = 0", "capture.queue"),
+        ("hep = \"127.0.0.1:9060\"\nqueue = 100001", "capture.queue"),
+        (
+            "hep = \"127.0.0.1:9060\"\npassword = \"\"",
+            "capture.password",
+        ),
+    ] {
+        assert_eq!(with(section).unwrap_err().field, field, "{section}");
+    }
+    let e = with("hep = \"127.0.0.1:9060\"\ntransport = \"sctp\"").unwrap_err();
+    assert_eq!(e.field, "capture.transport", "{e}");
+}

@@ -19,7 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::debug;
 
-use super::{Admitted, CONN_QUEUE, Net};
+use super::{Admitted, CONN_QUEUE, Ends, Net};
+use crate::capture::Proto;
 use crate::config::Transport;
 use crate::router::{Origin, Outbox};
 use crate::stats::ConnEvent;
@@ -74,12 +75,14 @@ fn check_upgrade(
 pub(super) async fn ws_conn<S>(
     net: Arc<Net>,
     stream: S,
-    peer: SocketAddr,
+    ends: Ends,
     admitted: Admitted,
     transport: Transport,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let peer: SocketAddr = ends.peer;
+    let capture = net.capture.clone();
     let cfg = net.router.config();
     let (path, origins) = (cfg.ws_path.clone(), cfg.ws_origins.clone());
     let limits = WebSocketConfig::default()
@@ -120,6 +123,9 @@ pub(super) async fn ws_conn<S>(
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(b) => {
+                        if let Some(c) = &capture {
+                            c.record_bytes(ends.local, ends.peer, Proto::Tcp, &b);
+                        }
                         if sink.send(text(b)).await.is_err() {
                             return;
                         }
@@ -130,6 +136,9 @@ pub(super) async fn ws_conn<S>(
                     // The reader is done: what is queued, then the close
                     // (our answer to theirs, or ours), flushed.
                     while let Ok(b) = rx.try_recv() {
+                        if let Some(c) = &capture {
+                            c.record_bytes(ends.local, ends.peer, Proto::Tcp, &b);
+                        }
                         if sink.send(text(b)).await.is_err() {
                             return;
                         }
@@ -156,9 +165,19 @@ pub(super) async fn ws_conn<S>(
                 break;
             }
         };
+        let sip: Option<&[u8]> = match &next {
+            Some(Ok(Message::Text(t))) => Some(t.as_bytes()),
+            Some(Ok(Message::Binary(b))) => Some(b),
+            _ => None,
+        };
+        if let Some(sip) = sip {
+            if let Some(c) = &net.capture {
+                c.record(ends.peer, ends.local, Proto::Tcp, sip);
+            }
+            net.handle(sip, origin, &mut out).await;
+            continue;
+        }
         match next {
-            Some(Ok(Message::Text(t))) => net.handle(t.as_bytes(), origin, &mut out).await,
-            Some(Ok(Message::Binary(b))) => net.handle(&b, origin, &mut out).await,
             Some(Ok(Message::Close(_))) | None => break,
             // Pings are answered by the layer below; pongs and raw frames
             // carry no SIP.

@@ -270,8 +270,9 @@ impl Router {
     }
 
     /// Takes a re-read config: the pool, scoring, policy and routing settings
-    /// change; listen addresses, transports, `sip.advertise`, the secret and
-    /// the agent key need a restart (logged, and kept as they are).
+    /// change; listen addresses, transports, `sip.advertise`, the secret,
+    /// `[capture]` and the agent key need a restart (logged, and kept as
+    /// they are).
     pub fn reload(&self, mut new: Config) {
         let cur = self.cfg.load();
         if new.listen != cur.listen || new.transports != cur.transports {
@@ -294,6 +295,10 @@ impl Router {
             );
             new.discover.clone_from(&cur.discover);
             new.dns.clone_from(&cur.dns);
+        }
+        if new.capture != cur.capture {
+            warn!("[capture] changed: takes effect at the next restart");
+            new.capture.clone_from(&cur.capture);
         }
         if let Err(e) = self.scoring.set(new.scoring) {
             warn!(error = %e, "scoring not changed");
