@@ -28,6 +28,20 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// `host[:port]` of `field`, the port `default_port` when not given.
+fn host_port(field: &str, text: &str, default_port: u16) -> Result<(String, u16), ConfigError> {
+    match sip::uri::Uri::parse(format!("sip:{text}").as_bytes()) {
+        Ok(u) if u.user.is_none() && u.params.is_empty() && u.headers.is_empty() => {
+            let host = u.host.map(|h| h.to_string()).unwrap_or_default();
+            if host.is_empty() {
+                return err(field, format!("'{text}' is not host[:port]"));
+            }
+            Ok((host, u.port.unwrap_or(default_port)))
+        }
+        _ => err(field, format!("'{text}' is not host[:port]")),
+    }
+}
+
 fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError {
         field: field.into(),
@@ -152,6 +166,7 @@ struct SipSection {
     listen: Vec<SocketAddr>,
     transports: Vec<Transport>,
     advertise: Option<String>,
+    record_route: Option<String>,
     max_message_size: usize,
     udp_sockets: usize,
     max_connections: usize,
@@ -174,6 +189,7 @@ impl Default for SipSection {
             listen: default_listen(),
             transports: default_transports(),
             advertise: None,
+            record_route: None,
             max_message_size: sip::DEFAULT_MAX_SIZE,
             udp_sockets: 2,
             max_connections: 10_000,
@@ -334,7 +350,16 @@ struct FileConfig {
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
+    pool: PoolSection,
+    #[serde(default)]
     servers: Vec<ServerSection>,
+}
+
+/// `[pool]`: this instance among several balancers that act as one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PoolSection {
+    instance: Option<u16>,
 }
 
 /// One SIP server of the pool.
@@ -389,6 +414,14 @@ pub struct Config {
     pub advertise_host: String,
     /// Port written with it.
     pub advertise_port: u16,
+    /// `host` of our Record-Route and Path (`sip.record_route`: the pool's
+    /// DNS name or virtual IP; `advertise_host` when not set).
+    pub record_route_host: String,
+    /// Port written with it (UDP and TCP; TLS and WebSocket keep their ports).
+    pub record_route_port: u16,
+    /// This instance's number in its pool (`pool.instance`), written into
+    /// the flow tokens of connections it holds; `None`: a lone balancer.
+    pub instance: Option<u16>,
     /// Largest message accepted.
     pub max_message_size: usize,
     /// UDP sockets per address (SO_REUSEPORT), for more than one core.
@@ -621,13 +654,11 @@ impl Config {
                 };
                 (host, a.port())
             }
-            Some(adv) => match sip::uri::Uri::parse(format!("sip:{adv}").as_bytes()) {
-                Ok(u) if u.user.is_none() && u.params.is_empty() && u.headers.is_empty() => {
-                    let host = u.host.map(|h| h.to_string()).unwrap_or_default();
-                    (host, u.port.unwrap_or(s.listen[0].port()))
-                }
-                _ => return err("sip.advertise", format!("'{adv}' is not host[:port]")),
-            },
+            Some(adv) => host_port("sip.advertise", adv, s.listen[0].port())?,
+        };
+        let (record_route_host, record_route_port) = match &s.record_route {
+            None => (advertise_host.clone(), advertise_port),
+            Some(rr) => host_port("sip.record_route", rr, advertise_port)?,
         };
 
         let r = f.routing;
@@ -865,6 +896,9 @@ impl Config {
             ws_origins: s.ws_origins,
             advertise_host,
             advertise_port,
+            record_route_host,
+            record_route_port,
+            instance: f.pool.instance,
             max_message_size: s.max_message_size,
             udp_sockets: s.udp_sockets,
             max_connections: s.max_connections,

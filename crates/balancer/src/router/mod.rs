@@ -67,14 +67,29 @@ use fork::Fork;
 use txn::ClientTxn;
 
 /// How we name ourselves on the wire; fixed for the life of the process
-/// (`sip.advertise` changes take effect at a restart, so that the Vias we
-/// wrote before a reload still read as ours after it).
+/// (`sip.advertise` and `sip.record_route` changes take effect at a
+/// restart, so that the Vias and Routes we wrote before a reload still read
+/// as ours after it).
+///
+/// Two names: this instance (`sip.advertise`, in our Via, so responses come
+/// back to the instance that holds the transaction) and the pool
+/// (`sip.record_route`, in our Record-Route and Path, so a dialog's later
+/// requests and a registrar's requests reach whichever instance of the pool
+/// is alive; the `sb` and `flow` tokens carry what that instance needs).
+/// Both read as ours in a Route, a Via or a Request-URI.
 #[derive(Debug)]
 struct Me {
     host: String,
     /// `host` when it is an IP address (compared without allocating).
     ip: Option<std::net::IpAddr>,
     port: u16,
+    /// The pool's name (`sip.record_route`; `host` when not set).
+    pool_host: String,
+    pool_ip: Option<std::net::IpAddr>,
+    pool_port: u16,
+    /// This instance's number in the pool (`pool.instance`), in the flow
+    /// tokens of the connections it holds.
+    instance: Option<u16>,
     /// The ports of our other listeners (TLS, WS, WSS) that are on.
     other_ports: SmallVec<[u16; 3]>,
     /// Per transport ([`Me::index`]): `SIP/2.0/UDP host:port;branch=`.
@@ -103,6 +118,15 @@ impl Me {
             Transport::Wss => cfg.wss_port,
         };
         let hostport = |t: Transport| format!("{}:{}", cfg.advertise_host, port_of(t));
+        // The pool listens on the same TLS and WebSocket ports everywhere;
+        // its UDP/TCP port is the one `sip.record_route` names.
+        let pool_hostport = |t: Transport| {
+            let port = match t {
+                Transport::Udp | Transport::Tcp => cfg.record_route_port,
+                t => port_of(t),
+            };
+            format!("{}:{port}", cfg.record_route_host)
+        };
         // RFC 7118 §5.2: `ws` names plain and secure WebSocket alike.
         let param = |t: Transport| match t {
             Transport::Udp => String::new(),
@@ -113,14 +137,18 @@ impl Me {
             host: cfg.advertise_host.clone(),
             ip: cfg.advertise_host.trim_matches(['[', ']']).parse().ok(),
             port: cfg.advertise_port,
+            pool_host: cfg.record_route_host.clone(),
+            pool_ip: cfg.record_route_host.trim_matches(['[', ']']).parse().ok(),
+            pool_port: cfg.record_route_port,
+            instance: cfg.instance,
             other_ports: [Transport::Tls, Transport::Ws, Transport::Wss]
                 .into_iter()
                 .filter(|t| cfg.transports.contains(t))
                 .map(port_of)
                 .collect(),
             vias: TRANSPORTS.map(|t| format!("SIP/2.0/{} {};branch=", t.via_name(), hostport(t))),
-            rrs: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", hostport(t), param(t))),
-            paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", hostport(t), param(t))),
+            rrs: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", pool_hostport(t), param(t))),
+            paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", pool_hostport(t), param(t))),
         }
     }
 
@@ -266,6 +294,15 @@ impl Router {
             warn!("sip.advertise changed: takes effect at the next restart");
             new.advertise_host.clone_from(&cur.advertise_host);
             new.advertise_port = cur.advertise_port;
+        }
+        if new.record_route_host != cur.record_route_host
+            || new.record_route_port != cur.record_route_port
+            || new.instance != cur.instance
+        {
+            warn!("sip.record_route / pool.instance changed: takes effect at the next restart");
+            new.record_route_host.clone_from(&cur.record_route_host);
+            new.record_route_port = cur.record_route_port;
+            new.instance = cur.instance;
         }
         if new.secret != cur.secret {
             warn!("routing.secret changed: takes effect at the next restart");
@@ -516,14 +553,16 @@ impl Router {
     }
 
     /// Whether `host:port` names this balancer (its SIP port, or its TLS
-    /// port when it has one).
+    /// or WebSocket port when it has one): this instance, or its pool.
     fn is_ours(&self, host: &sip::Host<'_>, port: Option<u16>) -> bool {
         let port = port.unwrap_or(5060);
-        (port == self.me.port || self.me.other_ports.contains(&port))
-            && match host {
-                sip::Host::Name(n) => n.eq_ignore_ascii_case(self.me.host.as_bytes()),
-                h => h.ip().is_some() && h.ip() == self.me.ip,
-            }
+        let named = |name: &str, ip: Option<std::net::IpAddr>| match host {
+            sip::Host::Name(n) => n.eq_ignore_ascii_case(name.as_bytes()),
+            h => h.ip().is_some() && h.ip() == ip,
+        };
+        let other = self.me.other_ports.contains(&port);
+        ((port == self.me.port || other) && named(&self.me.host, self.me.ip))
+            || ((port == self.me.pool_port || other) && named(&self.me.pool_host, self.me.pool_ip))
     }
 
     /// Whether a URI (a Route, a Record-Route) names this balancer.

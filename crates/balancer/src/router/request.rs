@@ -46,6 +46,9 @@ pub(super) enum FlowRef {
     },
     /// A connection that has closed: 430 Flow Failed (RFC 5626 §5.3).
     Gone,
+    /// A connection another instance of the pool holds (`pool.instance`):
+    /// not reachable from here, so 430 Flow Failed as well.
+    Elsewhere(u16),
 }
 
 /// How a request is written for one server.
@@ -248,7 +251,11 @@ impl Router {
     /// A flow token checked: live, gone (a closed connection), or `None`
     /// when it is not ours.
     fn check_flow(&self, token: &[u8]) -> Option<FlowRef> {
-        match Keys::parse_flow(token)? {
+        let (flow, holder) = Keys::parse_flow(token)?;
+        match flow {
+            Flow::Conn(_) if holder.is_some() && holder != self.me.instance => {
+                Some(FlowRef::Elsewhere(holder.unwrap_or_default()))
+            }
             Flow::Conn(id) => match self.flow_info(id) {
                 Some(info) if self.keys.verify_flow(token, info.peer) => Some(FlowRef::Live {
                     flow: Flow::Conn(id),
@@ -307,7 +314,7 @@ impl Router {
         self.keys.write_sb_bound(server, call_id, &mut out.0);
         if let Some((f, peer)) = flow {
             out.0.extend_from_slice(b";flow=");
-            self.keys.write_flow(f, peer, &mut out.0);
+            self.keys.write_flow(f, self.me.instance, peer, &mut out.0);
         }
         out.0.push(b'>');
     }
@@ -793,7 +800,7 @@ impl Router {
             let (_, flow) = self.ua_side(msg, origin, true);
             path.0.extend_from_slice(self.me.path(srv_t).as_bytes());
             if let Some((f, p)) = flow {
-                self.keys.write_flow(f, p, &mut path.0);
+                self.keys.write_flow(f, self.me.instance, p, &mut path.0);
             }
             path.0.push(b'>');
         }
@@ -878,6 +885,18 @@ impl Router {
         let (dest, ua_t, flow) = match route.flow {
             Some(FlowRef::Gone) => {
                 return self.reply(msg, 430, "Flow Failed", &[], back, out);
+            }
+            Some(FlowRef::Elsewhere(holder)) => {
+                debug!(call_id = %String::from_utf8_lossy(msg.call_id()), holder, "flow held by another instance");
+                self.stats.flow_elsewhere.fetch_add(1, Ordering::Relaxed);
+                return self.reply(
+                    msg,
+                    430,
+                    "Flow Failed (held by another balancer instance)",
+                    &[],
+                    back,
+                    out,
+                );
             }
             Some(FlowRef::Live {
                 flow,
