@@ -381,3 +381,54 @@ fn a_flow_held_by_another_instance_gets_430_and_its_own_instance_reaches_it() {
     );
     assert_eq!(status(&sent[0].1), Some(430), "{sent:?}");
 }
+
+#[test]
+fn a_drained_instance_refuses_new_sessions_and_registers_and_serves_its_dialogs() {
+    let extra = format!("record_route = \"{POOL}\"");
+    let mut a = Instance::new(
+        "drain",
+        "10.0.0.1:5060",
+        &extra,
+        "[pool]\ninstance = 1\ndrain_retry_after = 30",
+    );
+    let ua = addr("192.0.2.10:5070");
+    let sent = a.feed(&invite("before", ua), Origin::Udp { peer: ua }, 0);
+    let (server, inv) = to_server(&sent);
+    let rr = header_values(&inv, "record-route")[0].to_owned();
+
+    a.router.set_instance_drained(true);
+    assert!(a.router.instance_drained());
+    let sent = a.feed(&invite("during", ua), Origin::Udp { peer: ua }, 10);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, Dest::Udp(ua));
+    assert_eq!(status(&sent[0].1), Some(503), "{}", sent[0].1);
+    assert!(
+        sent[0].1.contains("\r\nRetry-After: 30\r\n"),
+        "{}",
+        sent[0].1
+    );
+    let phone = addr("203.0.113.6:41000");
+    a.router.conn_opened(3, phone, Transport::Tcp);
+    let sent = a.feed(
+        &register_tcp("bob", phone),
+        Origin::Conn {
+            peer: phone,
+            conn: 3,
+            inbound: true,
+        },
+        20,
+    );
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(status(&sent[0].1), Some(503), "REGISTER too: {}", sent[0].1);
+
+    // The call set up before the drain goes on to its end.
+    let bye = in_dialog("BYE", 2, "before", ua, &rr, &format!("sip:bob@{server}"));
+    let sent = a.feed(&bye, Origin::Udp { peer: ua }, 30);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, Dest::Udp(server), "{sent:?}");
+    assert!(sent[0].1.starts_with("BYE "));
+
+    a.router.set_instance_drained(false);
+    let sent = a.feed(&invite("after", ua), Origin::Udp { peer: ua }, 40);
+    to_server(&sent);
+}

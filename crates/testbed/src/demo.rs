@@ -236,6 +236,7 @@ pub fn loopback_config(
         record_route_host: lb_addr.ip().to_string(),
         record_route_port: lb_addr.port(),
         instance: None,
+        drain_retry_after: 5,
         max_message_size: sip::DEFAULT_MAX_SIZE,
         udp_sockets: 1,
         max_connections: 10_000,

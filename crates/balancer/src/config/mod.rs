@@ -360,6 +360,7 @@ struct FileConfig {
 #[serde(default, deny_unknown_fields)]
 struct PoolSection {
     instance: Option<u16>,
+    drain_retry_after: Option<u32>,
 }
 
 /// One SIP server of the pool.
@@ -422,6 +423,9 @@ pub struct Config {
     /// This instance's number in its pool (`pool.instance`), written into
     /// the flow tokens of connections it holds; `None`: a lone balancer.
     pub instance: Option<u16>,
+    /// Seconds in `Retry-After` of our 503s while this instance is drained
+    /// (`pool.drain_retry_after`; `retry_after` when not set).
+    pub drain_retry_after: u32,
     /// Largest message accepted.
     pub max_message_size: usize,
     /// UDP sockets per address (SO_REUSEPORT), for more than one core.
@@ -899,6 +903,7 @@ impl Config {
             record_route_host,
             record_route_port,
             instance: f.pool.instance,
+            drain_retry_after: f.pool.drain_retry_after.unwrap_or(r.retry_after),
             max_message_size: s.max_message_size,
             udp_sockets: s.udp_sockets,
             max_connections: s.max_connections,

@@ -211,6 +211,11 @@ pub struct Router {
     epoch: Instant,
     /// Set by a graceful stop: new sessions are refused.
     pub stopping: AtomicBool,
+    /// This whole instance drained (`POST /drain`): new sessions and
+    /// REGISTERs refused with 503 and `pool.drain_retry_after`, so user
+    /// agents move to another instance of the pool; in-dialog traffic
+    /// served until it ends.
+    draining: AtomicBool,
     /// Next OPTIONS probe due per server id, and the last sweep (ms).
     probe_due: Mutex<std::collections::HashMap<Arc<str>, u64>>,
     last_sweep: AtomicU64,
@@ -260,6 +265,7 @@ impl Router {
             forks: papaya::HashMap::new(),
             epoch,
             stopping: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             probe_due: Mutex::new(std::collections::HashMap::new()),
             last_sweep: AtomicU64::new(0),
             limiter: ArcSwap::from_pointee(limiter),
@@ -379,6 +385,19 @@ impl Router {
             }
             None => false,
         }
+    }
+
+    /// Drains or undrains this whole instance (new sessions and REGISTERs
+    /// refused with 503; dialogs and transactions under way go on).
+    pub fn set_instance_drained(&self, drained: bool) {
+        self.draining.store(drained, Ordering::Relaxed);
+        info!(drained, "instance drain state changed");
+    }
+
+    /// Whether this instance is drained.
+    #[must_use]
+    pub fn instance_drained(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// A user agent opened connection `id` to us from `peer`: a flow that

@@ -169,6 +169,10 @@ impl Router {
             return self.new_transaction(cfg, msg, &pool, route, origin, now, rng, out);
         }
         if method == Method::Register && route.target.is_none() {
+            if self.instance_drained() {
+                // A phone that registers elsewhere takes its flow there too.
+                return self.refuse_drained(cfg, msg, back, out);
+            }
             return self.register(cfg, msg, &pool, route.pop, loop_hash, origin, now, out);
         }
         let ms = self.ms(now);
@@ -491,6 +495,21 @@ impl Router {
         false
     }
 
+    /// Our 503 to a new session or a REGISTER while this instance is
+    /// drained: the user agent tries the next instance of the pool (RFC
+    /// 3263 §4.3) and comes back after `Retry-After` at the earliest.
+    fn refuse_drained(&self, cfg: &Config, msg: &Message<'_>, back: Dest, out: &mut Outbox) {
+        let ra = format!("Retry-After: {}", cfg.drain_retry_after);
+        self.reply(
+            msg,
+            503,
+            "Service Unavailable (draining)",
+            &[ra.as_bytes()],
+            back,
+            out,
+        );
+    }
+
     /// A server for a new session, or our refusal (503, or a counted drop)
     /// when there is none. `prefer` is tried first when usable.
     #[allow(clippy::too_many_arguments)]
@@ -505,6 +524,10 @@ impl Router {
         out: &mut Outbox,
         back: Dest,
     ) -> Option<Arc<Server>> {
+        if self.instance_drained() {
+            self.refuse_drained(cfg, msg, back, out);
+            return None;
+        }
         if self.stopping.load(Ordering::Relaxed) {
             let ra = format!("Retry-After: {}", cfg.retry_after);
             self.reply(
