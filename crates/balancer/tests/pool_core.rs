@@ -334,13 +334,16 @@ fn a_flow_held_by_another_instance_gets_430_and_its_own_instance_reaches_it() {
     let (server, reg) = to_server(&sent);
     let path = header_values(&reg, "path")[0].to_owned();
     assert!(
-        path.starts_with(&format!("<sip:{POOL}:5060;lr;ob;flow=i0001")),
-        "the Path names the pool and a flow of instance 1: {path}"
+        path.starts_with("<sip:10.0.0.1:5060;lr;ob;flow=i0001"),
+        "a phone on A's connection: the Path names A, and its flow instance 1: {path}"
     );
 
-    // The registrar's INVITE by the Path reaches B: not B's connection.
+    // Should the registrar's request reach B anyway (a route naming the
+    // pool with A's token: a Path stored from a misconfigured instance, an
+    // address moved), B does not take the id for its own connection 9.
+    let by_pool = path.replace("10.0.0.1", POOL);
     let sent = b.feed(
-        &invite_by_path(&path, server, "elsewhere-1"),
+        &invite_by_path(&by_pool, server, "elsewhere-1"),
         Origin::Udp { peer: server },
         10,
     );
@@ -370,6 +373,24 @@ fn a_flow_held_by_another_instance_gets_430_and_its_own_instance_reaches_it() {
         header_values(&inv.1, "via")[0].starts_with("SIP/2.0/TCP 10.0.0.1:5060;"),
         "{}",
         inv.1
+    );
+    // The dialog's routes name A on both sides (a double Record-Route, TCP
+    // to the phone, UDP to the server): only A reaches the phone.
+    let rr = header_values(&inv.1, "record-route");
+    assert_eq!(rr.len(), 2, "{}", inv.1);
+    for r in &rr {
+        assert!(r.starts_with("<sip:10.0.0.1:5060"), "{r}");
+    }
+    // A phone over UDP has no owner: its Path names the pool.
+    let nat = addr("203.0.113.7:40000");
+    let reg = register_tcp("carol", nat)
+        .replace("SIP/2.0/TCP", "SIP/2.0/UDP")
+        .replace(";transport=tcp", "");
+    let (_, reg) = to_server(&a.feed(&reg, Origin::Udp { peer: nat }, 25));
+    let udp_path = header_values(&reg, "path")[0].to_owned();
+    assert!(
+        udp_path.starts_with(&format!("<sip:{POOL}:5060;lr;ob;flow=4")),
+        "{udp_path}"
     );
 
     // Once A has lost it (A restarted, the phone not yet back), 430 there too.

@@ -76,7 +76,12 @@ use txn::ClientTxn;
 /// (`sip.record_route`, in our Record-Route and Path, so a dialog's later
 /// requests and a registrar's requests reach whichever instance of the pool
 /// is alive; the `sb` and `flow` tokens carry what that instance needs).
-/// Both read as ours in a Route, a Via or a Request-URI.
+/// Except where the phone is on a connection (TCP, TLS, WebSocket) it
+/// opened to this instance: only this instance can send on it, so the
+/// Record-Route and Path of that dialog or registration name this
+/// instance (behind SRV the pool's name would reach another instance, which
+/// could only answer 430). Both names read as ours in a Route, a Via or a
+/// Request-URI.
 #[derive(Debug)]
 struct Me {
     host: String,
@@ -95,10 +100,14 @@ struct Me {
     /// Per transport ([`Me::index`]): `SIP/2.0/UDP host:port;branch=`.
     vias: [String; 5],
     /// `<sip:host:port[;transport=tcp];lr;sb=` (UDP without the parameter,
-    /// as it always was).
+    /// as it always was), naming the pool.
     rrs: [String; 5],
-    /// `<sip:host:port[;transport=tcp];lr;ob;flow=` (our Path).
+    /// `<sip:host:port[;transport=tcp];lr;ob;flow=` (our Path), naming the pool.
     paths: [String; 5],
+    /// The same two naming this instance: for a phone on a connection of
+    /// ours, which only this instance can reach.
+    rrs_here: [String; 5],
+    paths_here: [String; 5],
 }
 
 const TRANSPORTS: [Transport; 5] = [
@@ -149,6 +158,8 @@ impl Me {
             vias: TRANSPORTS.map(|t| format!("SIP/2.0/{} {};branch=", t.via_name(), hostport(t))),
             rrs: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", pool_hostport(t), param(t))),
             paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", pool_hostport(t), param(t))),
+            rrs_here: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", hostport(t), param(t))),
+            paths_here: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", hostport(t), param(t))),
         }
     }
 
@@ -167,14 +178,25 @@ impl Me {
         &self.vias[Me::index(t)]
     }
 
-    /// Our Record-Route value up to the `sb` token, facing `t`.
-    fn rr(&self, t: Transport) -> &str {
-        &self.rrs[Me::index(t)]
+    /// Our Record-Route value up to the `sb` token, facing `t`: naming
+    /// this instance when `held` (the phone is on a connection of ours),
+    /// else the pool.
+    fn rr(&self, t: Transport, held: bool) -> &str {
+        if held {
+            &self.rrs_here[Me::index(t)]
+        } else {
+            &self.rrs[Me::index(t)]
+        }
     }
 
-    /// Our Path value up to the flow token, facing `t`.
-    fn path(&self, t: Transport) -> &str {
-        &self.paths[Me::index(t)]
+    /// Our Path value up to the flow token, facing `t` (`held` as for
+    /// [`Me::rr`]).
+    fn path(&self, t: Transport, held: bool) -> &str {
+        if held {
+            &self.paths_here[Me::index(t)]
+        } else {
+            &self.paths[Me::index(t)]
+        }
     }
 }
 

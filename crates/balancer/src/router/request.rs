@@ -310,11 +310,12 @@ impl Router {
         &self,
         out: &mut ViaText,
         facing: Transport,
+        held: bool,
         server: &str,
         call_id: &[u8],
         flow: Option<(Flow, SocketAddr)>,
     ) {
-        out.0.extend_from_slice(self.me.rr(facing).as_bytes());
+        out.0.extend_from_slice(self.me.rr(facing, held).as_bytes());
         self.keys.write_sb_bound(server, call_id, &mut out.0);
         if let Some((f, peer)) = flow {
             out.0.extend_from_slice(b";flow=");
@@ -339,17 +340,20 @@ impl Router {
         call_id: &[u8],
         flow: Option<(Flow, SocketAddr)>,
     ) {
+        // A phone on a connection of ours: the dialog's routes name this
+        // instance, the one that can reach it.
+        let held = matches!(flow, Some((Flow::Conn(_), _)));
         if outgoing == incoming {
-            return self.write_rr(out, outgoing, server, call_id, flow);
+            return self.write_rr(out, outgoing, held, server, call_id, flow);
         }
         let (f_out, f_in) = if ua_outgoing {
             (flow, None)
         } else {
             (None, flow)
         };
-        self.write_rr(out, outgoing, server, call_id, f_out);
+        self.write_rr(out, outgoing, held, server, call_id, f_out);
         out.0.extend_from_slice(b", ");
-        self.write_rr(out, incoming, server, call_id, f_in);
+        self.write_rr(out, incoming, held, server, call_id, f_in);
     }
 
     /// Whether a request from `ip` is within its source's limit; when it is
@@ -821,7 +825,9 @@ impl Router {
         if hop.path {
             // The registrar reaches the phone through us, over its flow.
             let (_, flow) = self.ua_side(msg, origin, true);
-            path.0.extend_from_slice(self.me.path(srv_t).as_bytes());
+            let held = matches!(flow, Some((Flow::Conn(_), _)));
+            path.0
+                .extend_from_slice(self.me.path(srv_t, held).as_bytes());
             if let Some((f, p)) = flow {
                 self.keys.write_flow(f, self.me.instance, p, &mut path.0);
             }
