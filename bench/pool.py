@@ -22,8 +22,8 @@ the machine):
 The VIP starts on A (an address on A's lo, and the host's route to it via
 A). Each call: INVITE, 200, ACK; HOLD ms; re-INVITE, 200, ACK; BYE, 200,
 every in-dialog request by the Route set of the 200. Calls are placed at
-RATE per second. When half of them have been placed, A gets SIGKILL (by its
-PID) and the VIP moves to B (`ip addr del` in A, `ip addr add` in B, the
+RATE per second. When a third of them have been set up through A (its
+GET /servers says so), A gets SIGKILL (by its PID) and the VIP moves to B (`ip addr del` in A, `ip addr add` in B, the
 host's route replaced), as keepalived would: the calls set up through A
 finish through B (their re-INVITE and BYE by the `sb` token), the calls
 placed after go through B. B is ready before the move: its admin API
@@ -238,9 +238,10 @@ def main():
                                   "-trace_stat", "-stf", stat, "-fd", "1",
                                   "-trace_err", "-error_file", os.path.join(work, "uac.err"), "-trace_msg", "-message_file", os.path.join(work, "uac.msg")],
                            os.path.join(work, "uac.log"), cwd=work)
-        # Half the calls placed (all of them in their hold, mid-call): A dies.
-        half = a.calls / 2.0 / a.rate
-        time.sleep(min(half, max(deadline.left() - 10, 0)))
+        # A third of the calls set up through A (mid-call: in their hold),
+        # then A dies.
+        wait_until(lambda: A.selected() >= max(a.calls // 3, 1), deadline.upto(15),
+                   step=0.05, what="calls set up through A")
         through_a = A.selected()
         os.kill(A.proc.pid, 9)
         A.proc.wait(timeout=5)
