@@ -172,8 +172,8 @@ fn any_instance_of_the_pool_routes_a_dialog_another_record_routed() {
         let rr = header_values(&inv, "record-route");
         assert_eq!(rr.len(), 1, "{inv}");
         assert!(
-            rr[0].starts_with(&format!("<sip:{POOL}:5060;lr;sb=")),
-            "A's Record-Route names the pool: {}",
+            rr[0].starts_with(&format!("<sip:{POOL};lr;sb=")),
+            "A's Record-Route names the pool, without a port (SRV): {}",
             rr[0]
         );
         calls.push((call, server, rr[0].to_owned()));
@@ -253,7 +253,7 @@ fn the_pool_name_is_the_default_advertise_address_and_is_checked() {
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(
         (cfg.record_route_host.as_str(), cfg.record_route_port),
-        ("10.0.0.1", 5070)
+        ("10.0.0.1", Some(5070))
     );
     let (cfg, dir) = config(
         "rr-vip",
@@ -264,9 +264,24 @@ fn the_pool_name_is_the_default_advertise_address_and_is_checked() {
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(
         (cfg.record_route_host.as_str(), cfg.record_route_port),
-        ("10.0.0.100", 5080)
+        ("10.0.0.100", Some(5080))
     );
     assert_eq!(cfg.instance, Some(3));
+    // A DNS name: no port unless one is given (RFC 3263 §4.2: SRV).
+    for (given, port) in [
+        ("sip.example.net", None),
+        ("sip.example.net:5070", Some(5070)),
+        ("10.0.0.100", Some(5060)),
+    ] {
+        let (cfg, dir) = config(
+            "rr-name",
+            "10.0.0.1:5060",
+            &format!("record_route = \"{given}\""),
+            "",
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        assert_eq!(cfg.record_route_port, port, "{given}");
+    }
     let dir = std::env::temp_dir().join(format!("siplb-pool-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("key"), "pool-test-key-0123456789").unwrap();
@@ -389,7 +404,7 @@ fn a_flow_held_by_another_instance_gets_430_and_its_own_instance_reaches_it() {
     let (_, reg) = to_server(&a.feed(&reg, Origin::Udp { peer: nat }, 25));
     let udp_path = header_values(&reg, "path")[0].to_owned();
     assert!(
-        udp_path.starts_with(&format!("<sip:{POOL}:5060;lr;ob;flow=4")),
+        udp_path.starts_with(&format!("<sip:{POOL};lr;ob;flow=4")),
         "{udp_path}"
     );
 

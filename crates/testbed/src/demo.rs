@@ -234,7 +234,7 @@ pub fn loopback_config(
         advertise_host: lb_addr.ip().to_string(),
         advertise_port: lb_addr.port(),
         record_route_host: lb_addr.ip().to_string(),
-        record_route_port: lb_addr.port(),
+        record_route_port: Some(lb_addr.port()),
         instance: None,
         drain_retry_after: 5,
         max_message_size: sip::DEFAULT_MAX_SIZE,

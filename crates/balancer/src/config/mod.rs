@@ -418,8 +418,10 @@ pub struct Config {
     /// `host` of our Record-Route and Path (`sip.record_route`: the pool's
     /// DNS name or virtual IP; `advertise_host` when not set).
     pub record_route_host: String,
-    /// Port written with it (UDP and TCP; TLS and WebSocket keep their ports).
-    pub record_route_port: u16,
+    /// Port written with it (UDP and TCP; TLS and WebSocket keep their
+    /// ports); `None` for a DNS name given without a port: none written, so
+    /// that the UAs and servers look its SRV records up (RFC 3263 §4.2).
+    pub record_route_port: Option<u16>,
     /// This instance's number in its pool (`pool.instance`), written into
     /// the flow tokens of connections it holds; `None`: a lone balancer.
     pub instance: Option<u16>,
@@ -661,8 +663,17 @@ impl Config {
             Some(adv) => host_port("sip.advertise", adv, s.listen[0].port())?,
         };
         let (record_route_host, record_route_port) = match &s.record_route {
-            None => (advertise_host.clone(), advertise_port),
-            Some(rr) => host_port("sip.record_route", rr, advertise_port)?,
+            None => (advertise_host.clone(), Some(advertise_port)),
+            Some(rr) => {
+                let (host, port) = host_port("sip.record_route", rr, advertise_port)?;
+                let is_name = host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_err();
+                let explicit = sip::uri::Uri::parse(format!("sip:{rr}").as_bytes())
+                    .is_ok_and(|u| u.port.is_some());
+                (host, (explicit || !is_name).then_some(port))
+            }
         };
 
         let r = f.routing;

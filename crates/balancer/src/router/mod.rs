@@ -91,7 +91,8 @@ struct Me {
     /// The pool's name (`sip.record_route`; `host` when not set).
     pool_host: String,
     pool_ip: Option<std::net::IpAddr>,
-    pool_port: u16,
+    /// `None`: an SRV name, written without a port.
+    pool_port: Option<u16>,
     /// This instance's number in the pool (`pool.instance`), in the flow
     /// tokens of the connections it holds.
     instance: Option<u16>,
@@ -129,12 +130,17 @@ impl Me {
         let hostport = |t: Transport| format!("{}:{}", cfg.advertise_host, port_of(t));
         // The pool listens on the same TLS and WebSocket ports everywhere;
         // its UDP/TCP port is the one `sip.record_route` names.
+        // A DNS name without a port is written without one, so that it is
+        // looked up by SRV (RFC 3263 §4.2) for UDP and TCP.
         let pool_hostport = |t: Transport| {
             let port = match t {
                 Transport::Udp | Transport::Tcp => cfg.record_route_port,
-                t => port_of(t),
+                t => Some(port_of(t)),
             };
-            format!("{}:{port}", cfg.record_route_host)
+            match port {
+                Some(p) => format!("{}:{p}", cfg.record_route_host),
+                None => cfg.record_route_host.clone(),
+            }
         };
         // RFC 7118 §5.2: `ws` names plain and secure WebSocket alike.
         let param = |t: Transport| match t {
@@ -596,14 +602,21 @@ impl Router {
     /// Whether `host:port` names this balancer (its SIP port, or its TLS
     /// or WebSocket port when it has one): this instance, or its pool.
     fn is_ours(&self, host: &sip::Host<'_>, port: Option<u16>) -> bool {
+        let written = port;
         let port = port.unwrap_or(5060);
         let named = |name: &str, ip: Option<std::net::IpAddr>| match host {
             sip::Host::Name(n) => n.eq_ignore_ascii_case(name.as_bytes()),
             h => h.ip().is_some() && h.ip() == ip,
         };
         let other = self.me.other_ports.contains(&port);
+        // An SRV name is ours without a port (its records say the port) or
+        // with one of ours.
+        let pool_port = match self.me.pool_port {
+            Some(p) => port == p || other,
+            None => written.is_none() || port == self.me.port || other,
+        };
         ((port == self.me.port || other) && named(&self.me.host, self.me.ip))
-            || ((port == self.me.pool_port || other) && named(&self.me.pool_host, self.me.pool_ip))
+            || (pool_port && named(&self.me.pool_host, self.me.pool_ip))
     }
 
     /// Whether a URI (a Route, a Record-Route) names this balancer.
