@@ -29,6 +29,11 @@ finish through B (their re-INVITE and BYE by the `sb` token), the calls
 placed after go through B. B is ready before the move: its admin API
 answers GET /servers (/readyz once that exists).
 
+--mode drain: a planned switchover instead: the VIP moves to B with A
+still up, then A is drained (POST /drain): a new call sent to A's own
+address must get 503 with Retry-After (what sends a UA to the next SRV
+target); the calls set up through A finish through B.
+
 Prints SIPp's counts and `calls=N ok=K failed=F` (plus how many calls had
 been set up through A); exit 0 when every call succeeded (UDP phones have
 no connection flow to lose with A: nothing may fail), 1 otherwise, 2 usage
@@ -40,6 +45,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -138,6 +144,14 @@ address = "%s:5082"
         except ValueError:
             return None
 
+    def post(self, path):
+        """POST `path` on its admin API from inside its namespace; the JSON answer."""
+        r = run(["ip", "netns", "exec", self.ns, "python3", "-c",
+                 "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
+                 "urllib.request.Request('http://127.0.0.1:8060%s',method='POST'),"
+                 "timeout=1).read().decode())" % path])
+        return json.loads(r.stdout)
+
     def selected(self):
         """New sessions it has sent to servers so far."""
         v = self.servers() or {}
@@ -172,6 +186,31 @@ def permitted():
     return None
 
 
+def probe_invite(to):
+    """One INVITE from the host to `to` (ip, port) over UDP: the status line
+    and Retry-After of the answer (None: no answer within 2 s)."""
+    call = "pool-probe-%d" % os.getpid()
+    msg = ("INVITE sip:probe@%s:%d SIP/2.0\r\n"
+           "Via: SIP/2.0/UDP %s:5071;branch=z9hG4bK%s;rport\r\n"
+           "Max-Forwards: 70\r\nFrom: <sip:probe@%s>;tag=p1\r\nTo: <sip:probe@%s>\r\n"
+           "Call-ID: %s\r\nCSeq: 1 INVITE\r\nContact: <sip:probe@%s:5071>\r\n"
+           "Content-Length: 0\r\n\r\n") % (to[0], to[1], HOST, call, HOST, to[0], call, HOST)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((HOST, 5071))
+        s.settimeout(2)
+        s.sendto(msg.encode(), to)
+        data, _ = s.recvfrom(65535)
+    except OSError:
+        return None
+    finally:
+        s.close()
+    text = data.decode(errors="replace")
+    lines = text.split("\r\n")
+    retry = next((line for line in lines if line.lower().startswith("retry-after:")), None)
+    return lines[0], retry
+
+
 def move_vip(frm, to):
     """The VIP leaves `frm` and comes up on `to`, and the host routes it there."""
     run(["ip", "-n", frm.ns, "addr", "del", VIP + "/32", "dev", "lo"], check=False)
@@ -188,6 +227,8 @@ def main():
     ap.add_argument("--hold", type=int, default=2000, help="ms between the ACK and the re-INVITE")
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--keep", action="store_true", help="keep the run's folder")
+    ap.add_argument("--mode", choices=["kill", "drain"], default="kill",
+                    help="kill: A gets SIGKILL; drain: A is drained (POST /drain) and stays up")
     a = ap.parse_args()
     for tool in ("sipp", "ip"):
         if not shutil.which(tool):
@@ -236,18 +277,33 @@ def main():
                                   "-d", str(a.hold), "-nostdin", "-timeout_error",
                                   "-timeout", str(int(max(deadline.left() - 5, 10))) + "s",
                                   "-trace_stat", "-stf", stat, "-fd", "1",
-                                  "-trace_err", "-error_file", os.path.join(work, "uac.err"), "-trace_msg", "-message_file", os.path.join(work, "uac.msg")],
+                                  "-trace_err", "-error_file", os.path.join(work, "uac.err"),
+                                  "-trace_msg", "-message_file", os.path.join(work, "uac.msg")],
                            os.path.join(work, "uac.log"), cwd=work)
         # A third of the calls set up through A (mid-call: in their hold),
         # then A dies.
         wait_until(lambda: A.selected() >= max(a.calls // 3, 1), deadline.upto(15),
                    step=0.05, what="calls set up through A")
         through_a = A.selected()
-        os.kill(A.proc.pid, 9)
-        A.proc.wait(timeout=5)
-        t0 = time.monotonic()
-        move_vip(A, B)
-        log("A killed (pid %d), VIP moved to B in %.0f ms" % (A.proc.pid, (time.monotonic() - t0) * 1000))
+        probe = None
+        if a.mode == "kill":
+            os.kill(A.proc.pid, 9)
+            A.proc.wait(timeout=5)
+            t0 = time.monotonic()
+            move_vip(A, B)
+            log("A killed (pid %d), VIP moved to B in %.0f ms" % (
+                A.proc.pid, (time.monotonic() - t0) * 1000))
+        else:
+            # A planned switchover: the VIP moves to B first (a new call
+            # that reached A through the VIP after the drain would get 503
+            # and have nowhere else to go), then A is drained: a UA that
+            # reaches A by its own address (an SRV target) is told 503 and
+            # Retry-After. A stays up; its calls go on through B.
+            move_vip(A, B)
+            log("VIP moved to B")
+            log("A drained: %s" % json.dumps(A.post("/drain")))
+            probe = probe_invite((A.addr, 5060))
+            log("a new call to A's own address: %s" % (probe,))
 
         wait_until(lambda: uac.poll() is not None, deadline.upto(a.timeout),
                    step=0.2, what="the uac to finish its calls")
@@ -256,10 +312,16 @@ def main():
         failed = int(totals.get("FailedCall(C)", 0))
         log("sipp: successful=%d failed=%d retransmissions=%s (exit %s)" % (
             okc, failed, totals.get("Retransmissions(C)", "?"), uac.returncode))
-        log("calls set up through A before its death: %d, through B: %d" % (
+        log("calls set up through A before the switchover: %d, through B: %d" % (
             through_a, B.selected()))
         log("calls=%d ok=%d failed=%d" % (a.calls, okc, a.calls - okc))
         ok = okc == a.calls and failed == 0 and uac.returncode == 0 and through_a > 0
+        if a.mode == "drain":
+            left = A.servers()
+            log("A at the end: drained, GET /servers answers: %s" % (left is not None))
+            refused = bool(probe and probe[0].startswith("SIP/2.0 503") and probe[1])
+            log("drained A refused a new call with 503 and Retry-After: %s" % refused)
+            ok = ok and refused
         if not ok:
             for f in ("uac.err", "uac.log", "A/siplb.log", "B/siplb.log"):
                 log("--- %s\n%s" % (f, tail(os.path.join(work, f))))
