@@ -468,3 +468,32 @@ fn a_drained_instance_refuses_new_sessions_and_registers_and_serves_its_dialogs(
     let sent = a.feed(&invite("after", ua), Origin::Udp { peer: ua }, 40);
     to_server(&sent);
 }
+
+#[test]
+fn a_reload_keeps_the_pool_name_and_the_instance_until_a_restart() {
+    let extra = format!("record_route = \"{POOL}\"");
+    let mut a = Instance::new("reload", "10.0.0.1:5060", &extra, "[pool]\ninstance = 1");
+    let mut cfg = (*a.router.config()).clone();
+    cfg.record_route_host = "other.example.net".into();
+    cfg.record_route_port = Some(5070);
+    cfg.instance = Some(9);
+    cfg.drain_retry_after = 60;
+    a.router.reload(cfg);
+    let now = a.router.config();
+    assert_eq!(
+        (
+            now.record_route_host.as_str(),
+            now.record_route_port,
+            now.instance
+        ),
+        (POOL, None, Some(1)),
+        "kept: the routes already written must still read as ours"
+    );
+    assert_eq!(now.drain_retry_after, 60, "this one takes effect at once");
+    let ua = addr("192.0.2.10:5070");
+    let (_, inv) = to_server(&a.feed(&invite("reload-1", ua), Origin::Udp { peer: ua }, 0));
+    assert!(
+        header_values(&inv, "record-route")[0].starts_with(&format!("<sip:{POOL};lr;sb=")),
+        "{inv}"
+    );
+}
