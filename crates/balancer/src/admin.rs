@@ -111,11 +111,13 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/servers", get(servers))
         .route("/servers/{id}/drain", post(drain))
         .route("/servers/{id}/undrain", post(undrain))
+        .route("/drain", get(instance_drain).post(drain_instance))
+        .route("/undrain", post(undrain_instance))
         .route("/scoring", get(get_scoring).put(put_scoring))
         .route("/policy", get(get_policy).put(put_policy))
         .route("/reload", post(reload))
         .route("/metrics", get(metrics))
-        .route("/", get(|| async { "siplb admin: GET /healthz, GET /readyz, GET /servers, POST /servers/{id}/drain|undrain, GET|PUT /scoring, GET|PUT /policy, POST /reload, GET /metrics\n" }))
+        .route("/", get(|| async { "siplb admin: GET /healthz, GET /readyz, GET /servers, POST /servers/{id}/drain|undrain, GET|POST /drain, POST /undrain, GET|PUT /scoring, GET|PUT /policy, POST /reload, GET /metrics\n" }))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(g.clone(), guard))
         .layer(Extension(g))
@@ -339,6 +341,31 @@ async fn undrain(State(s): State<Arc<AdminState>>, Path(id): Path<String>) -> Re
     set_drain(&s, &id, false)
 }
 
+/// This instance's drain state and what it still carries: drained, it is
+/// done when `sessions` and `transactions` reach 0 (or the dialogs idle out).
+fn instance_state(s: &AdminState) -> Json<serde_json::Value> {
+    Json(json!({
+        "drained": s.router.instance_drained(),
+        "sessions": s.router.sessions.len(),
+        "transactions": s.router.transactions() + s.router.forks(),
+        "flows": s.router.flows(),
+    }))
+}
+
+async fn instance_drain(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    instance_state(&s)
+}
+
+async fn drain_instance(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    s.router.set_instance_drained(true);
+    instance_state(&s)
+}
+
+async fn undrain_instance(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    s.router.set_instance_drained(false);
+    instance_state(&s)
+}
+
 async fn get_scoring(State(s): State<Arc<AdminState>>) -> Json<crate::load::Scoring> {
     Json(*s.router.scoring.get())
 }
@@ -477,6 +504,11 @@ async fn metrics(
     }
     let _ = writeln!(
         o,
+        "# HELP siplb_draining 1 while this instance is drained (POST /drain): new sessions and REGISTERs get 503.\n# TYPE siplb_draining gauge\nsiplb_draining {}",
+        u8::from(p.instance_drained())
+    );
+    let _ = writeln!(
+        o,
         "# HELP siplb_connections Inbound stream connections open.\n# TYPE siplb_connections gauge\nsiplb_connections {}",
         p.stats
             .connections
@@ -484,10 +516,13 @@ async fn metrics(
     );
     let _ = writeln!(
         o,
-        "# HELP siplb_flows User agents' connections open as flows (RFC 5626).\n# TYPE siplb_flows gauge\nsiplb_flows {}\n# HELP siplb_udp_to_tcp_total Requests to UDP servers sent over TCP for their size (sip.udp_mtu).\n# TYPE siplb_udp_to_tcp_total counter\nsiplb_udp_to_tcp_total {}",
+        "# HELP siplb_flows User agents' connections open as flows (RFC 5626).\n# TYPE siplb_flows gauge\nsiplb_flows {}\n# HELP siplb_udp_to_tcp_total Requests to UDP servers sent over TCP for their size (sip.udp_mtu).\n# TYPE siplb_udp_to_tcp_total counter\nsiplb_udp_to_tcp_total {}\n# HELP siplb_flow_elsewhere_total Requests for a flow another instance of the pool holds, answered 430 Flow Failed.\n# TYPE siplb_flow_elsewhere_total counter\nsiplb_flow_elsewhere_total {}",
         p.flows(),
         p.stats
             .udp_to_tcp
+            .load(std::sync::atomic::Ordering::Relaxed),
+        p.stats
+            .flow_elsewhere
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     for kind in ["refused", "closed"] {

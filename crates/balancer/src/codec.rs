@@ -26,7 +26,8 @@
 //! server-id  = *OCTET             ; UTF-8, the configured id; the last "." ends it
 //!
 //! flow-value = flow-body "." 16LHEX   ; in our Record-Route and Path: ;flow=flow-value
-//! flow-body  = "c" 16LHEX             ; a connection the UA opened (id, u64)
+//! flow-body  = "c" 16LHEX             ; a connection the UA opened (id, u64), v1
+//!            / "i" 4LHEX 16LHEX      ; v2: the same, held by pool instance n (u16)
 //!            / "4" 8LHEX 4LHEX        ; a UDP flow: IPv4 address and port
 //!            / "6" 32LHEX 4LHEX       ; a UDP flow: IPv6 address and port
 //! ```
@@ -38,6 +39,16 @@
 //! later connection that got the same id.
 //!
 //! The `sb` MAC is written lower-case and read in either case, as before.
+//!
+//! A connection is held by one instance of a pool: `i` names it
+//! (`pool.instance`), so another instance that gets the token anyway (our
+//! Path and Record-Route name the instance that holds a connection, but an
+//! address can move) knows the flow is not one of its own and answers 430
+//! Flow Failed (RFC 5626 §5.3) rather than take the id for one of its own
+//! connections. It cannot check the MAC
+//! (bound to the connection's peer, which only the owner knows); it needs
+//! not, since it only refuses. A UDP flow names an address any instance can
+//! send to, so it has no owner.
 //!
 //! The leg's digits are decimal and the loop hash is hex, so the alphabet
 //! does not separate them: positions do. A reader takes the txn from bytes
@@ -80,6 +91,15 @@
 //!   without MAC, the leg.
 //!
 //! # Rollout
+//!
+//! Flow tokens v2 (`i`): an instance writes them only with `pool.instance`
+//! set, and reads both; an instance before v2 reads an `i` token as not
+//! ours and answers 403. So: upgrade every instance first (nothing
+//! changes while `pool.instance` is unset: `c` as before), then set
+//! `pool.instance` instance by instance. A `c` token is read as a
+//! connection of the instance that reads it, as before; registrations made
+//! before the change carry `c` until the user agent registers again (at
+//! most its registration interval).
 //!
 //! What a running pool of pre-codec instances can still read:
 //!
@@ -398,11 +418,25 @@ impl Keys {
     /// value in our Record-Route and Path. A connection is bound to its peer
     /// address too (`peer`), so a token of a closed connection never names
     /// a later one that got the same id.
-    pub fn write_flow(&self, flow: Flow, peer: SocketAddr, out: &mut impl Sink) {
+    ///
+    /// `instance` (`pool.instance`) names the instance that holds a
+    /// connection (v2, `i`); `None` writes v1 (`c`). A UDP flow has none.
+    pub fn write_flow(
+        &self,
+        flow: Flow,
+        instance: Option<u16>,
+        peer: SocketAddr,
+        out: &mut impl Sink,
+    ) {
         let mut body = FlowText::default();
         match flow {
             Flow::Conn(id) => {
-                body.put(b"c");
+                if let Some(n) = instance {
+                    body.put(b"i");
+                    put_hex_bytes(&mut body, &n.to_be_bytes());
+                } else {
+                    body.put(b"c");
+                }
                 put_hex_bytes(&mut body, &id.to_be_bytes());
             }
             Flow::Udp(a) => {
@@ -424,10 +458,11 @@ impl Keys {
         put_hex_bytes(out, &self.flow_mac(body.as_bytes(), peer).to_be_bytes());
     }
 
-    /// The flow a token names, unchecked: its MAC is checked by
+    /// The flow a token names and the pool instance that holds it (v2
+    /// connections only), unchecked: its MAC is checked by
     /// [`Keys::verify_flow`] against the peer the flow has now.
     #[must_use]
-    pub fn parse_flow(token: &[u8]) -> Option<Flow> {
+    pub fn parse_flow(token: &[u8]) -> Option<(Flow, Option<u16>)> {
         let dot = token.iter().rposition(|&b| b == b'.')?;
         let (body, mac) = (&token[..dot], &token[dot + 1..]);
         if mac.len() != 16 {
@@ -435,22 +470,30 @@ impl Keys {
         }
         let (&kind, rest) = body.split_first()?;
         match kind {
-            b'c' => Some(Flow::Conn(u64::from_be_bytes(unhex::<8>(rest)?))),
+            b'c' => Some((Flow::Conn(u64::from_be_bytes(unhex::<8>(rest)?)), None)),
+            b'i' if rest.len() == 20 => {
+                let n: [u8; 2] = unhex(&rest[..4])?;
+                let id: [u8; 8] = unhex(&rest[4..])?;
+                Some((
+                    Flow::Conn(u64::from_be_bytes(id)),
+                    Some(u16::from_be_bytes(n)),
+                ))
+            }
             b'4' if rest.len() == 12 => {
                 let ip: [u8; 4] = unhex(&rest[..8])?;
                 let port: [u8; 2] = unhex(&rest[8..])?;
-                Some(Flow::Udp(SocketAddr::new(
-                    ip.into(),
-                    u16::from_be_bytes(port),
-                )))
+                Some((
+                    Flow::Udp(SocketAddr::new(ip.into(), u16::from_be_bytes(port))),
+                    None,
+                ))
             }
             b'6' if rest.len() == 36 => {
                 let ip: [u8; 16] = unhex(&rest[..32])?;
                 let port: [u8; 2] = unhex(&rest[32..])?;
-                Some(Flow::Udp(SocketAddr::new(
-                    ip.into(),
-                    u16::from_be_bytes(port),
-                )))
+                Some((
+                    Flow::Udp(SocketAddr::new(ip.into(), u16::from_be_bytes(port))),
+                    None,
+                ))
             }
             _ => None,
         }
@@ -1061,23 +1104,25 @@ mod tests {
     fn flow_tokens_round_trip_and_are_bound() {
         let k = Keys::new(b"flow-test-secret-0123456789");
         let peer: SocketAddr = "198.51.100.7:40123".parse().unwrap();
-        for flow in [
-            Flow::Conn(0),
-            Flow::Conn(u64::MAX),
-            Flow::Udp(peer),
-            Flow::Udp("[2001:db8::1]:5060".parse().unwrap()),
+        for (flow, instance) in [
+            (Flow::Conn(0), None),
+            (Flow::Conn(u64::MAX), None),
+            (Flow::Conn(7), Some(0)),
+            (Flow::Conn(u64::MAX), Some(u16::MAX)),
+            (Flow::Udp(peer), None),
+            (Flow::Udp("[2001:db8::1]:5060".parse().unwrap()), None),
         ] {
             let at = match flow {
                 Flow::Udp(a) => a,
                 Flow::Conn(_) => peer,
             };
             let mut t = Vec::new();
-            k.write_flow(flow, at, &mut t);
+            k.write_flow(flow, instance, at, &mut t);
             assert!(
                 t.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'.'),
                 "a URI param token"
             );
-            assert_eq!(Keys::parse_flow(&t), Some(flow));
+            assert_eq!(Keys::parse_flow(&t), Some((flow, instance)));
             assert!(k.verify_flow(&t, at));
             let other: SocketAddr = "198.51.100.7:40124".parse().unwrap();
             assert!(!k.verify_flow(&t, other), "bound to its peer");
@@ -1086,6 +1131,15 @@ mod tests {
             bad[3] = if bad[3] == b'0' { b'1' } else { b'0' };
             assert!(!k.verify_flow(&bad, at), "an edited body fails");
         }
+        // v2 with its instance number as written: `i`, 4 hex digits, the id.
+        let mut t = Vec::new();
+        k.write_flow(Flow::Conn(9), Some(2), peer, &mut t);
+        assert!(t.starts_with(b"i00020000000000000009."), "{t:?}");
+        // The instance is under the MAC: another instance's number fails.
+        let mut moved = t.clone();
+        moved[4] = b'3';
+        assert!(!k.verify_flow(&moved, peer));
+        assert_eq!(Keys::parse_flow(b"i0002.0123456789abcdef"), None);
         assert_eq!(Keys::parse_flow(b"c00.0123456789abcdef"), None);
         assert_eq!(
             Keys::parse_flow(b"x0000000000000000.0123456789abcdef"),

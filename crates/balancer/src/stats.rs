@@ -158,6 +158,8 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Requests to UDP servers sent over TCP for their size (`sip.udp_mtu`).
     pub udp_to_tcp: AtomicU64,
+    /// Requests for a flow another instance of the pool holds (answered 430).
+    pub flow_elsewhere: AtomicU64,
     conn_events: [AtomicU64; CONN_EVENTS.len()],
     requests: [AtomicU64; METHODS.len()],
     responses: Box<[AtomicU64]>,
@@ -174,6 +176,7 @@ impl Default for Stats {
         Stats {
             connections: AtomicU64::new(0),
             udp_to_tcp: AtomicU64::new(0),
+            flow_elsewhere: AtomicU64::new(0),
             conn_events: std::array::from_fn(|_| AtomicU64::new(0)),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             responses: (0..600).map(|_| AtomicU64::new(0)).collect(),

@@ -556,3 +556,28 @@ fn a_listener_beyond_loopback_without_a_token_is_warned_about() {
     let lb = Balancer::start_on("0.0.0.0", "token_file = \"admin.token\"");
     assert!(!lb.log().contains("beyond loopback"), "{}", lb.log());
 }
+
+#[test]
+fn the_whole_instance_drains_with_the_token_and_says_what_it_still_carries() {
+    let lb = Balancer::start("token_file = \"admin.token\"");
+    let right = bearer(TOKEN);
+    let a = lb.must("POST", "/drain", &[]);
+    assert_eq!(a.code, 401, "a write like the others: {}", a.body);
+    let a = lb.must("GET", "/drain", &[]);
+    assert_eq!(a.code, 200, "{}", a.body);
+    assert_eq!(a.json()["drained"], false);
+
+    let a = lb.must("POST", "/drain", &[("Authorization", &right)]);
+    assert_eq!(a.code, 200, "{}", a.body);
+    assert_eq!(a.json()["drained"], true);
+    assert_eq!(a.json()["sessions"], 0);
+    assert_eq!(a.json()["transactions"], 0);
+    let m = lb.must("GET", "/metrics", &[]);
+    assert!(m.body.contains("\nsiplb_draining 1\n"), "{}", m.body);
+
+    let a = lb.must("POST", "/undrain", &[("Authorization", &right)]);
+    assert_eq!(a.code, 200, "{}", a.body);
+    assert_eq!(a.json()["drained"], false);
+    let m = lb.must("GET", "/metrics", &[]);
+    assert!(m.body.contains("\nsiplb_draining 0\n"), "{}", m.body);
+}

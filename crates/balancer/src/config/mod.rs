@@ -34,6 +34,24 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// `host[:port]` of `field`, the port `default_port` when not given.
+fn field_host_port(
+    field: &str,
+    text: &str,
+    default_port: u16,
+) -> Result<(String, u16), ConfigError> {
+    match sip::uri::Uri::parse(format!("sip:{text}").as_bytes()) {
+        Ok(u) if u.user.is_none() && u.params.is_empty() && u.headers.is_empty() => {
+            let host = u.host.map(|h| h.to_string()).unwrap_or_default();
+            if host.is_empty() {
+                return err(field, format!("'{text}' is not host[:port]"));
+            }
+            Ok((host, u.port.unwrap_or(default_port)))
+        }
+        _ => err(field, format!("'{text}' is not host[:port]")),
+    }
+}
+
 fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError {
         field: field.into(),
@@ -158,6 +176,7 @@ struct SipSection {
     listen: Vec<SocketAddr>,
     transports: Vec<Transport>,
     advertise: Option<String>,
+    record_route: Option<String>,
     max_message_size: usize,
     udp_sockets: usize,
     max_connections: usize,
@@ -180,6 +199,7 @@ impl Default for SipSection {
             listen: default_listen(),
             transports: default_transports(),
             advertise: None,
+            record_route: None,
             max_message_size: sip::DEFAULT_MAX_SIZE,
             udp_sockets: 2,
             max_connections: 10_000,
@@ -346,11 +366,21 @@ struct FileConfig {
     #[serde(default)]
     capture: CaptureSection,
     #[serde(default)]
+    pool: PoolSection,
+    #[serde(default)]
     servers: Vec<ServerSection>,
     #[serde(default)]
     dns: dns::DnsSection,
     #[serde(default)]
     discover: Vec<dns::DiscoverSection>,
+}
+
+/// `[pool]`: this instance among several balancers that act as one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PoolSection {
+    instance: Option<u16>,
+    drain_retry_after: Option<u32>,
 }
 
 /// One SIP server of the pool.
@@ -405,6 +435,19 @@ pub struct Config {
     pub advertise_host: String,
     /// Port written with it.
     pub advertise_port: u16,
+    /// `host` of our Record-Route and Path (`sip.record_route`: the pool's
+    /// DNS name or virtual IP; `advertise_host` when not set).
+    pub record_route_host: String,
+    /// Port written with it (UDP and TCP; TLS and WebSocket keep their
+    /// ports); `None` for a DNS name given without a port: none written, so
+    /// that the UAs and servers look its SRV records up (RFC 3263 §4.2).
+    pub record_route_port: Option<u16>,
+    /// This instance's number in its pool (`pool.instance`), written into
+    /// the flow tokens of connections it holds; `None`: a lone balancer.
+    pub instance: Option<u16>,
+    /// Seconds in `Retry-After` of our 503s while this instance is drained
+    /// (`pool.drain_retry_after`; `retry_after` when not set).
+    pub drain_retry_after: u32,
     /// Largest message accepted.
     pub max_message_size: usize,
     /// UDP sockets per address (SO_REUSEPORT), for more than one core.
@@ -664,13 +707,20 @@ impl Config {
                 };
                 (host, a.port())
             }
-            Some(adv) => match sip::uri::Uri::parse(format!("sip:{adv}").as_bytes()) {
-                Ok(u) if u.user.is_none() && u.params.is_empty() && u.headers.is_empty() => {
-                    let host = u.host.map(|h| h.to_string()).unwrap_or_default();
-                    (host, u.port.unwrap_or(s.listen[0].port()))
-                }
-                _ => return err("sip.advertise", format!("'{adv}' is not host[:port]")),
-            },
+            Some(adv) => field_host_port("sip.advertise", adv, s.listen[0].port())?,
+        };
+        let (record_route_host, record_route_port) = match &s.record_route {
+            None => (advertise_host.clone(), Some(advertise_port)),
+            Some(rr) => {
+                let (host, port) = field_host_port("sip.record_route", rr, advertise_port)?;
+                let is_name = host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_err();
+                let explicit = sip::uri::Uri::parse(format!("sip:{rr}").as_bytes())
+                    .is_ok_and(|u| u.port.is_some());
+                (host, (explicit || !is_name).then_some(port))
+            }
         };
 
         let r = f.routing;
@@ -953,6 +1003,10 @@ impl Config {
             ws_origins: s.ws_origins,
             advertise_host,
             advertise_port,
+            record_route_host,
+            record_route_port,
+            instance: f.pool.instance,
+            drain_retry_after: f.pool.drain_retry_after.unwrap_or(r.retry_after),
             max_message_size: s.max_message_size,
             udp_sockets: s.udp_sockets,
             max_connections: s.max_connections,

@@ -67,23 +67,48 @@ use fork::Fork;
 use txn::ClientTxn;
 
 /// How we name ourselves on the wire; fixed for the life of the process
-/// (`sip.advertise` changes take effect at a restart, so that the Vias we
-/// wrote before a reload still read as ours after it).
+/// (`sip.advertise` and `sip.record_route` changes take effect at a
+/// restart, so that the Vias and Routes we wrote before a reload still read
+/// as ours after it).
+///
+/// Two names: this instance (`sip.advertise`, in our Via, so responses come
+/// back to the instance that holds the transaction) and the pool
+/// (`sip.record_route`, in our Record-Route and Path, so a dialog's later
+/// requests and a registrar's requests reach whichever instance of the pool
+/// is alive; the `sb` and `flow` tokens carry what that instance needs).
+/// Except where the phone is on a connection (TCP, TLS, WebSocket) it
+/// opened to this instance: only this instance can send on it, so the
+/// Record-Route and Path of that dialog or registration name this
+/// instance (behind SRV the pool's name would reach another instance, which
+/// could only answer 430). Both names read as ours in a Route, a Via or a
+/// Request-URI.
 #[derive(Debug)]
 struct Me {
     host: String,
     /// `host` when it is an IP address (compared without allocating).
     ip: Option<std::net::IpAddr>,
     port: u16,
+    /// The pool's name (`sip.record_route`; `host` when not set).
+    pool_host: String,
+    pool_ip: Option<std::net::IpAddr>,
+    /// `None`: an SRV name, written without a port.
+    pool_port: Option<u16>,
+    /// This instance's number in the pool (`pool.instance`), in the flow
+    /// tokens of the connections it holds.
+    instance: Option<u16>,
     /// The ports of our other listeners (TLS, WS, WSS) that are on.
     other_ports: SmallVec<[u16; 3]>,
     /// Per transport ([`Me::index`]): `SIP/2.0/UDP host:port;branch=`.
     vias: [String; 5],
     /// `<sip:host:port[;transport=tcp];lr;sb=` (UDP without the parameter,
-    /// as it always was).
+    /// as it always was), naming the pool.
     rrs: [String; 5],
-    /// `<sip:host:port[;transport=tcp];lr;ob;flow=` (our Path).
+    /// `<sip:host:port[;transport=tcp];lr;ob;flow=` (our Path), naming the pool.
     paths: [String; 5],
+    /// The same two naming this instance: for a phone on a connection of
+    /// ours, which only this instance can reach.
+    rrs_here: [String; 5],
+    paths_here: [String; 5],
 }
 
 const TRANSPORTS: [Transport; 5] = [
@@ -103,6 +128,20 @@ impl Me {
             Transport::Wss => cfg.wss_port,
         };
         let hostport = |t: Transport| format!("{}:{}", cfg.advertise_host, port_of(t));
+        // The pool listens on the same TLS and WebSocket ports everywhere;
+        // its UDP/TCP port is the one `sip.record_route` names.
+        // A DNS name without a port is written without one, so that it is
+        // looked up by SRV (RFC 3263 §4.2) for UDP and TCP.
+        let pool_hostport = |t: Transport| {
+            let port = match t {
+                Transport::Udp | Transport::Tcp => cfg.record_route_port,
+                t => Some(port_of(t)),
+            };
+            match port {
+                Some(p) => format!("{}:{p}", cfg.record_route_host),
+                None => cfg.record_route_host.clone(),
+            }
+        };
         // RFC 7118 §5.2: `ws` names plain and secure WebSocket alike.
         let param = |t: Transport| match t {
             Transport::Udp => String::new(),
@@ -113,14 +152,20 @@ impl Me {
             host: cfg.advertise_host.clone(),
             ip: cfg.advertise_host.trim_matches(['[', ']']).parse().ok(),
             port: cfg.advertise_port,
+            pool_host: cfg.record_route_host.clone(),
+            pool_ip: cfg.record_route_host.trim_matches(['[', ']']).parse().ok(),
+            pool_port: cfg.record_route_port,
+            instance: cfg.instance,
             other_ports: [Transport::Tls, Transport::Ws, Transport::Wss]
                 .into_iter()
                 .filter(|t| cfg.transports.contains(t))
                 .map(port_of)
                 .collect(),
             vias: TRANSPORTS.map(|t| format!("SIP/2.0/{} {};branch=", t.via_name(), hostport(t))),
-            rrs: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", hostport(t), param(t))),
-            paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", hostport(t), param(t))),
+            rrs: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", pool_hostport(t), param(t))),
+            paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", pool_hostport(t), param(t))),
+            rrs_here: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", hostport(t), param(t))),
+            paths_here: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", hostport(t), param(t))),
         }
     }
 
@@ -139,14 +184,25 @@ impl Me {
         &self.vias[Me::index(t)]
     }
 
-    /// Our Record-Route value up to the `sb` token, facing `t`.
-    fn rr(&self, t: Transport) -> &str {
-        &self.rrs[Me::index(t)]
+    /// Our Record-Route value up to the `sb` token, facing `t`: naming
+    /// this instance when `held` (the phone is on a connection of ours),
+    /// else the pool.
+    fn rr(&self, t: Transport, held: bool) -> &str {
+        if held {
+            &self.rrs_here[Me::index(t)]
+        } else {
+            &self.rrs[Me::index(t)]
+        }
     }
 
-    /// Our Path value up to the flow token, facing `t`.
-    fn path(&self, t: Transport) -> &str {
-        &self.paths[Me::index(t)]
+    /// Our Path value up to the flow token, facing `t` (`held` as for
+    /// [`Me::rr`]).
+    fn path(&self, t: Transport, held: bool) -> &str {
+        if held {
+            &self.paths_here[Me::index(t)]
+        } else {
+            &self.paths[Me::index(t)]
+        }
     }
 }
 
@@ -183,6 +239,11 @@ pub struct Router {
     epoch: Instant,
     /// Set by a graceful stop: new sessions are refused.
     pub stopping: AtomicBool,
+    /// This whole instance drained (`POST /drain`): new sessions and
+    /// REGISTERs refused with 503 and `pool.drain_retry_after`, so user
+    /// agents move to another instance of the pool; in-dialog traffic
+    /// served until it ends.
+    draining: AtomicBool,
     /// Next OPTIONS probe due per server id, and the last sweep (ms).
     probe_due: Mutex<std::collections::HashMap<Arc<str>, u64>>,
     last_sweep: AtomicU64,
@@ -248,6 +309,7 @@ impl Router {
             forks: papaya::HashMap::new(),
             epoch,
             stopping: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             probe_due: Mutex::new(std::collections::HashMap::new()),
             last_sweep: AtomicU64::new(0),
             limiter: ArcSwap::from_pointee(limiter),
@@ -284,6 +346,15 @@ impl Router {
             warn!("sip.advertise changed: takes effect at the next restart");
             new.advertise_host.clone_from(&cur.advertise_host);
             new.advertise_port = cur.advertise_port;
+        }
+        if new.record_route_host != cur.record_route_host
+            || new.record_route_port != cur.record_route_port
+            || new.instance != cur.instance
+        {
+            warn!("sip.record_route / pool.instance changed: takes effect at the next restart");
+            new.record_route_host.clone_from(&cur.record_route_host);
+            new.record_route_port = cur.record_route_port;
+            new.instance = cur.instance;
         }
         if new.secret != cur.secret {
             warn!("routing.secret changed: takes effect at the next restart");
@@ -470,6 +541,19 @@ impl Router {
         }
     }
 
+    /// Drains or undrains this whole instance (new sessions and REGISTERs
+    /// refused with 503; dialogs and transactions under way go on).
+    pub fn set_instance_drained(&self, drained: bool) {
+        self.draining.store(drained, Ordering::Relaxed);
+        info!(drained, "instance drain state changed");
+    }
+
+    /// Whether this instance is drained.
+    #[must_use]
+    pub fn instance_drained(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// A user agent opened connection `id` to us from `peer`: a flow that
     /// requests from servers can reach it by (RFC 5626 §5.3).
     pub fn conn_opened(&self, id: ConnId, peer: std::net::SocketAddr, transport: Transport) {
@@ -643,14 +727,23 @@ impl Router {
     }
 
     /// Whether `host:port` names this balancer (its SIP port, or its TLS
-    /// port when it has one).
+    /// or WebSocket port when it has one): this instance, or its pool.
     fn is_ours(&self, host: &sip::Host<'_>, port: Option<u16>) -> bool {
+        let written = port;
         let port = port.unwrap_or(5060);
-        (port == self.me.port || self.me.other_ports.contains(&port))
-            && match host {
-                sip::Host::Name(n) => n.eq_ignore_ascii_case(self.me.host.as_bytes()),
-                h => h.ip().is_some() && h.ip() == self.me.ip,
-            }
+        let named = |name: &str, ip: Option<std::net::IpAddr>| match host {
+            sip::Host::Name(n) => n.eq_ignore_ascii_case(name.as_bytes()),
+            h => h.ip().is_some() && h.ip() == ip,
+        };
+        let other = self.me.other_ports.contains(&port);
+        // An SRV name is ours without a port (its records say the port) or
+        // with one of ours.
+        let pool_port = match self.me.pool_port {
+            Some(p) => port == p || other,
+            None => written.is_none() || port == self.me.port || other,
+        };
+        ((port == self.me.port || other) && named(&self.me.host, self.me.ip))
+            || (pool_port && named(&self.me.pool_host, self.me.pool_ip))
     }
 
     /// Whether a URI (a Route, a Record-Route) names this balancer.

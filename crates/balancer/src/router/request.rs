@@ -46,6 +46,9 @@ pub(super) enum FlowRef {
     },
     /// A connection that has closed: 430 Flow Failed (RFC 5626 §5.3).
     Gone,
+    /// A connection another instance of the pool holds (`pool.instance`):
+    /// not reachable from here, so 430 Flow Failed as well.
+    Elsewhere(u16),
 }
 
 /// How a request is written for one server.
@@ -166,6 +169,10 @@ impl Router {
             return self.new_transaction(cfg, msg, &pool, route, origin, now, rng, out);
         }
         if method == Method::Register && route.target.is_none() {
+            if self.instance_drained() {
+                // A phone that registers elsewhere takes its flow there too.
+                return self.refuse_drained(cfg, msg, back, out);
+            }
             return self.register(cfg, msg, &pool, route.pop, loop_hash, origin, now, out);
         }
         let ms = self.ms(now);
@@ -248,7 +255,11 @@ impl Router {
     /// A flow token checked: live, gone (a closed connection), or `None`
     /// when it is not ours.
     fn check_flow(&self, token: &[u8]) -> Option<FlowRef> {
-        match Keys::parse_flow(token)? {
+        let (flow, holder) = Keys::parse_flow(token)?;
+        match flow {
+            Flow::Conn(_) if holder.is_some() && holder != self.me.instance => {
+                Some(FlowRef::Elsewhere(holder.unwrap_or_default()))
+            }
             Flow::Conn(id) => match self.flow_info(id) {
                 Some(info) if self.keys.verify_flow(token, info.peer) => Some(FlowRef::Live {
                     flow: Flow::Conn(id),
@@ -299,15 +310,16 @@ impl Router {
         &self,
         out: &mut ViaText,
         facing: Transport,
+        held: bool,
         server: &str,
         call_id: &[u8],
         flow: Option<(Flow, SocketAddr)>,
     ) {
-        out.0.extend_from_slice(self.me.rr(facing).as_bytes());
+        out.0.extend_from_slice(self.me.rr(facing, held).as_bytes());
         self.keys.write_sb_bound(server, call_id, &mut out.0);
         if let Some((f, peer)) = flow {
             out.0.extend_from_slice(b";flow=");
-            self.keys.write_flow(f, peer, &mut out.0);
+            self.keys.write_flow(f, self.me.instance, peer, &mut out.0);
         }
         out.0.push(b'>');
     }
@@ -328,17 +340,20 @@ impl Router {
         call_id: &[u8],
         flow: Option<(Flow, SocketAddr)>,
     ) {
+        // A phone on a connection of ours: the dialog's routes name this
+        // instance, the one that can reach it.
+        let held = matches!(flow, Some((Flow::Conn(_), _)));
         if outgoing == incoming {
-            return self.write_rr(out, outgoing, server, call_id, flow);
+            return self.write_rr(out, outgoing, held, server, call_id, flow);
         }
         let (f_out, f_in) = if ua_outgoing {
             (flow, None)
         } else {
             (None, flow)
         };
-        self.write_rr(out, outgoing, server, call_id, f_out);
+        self.write_rr(out, outgoing, held, server, call_id, f_out);
         out.0.extend_from_slice(b", ");
-        self.write_rr(out, incoming, server, call_id, f_in);
+        self.write_rr(out, incoming, held, server, call_id, f_in);
     }
 
     /// Whether a request from `ip` is within its source's limit; when it is
@@ -484,6 +499,21 @@ impl Router {
         false
     }
 
+    /// Our 503 to a new session or a REGISTER while this instance is
+    /// drained: the user agent tries the next instance of the pool (RFC
+    /// 3263 §4.3) and comes back after `Retry-After` at the earliest.
+    fn refuse_drained(&self, cfg: &Config, msg: &Message<'_>, back: Dest, out: &mut Outbox) {
+        let ra = format!("Retry-After: {}", cfg.drain_retry_after);
+        self.reply(
+            msg,
+            503,
+            "Service Unavailable (draining)",
+            &[ra.as_bytes()],
+            back,
+            out,
+        );
+    }
+
     /// A server for a new session, or our refusal (503, or a counted drop)
     /// when there is none. `prefer` is tried first when usable.
     #[allow(clippy::too_many_arguments)]
@@ -498,6 +528,10 @@ impl Router {
         out: &mut Outbox,
         back: Dest,
     ) -> Option<Arc<Server>> {
+        if self.instance_drained() {
+            self.refuse_drained(cfg, msg, back, out);
+            return None;
+        }
         if self.stopping.load(Ordering::Relaxed) {
             let ra = format!("Retry-After: {}", cfg.retry_after);
             self.reply(
@@ -807,9 +841,11 @@ impl Router {
         if hop.path {
             // The registrar reaches the phone through us, over its flow.
             let (_, flow) = self.ua_side(msg, origin, true);
-            path.0.extend_from_slice(self.me.path(srv_t).as_bytes());
+            let held = matches!(flow, Some((Flow::Conn(_), _)));
+            path.0
+                .extend_from_slice(self.me.path(srv_t, held).as_bytes());
             if let Some((f, p)) = flow {
-                self.keys.write_flow(f, p, &mut path.0);
+                self.keys.write_flow(f, self.me.instance, p, &mut path.0);
             }
             path.0.push(b'>');
         }
@@ -894,6 +930,18 @@ impl Router {
         let (dest, ua_t, flow) = match route.flow {
             Some(FlowRef::Gone) => {
                 return self.reply(msg, 430, "Flow Failed", &[], back, out);
+            }
+            Some(FlowRef::Elsewhere(holder)) => {
+                debug!(call_id = %String::from_utf8_lossy(msg.call_id()), holder, "flow held by another instance");
+                self.stats.flow_elsewhere.fetch_add(1, Ordering::Relaxed);
+                return self.reply(
+                    msg,
+                    430,
+                    "Flow Failed (held by another balancer instance)",
+                    &[],
+                    back,
+                    out,
+                );
             }
             Some(FlowRef::Live {
                 flow,
