@@ -26,8 +26,8 @@ RATE per second. When a third of them have been set up through A (its
 GET /servers says so), A gets SIGKILL (by its PID) and the VIP moves to B (`ip addr del` in A, `ip addr add` in B, the
 host's route replaced), as keepalived would: the calls set up through A
 finish through B (their re-INVITE and BYE by the `sb` token), the calls
-placed after go through B. B is ready before the move: its admin API
-answers GET /servers (/readyz once that exists).
+placed after go through B. B is ready before the move: its GET /readyz
+answers 200 (what keepalived's check script or a DNS health check reads).
 
 --mode drain: a planned switchover instead: the VIP moves to B with A
 still up, then A is drained (POST /drain): a new call sent to A's own
@@ -159,10 +159,13 @@ address = "%s:5082"
         return sum(int(s.get("selected_total", 0)) for s in rows if isinstance(s, dict))
 
     def ready(self):
-        """Its admin API answers GET /servers (to be /readyz)."""
+        """GET /readyz answers 200: serving SIP (503 while starting or stopping)."""
         if self.proc.poll() is not None:
             raise RuntimeError("siplb %s exited: %s" % (self.name, tail(self.log)))
-        return self.servers() is not None
+        r = run(["ip", "netns", "exec", self.ns, "python3", "-c",
+                 "import urllib.request;urllib.request.urlopen("
+                 "'http://127.0.0.1:8060/readyz',timeout=1)"], check=False)
+        return r.returncode == 0
 
 
 def tail(path, n=20):

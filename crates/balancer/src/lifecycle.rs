@@ -177,10 +177,22 @@ async fn healthz(State(l): State<Arc<Lifecycle>>) -> Response {
 }
 
 /// `GET /readyz`: 200 while serving SIP; 503 while starting (waiting for
-/// the agents) and while stopping.
+/// the agents), while the whole instance is drained (`POST /drain`: the
+/// health check of a VIP or a DNS pool takes it out, its dialogs go on
+/// through the others by the `sb` token) and while stopping.
 async fn readyz(State(l): State<Arc<Lifecycle>>) -> Response {
     let phase = l.phase();
     match phase {
+        Phase::Ready if l.router.instance_drained() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "ready": false,
+                "phase": phase.name(),
+                "drained": true,
+                "reason": "drained (POST /drain): new sessions refused, dialogs served"
+            })),
+        )
+            .into_response(),
         Phase::Ready => Json(json!({"ready": true, "phase": phase.name()})).into_response(),
         Phase::Starting => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -574,10 +574,16 @@ fn the_whole_instance_drains_with_the_token_and_says_what_it_still_carries() {
     assert_eq!(a.json()["transactions"], 0);
     let m = lb.must("GET", "/metrics", &[]);
     assert!(m.body.contains("\nsiplb_draining 1\n"), "{}", m.body);
+    // The VIP's or the DNS pool's health check takes a drained instance out.
+    let r = lb.must("GET", "/readyz", &[]);
+    assert_eq!(r.code, 503, "{}", r.body);
+    assert_eq!(r.json()["drained"], true, "{}", r.body);
 
     let a = lb.must("POST", "/undrain", &[("Authorization", &right)]);
     assert_eq!(a.code, 200, "{}", a.body);
     assert_eq!(a.json()["drained"], false);
     let m = lb.must("GET", "/metrics", &[]);
     assert!(m.body.contains("\nsiplb_draining 0\n"), "{}", m.body);
+    let r = lb.must("GET", "/readyz", &[]);
+    assert_eq!(r.code, 200, "{}", r.body);
 }
