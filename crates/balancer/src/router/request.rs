@@ -666,7 +666,17 @@ impl Router {
                 out.arm(now.at + cfg.trying_after, TimerKey::Trying { txn: id });
             }
         }
-        self.start_attempt(cfg, &mut guard, id, &server, now, out);
+        // The first copy from the request as it came (processed on the way
+        // out: the same bytes as from `base`, without parsing `base` again).
+        self.start_attempt(
+            cfg,
+            &mut guard,
+            id,
+            &server,
+            Some((msg, route.pop)),
+            now,
+            out,
+        );
     }
 
     /// The UA's ACK: of our own final (absorbed, also when we answered

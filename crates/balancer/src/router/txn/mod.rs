@@ -299,12 +299,18 @@ impl ClientTxn {
 
 impl Router {
     /// Sends the transaction's request to `server` as its next attempt.
+    /// `first`: the request as it came from the UA and the Routes to pop,
+    /// when this is the transaction's first attempt (its copy is written
+    /// from it, processed on the way, rather than from the stored request
+    /// parsed again).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start_attempt(
         &self,
         cfg: &Config,
         t: &mut ClientTxn,
         id: u64,
         server: &Server,
+        first: Option<(&Message<'_>, u8)>,
         now: Now,
         out: &mut Outbox,
     ) {
@@ -327,7 +333,19 @@ impl Router {
         server.stats.outstanding.fetch_add(1, Ordering::Relaxed);
         t.timer_c_from = self.ms(now);
         let index = t.current();
-        self.send_attempt(t, id, server, out);
+        match first {
+            Some((msg, pop_routes)) => {
+                let branch = Self::branch(id, Leg::Attempt(index), t.loop_hash);
+                let hop = Hop {
+                    pop_routes,
+                    record_route: t.record_route,
+                    fresh: true,
+                    path: false,
+                };
+                self.forward_to_server(msg, server, hop, branch, t.origin(), out);
+            }
+            None => self.send_attempt(t, id, server, out),
+        }
         if t.invite {
             out.arm(
                 now.at + cfg.failover_timeout,
@@ -585,7 +603,7 @@ impl Router {
                 info!(call_id = %String::from_utf8_lossy(&call_id), server = %s.id, method, attempt = t.tries.len(), why, "failover");
                 self.sessions.reassign(&call_id, s.id.clone(), self.ms(now));
                 s.stats.selected.fetch_add(1, Ordering::Relaxed);
-                self.start_attempt(cfg, t, id, &s, now, out);
+                self.start_attempt(cfg, t, id, &s, None, now, out);
             }
             None => {
                 warn!(call_id = %String::from_utf8_lossy(&call_id), method, why, "every attempt failed");
