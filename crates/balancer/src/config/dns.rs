@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, ServerConfig, Transport, duration, err, two, udp};
+use super::{ConfigError, ServerConfig, Transport, duration, err, probe_fields, two, udp};
 
 /// `[dns]`
 #[derive(Debug, Clone, Deserialize)]
@@ -192,22 +192,12 @@ pub(super) fn discover_configs(
         {
             return err(field("capacity"), "sessions per second, more than 0");
         }
-        let probe = match &d.probe {
-            Some(p) => {
-                let v = duration(&field("probe"), p)?;
-                if v < Duration::from_millis(100) {
-                    return err(field("probe"), "at least 100ms");
-                }
-                Some(v)
-            }
-            None => None,
-        };
-        if d.probe_failures == 0 || d.probe_successes == 0 {
-            return err(
-                field("probe_failures"),
-                "probe_failures and probe_successes must be at least 1",
-            );
-        }
+        let probe = probe_fields(
+            &field,
+            d.probe.as_deref(),
+            d.probe_failures,
+            d.probe_successes,
+        )?;
         out.push(DiscoverConfig {
             source: d.id.clone(),
             name: name.to_owned(),

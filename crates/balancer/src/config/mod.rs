@@ -34,6 +34,34 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// A server's (or a `[[discover]]` entry's) OPTIONS probe fields: the
+/// interval (at least 100 ms) when probing is on, and failures/successes of
+/// at least 1.
+fn probe_fields(
+    field: &dyn Fn(&str) -> String,
+    probe: Option<&str>,
+    failures: u32,
+    successes: u32,
+) -> Result<Option<Duration>, ConfigError> {
+    let probe = match probe {
+        Some(p) => {
+            let d = duration(&field("probe"), p)?;
+            if d < Duration::from_millis(100) {
+                return err(field("probe"), "at least 100ms");
+            }
+            Some(d)
+        }
+        None => None,
+    };
+    if failures == 0 || successes == 0 {
+        return err(
+            field("probe_failures"),
+            "probe_failures and probe_successes must be at least 1",
+        );
+    }
+    Ok(probe)
+}
+
 /// `host[:port]` of `field`, the port `default_port` when not given.
 fn field_host_port(
     field: &str,
@@ -935,22 +963,12 @@ impl Config {
             } else if sv.tls_name.is_some() {
                 return err(field("tls_name"), "only with transport = \"tls\"");
             }
-            let probe = match &sv.probe {
-                Some(p) => {
-                    let d = duration(&field("probe"), p)?;
-                    if d < Duration::from_millis(100) {
-                        return err(field("probe"), "at least 100ms");
-                    }
-                    Some(d)
-                }
-                None => None,
-            };
-            if sv.probe_failures == 0 || sv.probe_successes == 0 {
-                return err(
-                    field("probe_failures"),
-                    "probe_failures and probe_successes must be at least 1",
-                );
-            }
+            let probe = probe_fields(
+                &field,
+                sv.probe.as_deref(),
+                sv.probe_failures,
+                sv.probe_successes,
+            )?;
             let server = ServerConfig {
                 id: sv.id.clone(),
                 address,
