@@ -5,9 +5,10 @@
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -139,4 +140,41 @@ pub fn no_failed_call(text: &str) -> String {
         .unwrap_or_else(|| panic!("no summary line\n{text}"));
     assert!(summary.ends_with(" failed=0"), "{summary}\n{text}");
     summary.to_owned()
+}
+
+/// A child process, killed (by its PID) and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port free for UDP and TCP on 127.0.0.1, released for a process to bind.
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP in 50 binds");
+}
+
+/// `GET path` on the admin API: (status, body).
+pub fn get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let code = r.get(9..12)?.parse().ok()?;
+    Some((code, r.split_once("\r\n\r\n")?.1.to_owned()))
 }
