@@ -9,6 +9,9 @@ use balancer::config::{Config, Transport};
 use balancer::router::{Dest, Now, Origin, Outbox, Router};
 use rand::SeedableRng;
 
+mod common;
+use common::{addr, header_values, status};
+
 const S1: &str = "10.0.1.1:5060";
 const S2: &str = "10.0.1.2:5060";
 const POOL: &str = "sip.example.net";
@@ -83,34 +86,6 @@ impl Instance {
             .map(|(d, b)| (d.clone(), String::from_utf8_lossy(b).into_owned()))
             .collect()
     }
-}
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn header_values<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
-    msg.split("\r\n")
-        .take_while(|l| !l.is_empty())
-        .filter_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
-        })
-        .flat_map(|v| v.split(", "))
-        .collect()
-}
-
-fn status(text: &str) -> Option<u16> {
-    text.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
-}
-
-fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
-    sent.iter()
-        .find_map(|(d, t)| match d {
-            Dest::Udp(a) if *a == addr(S1) || *a == addr(S2) => Some((*a, t.clone())),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
 }
 
 fn invite(call: &str, ua: SocketAddr) -> String {
@@ -496,4 +471,14 @@ fn a_reload_keeps_the_pool_name_and_the_instance_until_a_restart() {
         header_values(&inv, "record-route")[0].starts_with(&format!("<sip:{POOL};lr;sb=")),
         "{inv}"
     );
+}
+
+/// The message sent to one of this file's servers.
+fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
+    sent.iter()
+        .find_map(|(d, t)| match d {
+            Dest::Udp(a) if *a == addr(S1) || *a == addr(S2) => Some((*a, t.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
 }

@@ -8,6 +8,9 @@ use balancer::config::Config;
 use balancer::router::{Dest, Now, Origin, Outbox, Router};
 use rand::SeedableRng;
 
+mod common;
+use common::{addr, header_values, status};
+
 /// A router over `servers` (UDP, agentless, round-robin) with `extra`
 /// appended to its config.
 struct Core {
@@ -98,10 +101,6 @@ address = "{S2}"
     }
 }
 
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
 fn invite(call: &str, ua: SocketAddr, transport: &str) -> String {
     format!(
         "INVITE sip:bob@127.0.0.1 SIP/2.0
@@ -117,10 +116,6 @@ Content-Length: 0
 ",
         transport.to_ascii_lowercase()
     )
-}
-
-fn status(text: &str) -> Option<u16> {
-    text.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
 }
 
 #[test]
@@ -150,26 +145,6 @@ fn the_transaction_table_is_bounded() {
             .drops_of(balancer::stats::DropReason::TransactionTableFull),
         1
     );
-}
-
-fn header_values<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
-    msg.split("\r\n")
-        .take_while(|l| !l.is_empty())
-        .filter_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
-        })
-        .flat_map(|v| v.split(", "))
-        .collect()
-}
-
-fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
-    sent.iter()
-        .find_map(|(d, t)| match d {
-            Dest::Udp(a) if *a == addr(S1) || *a == addr(S2) => Some((*a, t.clone())),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
 }
 
 /// The server's 200 to `req` (its Record-Route echoed, its Via on top).
@@ -1007,4 +982,14 @@ fn with_every_server_overloaded_our_503_says_when_the_first_is_back() {
         .find(|(d, t)| *d == Dest::Udp(ua) && status(t) == Some(503))
         .unwrap_or_else(|| panic!("our 503: {sent:?}"));
     assert_eq!(header_values(&ours.1, "retry-after"), ["30"], "{}", ours.1);
+}
+
+/// The message sent to one of this file's servers.
+fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
+    sent.iter()
+        .find_map(|(d, t)| match d {
+            Dest::Udp(a) if *a == addr(S1) || *a == addr(S2) => Some((*a, t.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
 }
