@@ -11,17 +11,16 @@
 //! stopped by its PID (`Proc`'s drop); every wait is bounded.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod common;
-use common::{Proc, free_port, get, require, root, siplb_bin};
+use common::{Proc, free_port, get, require, root, siplb_bin, spawn};
 
 /// One HEPv3 packet, as this test reads it.
 #[derive(Debug, Clone)]
@@ -183,18 +182,6 @@ impl Drop for Bed {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Proc {
-    let log = File::create(log).unwrap();
-    Proc(
-        cmd.current_dir(root())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starts"),
-    )
 }
 
 fn start(name: &str, capture: &str) -> Result<Bed, String> {

@@ -11,15 +11,14 @@
 //! process is stopped by its PID (`Proc`'s drop); every wait is bounded.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Proc, free_port, get, require, root, siplb_bin};
+use common::{Proc, free_port, get, require, root, siplb_bin, spawn};
 
 /// The pool a test runs: ports, folder, processes.
 struct Bed {
@@ -50,18 +49,6 @@ impl Drop for Bed {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Proc {
-    let log = File::create(log).unwrap();
-    Proc(
-        cmd.current_dir(root())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starts"),
-    )
 }
 
 /// examples/local.toml on fresh ports, its agents, SIPp UAS and the

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, ServerConfig, Transport, duration, err, probe_fields, two, udp};
+use super::{
+    ConfigError, ServerConfig, Transport, duration, err, probe_fields, two, udp, valid_id,
+};
 
 /// `[dns]`
 #[derive(Debug, Clone, Deserialize)]
@@ -149,12 +151,7 @@ pub(super) fn discover_configs(
     let mut out: Vec<DiscoverConfig> = Vec::new();
     for (i, d) in sections.iter().enumerate() {
         let field = |name: &str| format!("discover[{i}].{name}");
-        if d.id.is_empty()
-            || !d
-                .id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if !valid_id(&d.id) {
             return err(field("id"), "letters, digits, '-' and '_' only, not empty");
         }
         if taken.contains(&d.id) || out.iter().any(|o| o.source == d.id) {

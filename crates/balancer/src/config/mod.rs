@@ -34,6 +34,15 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// Whether `id` (a server's or a `[[discover]]` entry's) is letters,
+/// digits, `-` and `_`, and not empty.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A server's (or a `[[discover]]` entry's) OPTIONS probe fields: the
 /// interval (at least 100 ms) when probing is on, and failures/successes of
 /// at least 1.
@@ -898,12 +907,7 @@ impl Config {
         let mut ids: Vec<String> = Vec::new();
         for (i, sv) in f.servers.iter().enumerate() {
             let field = |name: &str| format!("servers[{i}].{name}");
-            if sv.id.is_empty()
-                || !sv
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
+            if !valid_id(&sv.id) {
                 return err(field("id"), "letters, digits, '-' and '_' only, not empty");
             }
             if ids.contains(&sv.id) {

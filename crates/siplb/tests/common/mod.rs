@@ -178,3 +178,16 @@ pub fn get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
     let code = r.get(9..12)?.parse().ok()?;
     Some((code, r.split_once("\r\n\r\n")?.1.to_owned()))
 }
+
+/// `cmd` started in the repository's root, its output to `log`.
+pub fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+    let log = File::create(log).unwrap();
+    Proc(
+        cmd.current_dir(root())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starts"),
+    )
+}
