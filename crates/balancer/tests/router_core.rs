@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use balancer::config::Config;
-use balancer::router::{Dest, Now, Origin, Outbox, Router};
+use balancer::router::{Dest, Now, Origin, Outbox, Router, TimerKey};
 use rand::SeedableRng;
 
 mod common;
@@ -992,4 +992,95 @@ fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
             _ => None,
         })
         .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
+}
+
+/// Timers armed, as (ms since the core's base, key).
+type Armed = Vec<(u64, TimerKey)>;
+
+/// Fires `key` at `ms`; the sends and the timers it armed.
+fn fire(core: &mut Core, key: TimerKey, ms: u64) -> (Vec<(Dest, String)>, Armed) {
+    core.out.clear();
+    let now = core.now(ms);
+    core.router.on_timer(key, now, &mut core.rng, &mut core.out);
+    let timers = core
+        .out
+        .timers()
+        .iter()
+        .map(|&(at, k)| ((at - core.base).as_millis() as u64, k))
+        .collect();
+    let sent = core
+        .out
+        .sends()
+        .map(|(d, b)| (d.clone(), String::from_utf8_lossy(b).into_owned()))
+        .collect();
+    (sent, timers)
+}
+
+/// The timers a fed message armed, as (ms, key).
+fn armed(core: &Core) -> Armed {
+    core.out
+        .timers()
+        .iter()
+        .map(|&(at, k)| ((at - core.base).as_millis() as u64, k))
+        .collect()
+}
+
+#[test]
+fn an_invite_answered_at_once_costs_one_timer_and_an_unanswered_one_fails_over_on_time() {
+    // Defaults: trying_after 200 ms, failover_timeout 500 ms.
+    let mut core = Core::new("timers", "");
+    let ua = addr("192.0.2.11:5070");
+    let from = Origin::Udp { peer: ua };
+    // Answered by a 180 before the Trying timer: that timer is the only
+    // one, and it arms nothing (no 100, no failover).
+    let sent = core.feed(&invite("tm-1", ua, "UDP"), from, 1_000);
+    let t = armed(&core);
+    assert!(
+        matches!(t[..], [(1_200, TimerKey::Trying { .. })]),
+        "one timer per INVITE: {t:?}"
+    );
+    let (server, req) = to_server(&sent);
+    let ringing = final_for(&req, server, 180, "Ringing", "");
+    let sent = core.feed(&ringing, Origin::Udp { peer: server }, 1_050);
+    assert!(sent.iter().any(|(d, _)| *d == Dest::Udp(ua)), "{sent:?}");
+    let (sent, timers) = fire(&mut core, t[0].1, 1_200);
+    assert!(sent.is_empty() && timers.is_empty(), "{sent:?} {timers:?}");
+    // Unanswered: its 100 at 200 ms and, armed then, the failover timer
+    // due 500 ms after the INVITE went out; when it fires, the next server.
+    let sent = core.feed(&invite("tm-2", ua, "UDP"), from, 2_000);
+    let (first, _) = to_server(&sent);
+    let t = armed(&core);
+    assert!(matches!(t[..], [(2_200, TimerKey::Trying { .. })]), "{t:?}");
+    let (sent, timers) = fire(&mut core, t[0].1, 2_200);
+    assert!(
+        sent.iter()
+            .any(|(d, m)| *d == Dest::Udp(ua) && m.starts_with("SIP/2.0 100 ")),
+        "{sent:?}"
+    );
+    assert!(
+        matches!(timers[..], [(2_500, TimerKey::Failover { attempt: 0, .. })]),
+        "{timers:?}"
+    );
+    let (sent, timers) = fire(&mut core, timers[0].1, 2_500);
+    let next = invites_to(&sent);
+    assert_eq!(next.len(), 1, "{sent:?}");
+    assert_ne!(next[0], first, "{sent:?}");
+    // The second attempt arms its own failover timer.
+    assert!(
+        timers
+            .iter()
+            .any(|&(at, k)| at == 3_000 && matches!(k, TimerKey::Failover { attempt: 1, .. })),
+        "{timers:?}"
+    );
+    // With trying_after past failover_timeout both are armed at once.
+    let mut core = Core::new("timers-late", "failover_timeout = \"100ms\"");
+    core.feed(&invite("tm-3", ua, "UDP"), from, 0);
+    let t = armed(&core);
+    assert!(
+        t.iter()
+            .any(|&(at, k)| at == 100 && matches!(k, TimerKey::Failover { .. }))
+            && t.iter()
+                .any(|&(at, k)| at == 200 && matches!(k, TimerKey::Trying { .. })),
+        "{t:?}"
+    );
 }

@@ -186,7 +186,13 @@ pub struct Message<'a> {
     top_via: Via<'a>,
     /// Offset of the top Via value.
     top_via_at: u32,
+    /// The From and To tags (offsets into `buf`), once looked for: by
+    /// [`Message::validate`] or the first [`Message::tags`].
+    tags: std::cell::Cell<Option<Tags>>,
 }
+
+/// The From and To tags as offsets into the message.
+type Tags = [Option<(u32, u32)>; 2];
 
 fn header_err(h: &HeaderPos, reason: &'static str) -> Error {
     Error::Header {
@@ -380,7 +386,29 @@ impl<'a> Message<'a> {
             content_length,
             top_via,
             top_via_at,
+            tags: std::cell::Cell::new(None),
         })
+    }
+
+    /// The From tag and the To tag (each `None` when absent, or when the
+    /// header does not parse), found once per message.
+    #[must_use]
+    pub fn tags(&self) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
+        let t = self.tags.get().unwrap_or_else(|| {
+            let at =
+                |a: Result<NameAddr<'a>>| a.ok().and_then(|a| a.tag()).map(|t| self.offsets(t));
+            let t = [at(self.from()), at(self.to())];
+            self.tags.set(Some(t));
+            t
+        });
+        let get = |r: Option<(u32, u32)>| r.map(|r| self.slice(r));
+        (get(t[0]), get(t[1]))
+    }
+
+    /// Where `part` (a slice of this message's bytes) is in them.
+    fn offsets(&self, part: &[u8]) -> (u32, u32) {
+        let a = part.as_ptr() as usize - self.buf.as_ptr() as usize;
+        (a as u32, (a + part.len()) as u32)
     }
 
     /// Checks the grammar of every Via, From, To, Contact, Route and
@@ -389,20 +417,27 @@ impl<'a> Message<'a> {
     /// # Errors
     /// The first value that breaks its grammar.
     pub fn validate(&self) -> Result<()> {
+        let mut tags: Tags = [None, None];
         for h in &self.headers {
             let v = self.slice(h.value_at);
             match h.name {
                 HeaderName::Via => {
+                    let mut top = h.value_at.0 == self.top_via_at;
                     for r in CommaSplit::new(v) {
                         let (a, b) = r.map_err(|()| header_err(h, "unbalanced quote or '<'"))?;
                         if a == b {
                             return Err(header_err(h, "empty value in list"));
                         }
+                        // The top one was parsed with the message.
+                        if std::mem::take(&mut top) {
+                            continue;
+                        }
                         Via::parse(&v[a..b]).map_err(|e| via_err(h, e))?;
                     }
                 }
                 HeaderName::From | HeaderName::To => {
-                    NameAddr::parse(v).map_err(|r| header_err(h, r))?;
+                    let a = NameAddr::parse(v).map_err(|r| header_err(h, r))?;
+                    tags[usize::from(h.name == HeaderName::To)] = a.tag().map(|t| self.offsets(t));
                 }
                 HeaderName::Contact if v == b"*" => {}
                 HeaderName::Contact | HeaderName::Route | HeaderName::RecordRoute => {
@@ -417,6 +452,7 @@ impl<'a> Message<'a> {
                 _ => {}
             }
         }
+        self.tags.set(Some(tags));
         Ok(())
     }
 
@@ -561,6 +597,15 @@ impl<'a> Message<'a> {
     /// Every Via value, parsed, top first.
     pub fn vias(&self) -> impl Iterator<Item = Result<Via<'a>>> + '_ {
         self.value_positions(HeaderName::Via).map(|p| {
+            let h = &self.headers[p.header];
+            Via::parse(self.slice((p.start, p.end))).map_err(|e| via_err(h, e))
+        })
+    }
+
+    /// Every Via value below the top one (which is [`Message::top_via`],
+    /// parsed with the message), parsed, in order.
+    pub fn vias_below_top(&self) -> impl Iterator<Item = Result<Via<'a>>> + '_ {
+        self.value_positions(HeaderName::Via).skip(1).map(|p| {
             let h = &self.headers[p.header];
             Via::parse(self.slice((p.start, p.end))).map_err(|e| via_err(h, e))
         })

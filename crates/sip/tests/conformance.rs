@@ -134,3 +134,38 @@ fn own_messages_agree_with_their_verdicts() {
     assert!(n >= 30, "at least 30 own messages, found {n}");
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The shortcuts the router takes give what parsing every value again
+/// gives, on every torture message and every own message that parses:
+/// `tags()` (before and after `validate`, which finds them on its way) and
+/// `vias_below_top()`.
+#[test]
+fn cached_tags_and_the_vias_below_the_top_agree_with_a_full_parse() {
+    let mut n = 0;
+    for d in ["rfc4475/valid", "rfc4475/invalid", "messages"] {
+        for e in std::fs::read_dir(dir(d)).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_none_or(|x| x != "sip" && x != "dat") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let Ok(m) = sip::Message::parse(&bytes) else {
+                continue;
+            };
+            let full = (
+                m.from().ok().and_then(|a| a.tag()),
+                m.to().ok().and_then(|a| a.tag()),
+            );
+            let below: Vec<_> = m.vias().skip(1).map(|v| v.map(|v| v.raw)).collect();
+            let fast: Vec<_> = m.vias_below_top().map(|v| v.map(|v| v.raw)).collect();
+            assert_eq!(format!("{below:?}"), format!("{fast:?}"), "{path:?}");
+            let fresh = m.clone();
+            assert_eq!(fresh.tags(), full, "{path:?} without validate");
+            if m.validate().is_ok() {
+                assert_eq!(m.tags(), full, "{path:?} after validate");
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 40, "{n} messages checked");
+}

@@ -703,7 +703,7 @@ impl Router {
                 n,
             } => self.resend_timer(txn, attempt, bye, n, now, out),
             TimerKey::Fork { fork } => self.finish_fork(fork, true, now, out),
-            TimerKey::Trying { txn } => self.trying_timer(txn, out),
+            TimerKey::Trying { txn } => self.trying_timer(txn, now, out),
         }
     }
 
@@ -759,7 +759,7 @@ impl Router {
     /// not a loop.
     fn loop_hash(&self, msg: &Message<'_>) -> u32 {
         let uri = msg.request_uri().map_or(&b""[..], |u| u.raw);
-        let from_tag = msg.from().ok().and_then(|f| f.tag()).unwrap_or_default();
+        let from_tag = msg.tags().0.unwrap_or_default();
         let cseq = msg.cseq();
         // A CANCEL and a non-2xx ACK carry the INVITE's branch (RFC 3261
         // §9.1, §17.1.1.3): hash them as the INVITE they belong to.

@@ -94,16 +94,16 @@ impl Router {
             return self.reply(msg, 420, "Bad Extension", &[&line], back, out);
         }
         let loop_hash = self.loop_hash(msg);
-        for v in msg.vias().flatten() {
-            if self.is_ours(&v.host, v.port)
+        let looped = |v: &sip::Via<'_>| {
+            self.is_ours(&v.host, v.port)
                 && v.branch
                     .and_then(Branch::parse)
                     .is_some_and(|b| b.loop_hash == loop_hash)
-            {
-                return self.reply(msg, 482, "Loop Detected", &[], back, out);
-            }
+        };
+        if looped(msg.top_via()) || msg.vias_below_top().flatten().any(|v| looped(&v)) {
+            return self.reply(msg, 482, "Loop Detected", &[], back, out);
         }
-        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        let to_tag = msg.tags().1.is_some();
         let Some(mut route) = self.our_route(cfg, msg, to_tag) else {
             return self.reply(
                 msg,
@@ -658,12 +658,16 @@ impl Router {
         // only when the server has not answered within `trying_after` (RFC
         // 3261 §17.2.1: nearly every server does, and the 180 or 200 stops
         // them as well; a datagram less per call).
+        // The Trying timer, due first, arms the failover timer only if the
+        // server has not answered by then.
+        let mut defer_failover = false;
         if invite {
             if cfg.trying_after.is_zero() {
                 guard.trying_sent = true;
                 self.reply(msg, 100, "Trying", &[], back, out);
             } else {
                 out.arm(now.at + cfg.trying_after, TimerKey::Trying { txn: id });
+                defer_failover = cfg.trying_after < cfg.failover_timeout;
             }
         }
         // The first copy from the request as it came (processed on the way
@@ -674,6 +678,7 @@ impl Router {
             id,
             &server,
             Some((msg, route.pop)),
+            defer_failover,
             now,
             out,
         );
@@ -723,7 +728,7 @@ impl Router {
                 txn::AckOf::NotThis => {}
             }
         }
-        if msg.to().ok().and_then(|t| t.tag()) == Some(&self.to_tag(msg)[..]) {
+        if msg.tags().1 == Some(&self.to_tag(msg)[..]) {
             // The ACK of a final we sent without a transaction (our 503
             // when no server is available, our answer to a bad request):
             // ours to absorb; no server has that transaction.
@@ -974,7 +979,7 @@ impl Router {
                 }
             }
         };
-        let to_tag = msg.to().ok().and_then(|t| t.tag()).is_some();
+        let to_tag = msg.tags().1.is_some();
         let record_route = txn::creates_dialog(msg.method()) && !to_tag;
         let branch = Self::branch(self.txn_id(msg), Leg::Attempt(0), route.loop_hash);
         let branch = self.seal(branch, &response_hop(msg, origin, true));

@@ -130,7 +130,7 @@ impl Router {
     fn response_dest(&self, cfg: &Config, msg: &Message<'_>) -> Option<Dest> {
         let dest = match crate::codec::parse_conn(msg.top_via().raw) {
             Some(conn) => Dest::Conn(conn),
-            None => next_hop(&msg.vias().nth(1)?.ok()?)?,
+            None => next_hop(&msg.vias_below_top().next()?.ok()?)?,
         };
         if let Dest::Udp(a) = dest
             && (cfg.listen.contains(&a) || self.me.ip == Some(a.ip()) && a.port() == self.me.port)

@@ -180,6 +180,10 @@ pub(super) struct ClientTxn {
     /// A provisional, a final or our 100 went to the UA (no 100 of ours
     /// after that).
     pub trying_sent: bool,
+    /// The attempt whose failover timer the Trying timer arms, if the
+    /// attempt is still unanswered when it fires: one timer per INVITE
+    /// answered at once (nearly all), not two.
+    pub failover_deferred: Option<u8>,
     /// The request carried credentials from this source: a 401/407 final
     /// spends one of its failed authentications (`limits.auth_failure_*`).
     pub auth_from: Option<std::net::IpAddr>,
@@ -227,6 +231,7 @@ impl ClientTxn {
             own_until_ms: 0,
             auth_from: None,
             trying_sent: false,
+            failover_deferred: None,
         }
     }
 
@@ -302,7 +307,8 @@ impl Router {
     /// `first`: the request as it came from the UA and the Routes to pop,
     /// when this is the transaction's first attempt (its copy is written
     /// from it, processed on the way, rather than from the stored request
-    /// parsed again).
+    /// parsed again). `defer_failover`: the Trying timer, due before the
+    /// failover timer, arms the latter only if the attempt is unanswered.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_attempt(
         &self,
@@ -311,6 +317,7 @@ impl Router {
         id: u64,
         server: &Server,
         first: Option<(&Message<'_>, u8)>,
+        defer_failover: bool,
         now: Now,
         out: &mut Outbox,
     ) {
@@ -346,7 +353,9 @@ impl Router {
             }
             None => self.send_attempt(t, id, server, out),
         }
-        if t.invite {
+        if t.invite && defer_failover {
+            t.failover_deferred = Some(index);
+        } else if t.invite {
             out.arm(
                 now.at + cfg.failover_timeout,
                 TimerKey::Failover {
@@ -603,7 +612,7 @@ impl Router {
                 info!(call_id = %String::from_utf8_lossy(&call_id), server = %s.id, method, attempt = t.tries.len(), why, "failover");
                 self.sessions.reassign(&call_id, s.id.clone(), self.ms(now));
                 s.stats.selected.fetch_add(1, Ordering::Relaxed);
-                self.start_attempt(cfg, t, id, &s, None, now, out);
+                self.start_attempt(cfg, t, id, &s, None, false, now, out);
             }
             None => {
                 warn!(call_id = %String::from_utf8_lossy(&call_id), method, why, "every attempt failed");

@@ -63,12 +63,32 @@ impl Router {
 
     /// `routing.trying_after` passed for INVITE transaction `id`: our `100
     /// Trying` unless a provisional or final went to the UA meanwhile.
-    pub(in crate::router) fn trying_timer(&self, id: u64, out: &mut Outbox) {
+    pub(in crate::router) fn trying_timer(&self, id: u64, now: Now, out: &mut Outbox) {
         let Some(t) = self.txns.pin().get(&id).cloned() else {
             return;
         };
         let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if t.trying_sent || t.phase != Phase::Trying || t.local_final.is_some() {
+        if t.phase != Phase::Trying || t.local_final.is_some() {
+            return;
+        }
+        // The first attempt's failover timer, if it is still unanswered
+        // (at the time it would have been armed for from the start).
+        if let Some(a) = t.failover_deferred.take() {
+            let unanswered =
+                t.current() == a && t.tries.get(usize::from(a)).is_some_and(|x| !x.answered);
+            if unanswered {
+                let cfg = self.cfg.load();
+                let at = t.tries[usize::from(a)].sent + cfg.failover_timeout;
+                out.arm(
+                    at.max(now.at),
+                    TimerKey::Failover {
+                        txn: id,
+                        attempt: a,
+                    },
+                );
+            }
+        }
+        if t.trying_sent {
             return;
         }
         t.trying_sent = true;
