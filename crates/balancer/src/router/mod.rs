@@ -82,8 +82,10 @@ use txn::ClientTxn;
 /// opened to this instance: only this instance can send on it, so the
 /// Record-Route and Path of that dialog or registration name this
 /// instance (behind SRV the pool's name would reach another instance, which
-/// could only answer 430). Both names read as ours in a Route, a Via or a
-/// Request-URI.
+/// could only answer 430) — unless `pool.flow_route` is `pool` (the default
+/// with `pool.peers`): then they name the pool too, and the instance that
+/// gets the request forwards it to this one ([`peer`]). Both names read as
+/// ours in a Route, a Via or a Request-URI.
 #[derive(Debug)]
 struct Me {
     host: String,
