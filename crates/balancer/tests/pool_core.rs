@@ -988,10 +988,21 @@ fn pool_peers_are_checked_and_name_the_pool_in_a_held_flows_routes() {
     let _ = std::fs::remove_dir_all(dir);
 
     // `flow_route = "instance"` keeps today's routes even with peers.
-    let (mut a, _b, path) = peered("keep", "flow_route = \"instance\"");
+    let (a, _b, path) = peered("keep", "flow_route = \"instance\"");
     assert!(
         path.starts_with("<sip:10.0.0.1:5060;lr;ob;flow=i0001"),
         "{path}"
     );
-    let _ = a.feed("", on_phone_conn(), 1);
+
+    // A reload changes the peers' timing at once, the peers and the routes
+    // at the next restart.
+    let mut cfg = (*a.router.config()).clone();
+    cfg.pool.peers.clear();
+    cfg.pool.flow_route = balancer::config::FlowRoute::Pool;
+    cfg.pool.peer_timeout = Duration::from_millis(500);
+    a.router.reload(cfg);
+    let now = a.router.config();
+    assert_eq!(now.pool.peers.len(), 1);
+    assert_eq!(now.pool.flow_route, balancer::config::FlowRoute::Instance);
+    assert_eq!(now.pool.peer_timeout, Duration::from_millis(500));
 }

@@ -372,15 +372,17 @@ impl Router {
         if new.record_route_host != cur.record_route_host
             || new.record_route_port != cur.record_route_port
             || new.instance != cur.instance
-            || new.pool != cur.pool
+            || new.pool.peers != cur.pool.peers
+            || new.pool.flow_route != cur.pool.flow_route
         {
             warn!(
-                "sip.record_route / pool.instance / pool.peers changed: takes effect at the next restart"
+                "sip.record_route / pool.instance / pool.peers / pool.flow_route changed: takes effect at the next restart"
             );
             new.record_route_host.clone_from(&cur.record_route_host);
             new.record_route_port = cur.record_route_port;
             new.instance = cur.instance;
-            new.pool.clone_from(&cur.pool);
+            new.pool.peers.clone_from(&cur.pool.peers);
+            new.pool.flow_route = cur.pool.flow_route;
         }
         if new.secret != cur.secret {
             warn!("routing.secret changed: takes effect at the next restart");
