@@ -525,6 +525,25 @@ async fn metrics(
             .flow_elsewhere
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    let _ = writeln!(
+        o,
+        "# HELP siplb_flow_forwarded_total Requests for a flow a pool peer holds, forwarded to it (pool.peers).\n# TYPE siplb_flow_forwarded_total counter\nsiplb_flow_forwarded_total {}\n# HELP siplb_flow_owner_down_total Requests for a flow a pool peer holds answered 430 Flow Failed: the peer known down, or silent for pool.peer_timeout.\n# TYPE siplb_flow_owner_down_total counter\nsiplb_flow_owner_down_total {}\n# HELP siplb_peer_up 1 while a pool peer answers (its probes, the requests forwarded to it).\n# TYPE siplb_peer_up gauge",
+        p.stats
+            .flow_forwarded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        p.stats
+            .flow_owner_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for peer in p.peers() {
+        let _ = writeln!(
+            o,
+            "siplb_peer_up{{instance=\"{}\",address=\"{}\"}} {}",
+            peer.instance,
+            peer.address,
+            u8::from(peer.up)
+        );
+    }
     for kind in ["refused", "closed"] {
         let _ = writeln!(
             o,

@@ -41,11 +41,12 @@
 //! The `sb` MAC is written lower-case and read in either case, as before.
 //!
 //! A connection is held by one instance of a pool: `i` names it
-//! (`pool.instance`), so another instance that gets the token anyway (our
-//! Path and Record-Route name the instance that holds a connection, but an
-//! address can move) knows the flow is not one of its own and answers 430
-//! Flow Failed (RFC 5626 §5.3) rather than take the id for one of its own
-//! connections. It cannot check the MAC
+//! (`pool.instance`), so another instance that gets the token (our Path
+//! and Record-Route name the pool with `pool.peers`, the holder without;
+//! an address can move) knows the flow is not one of its own: it forwards
+//! the request to the holder when that is a live peer
+//! ([`crate::router`]'s peer module), else answers 430 Flow Failed (RFC
+//! 5626 §5.3), and never takes the id for one of its own connections. It cannot check the MAC
 //! (bound to the connection's peer, which only the owner knows); it needs
 //! not, since it only refuses. A UDP flow names an address any instance can
 //! send to, so it has no owner.

@@ -158,8 +158,16 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Requests to UDP servers sent over TCP for their size (`sip.udp_mtu`).
     pub udp_to_tcp: AtomicU64,
-    /// Requests for a flow another instance of the pool holds (answered 430).
+    /// Requests for a flow another instance of the pool holds answered 430
+    /// at once, with no way to it: its owner not among `pool.peers`, or the
+    /// request came from a peer already (no second instance-to-instance hop).
     pub flow_elsewhere: AtomicU64,
+    /// Requests for a flow a peer holds, forwarded to it (`pool.peers`).
+    pub flow_forwarded: AtomicU64,
+    /// Requests for a flow a peer holds answered 430 because the peer is
+    /// down: known down (its probes), or silent on a forwarded request for
+    /// `pool.peer_timeout`.
+    pub flow_owner_down: AtomicU64,
     conn_events: [AtomicU64; CONN_EVENTS.len()],
     requests: [AtomicU64; METHODS.len()],
     responses: Box<[AtomicU64]>,
@@ -177,6 +185,8 @@ impl Default for Stats {
             connections: AtomicU64::new(0),
             udp_to_tcp: AtomicU64::new(0),
             flow_elsewhere: AtomicU64::new(0),
+            flow_forwarded: AtomicU64::new(0),
+            flow_owner_down: AtomicU64::new(0),
             conn_events: std::array::from_fn(|_| AtomicU64::new(0)),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             responses: (0..600).map(|_| AtomicU64::new(0)).collect(),

@@ -237,6 +237,7 @@ pub fn loopback_config(
         record_route_port: Some(lb_addr.port()),
         instance: None,
         drain_retry_after: 5,
+        pool: balancer::config::PoolConfig::default(),
         max_message_size: sip::DEFAULT_MAX_SIZE,
         udp_sockets: 1,
         max_connections: 10_000,

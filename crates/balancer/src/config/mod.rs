@@ -5,6 +5,7 @@
 mod admin;
 mod capture;
 mod limits;
+mod pool;
 
 mod dns;
 
@@ -15,6 +16,8 @@ use capture::{CaptureSection, capture_config};
 pub use dns::{DiscoverConfig, DiscoverKind, DnsConfig, host_port};
 pub use limits::{LimitsConfig, OverLimit};
 use limits::{LimitsSection, limits_config};
+pub use pool::{FlowRoute, PeerConfig, PoolConfig};
+use pool::{PoolSection, pool_config};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -412,14 +415,6 @@ struct FileConfig {
     discover: Vec<dns::DiscoverSection>,
 }
 
-/// `[pool]`: this instance among several balancers that act as one.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct PoolSection {
-    instance: Option<u16>,
-    drain_retry_after: Option<u32>,
-}
-
 /// One SIP server of the pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -485,6 +480,9 @@ pub struct Config {
     /// Seconds in `Retry-After` of our 503s while this instance is drained
     /// (`pool.drain_retry_after`; `retry_after` when not set).
     pub drain_retry_after: u32,
+    /// The other instances of the pool and how requests for their flows
+    /// reach them (`pool.peers`, `pool.flow_route`, `pool.peer_*`).
+    pub pool: PoolConfig,
     /// Largest message accepted.
     pub max_message_size: usize,
     /// UDP sockets per address (SO_REUSEPORT), for more than one core.
@@ -1029,6 +1027,7 @@ impl Config {
             record_route_port,
             instance: f.pool.instance,
             drain_retry_after: f.pool.drain_retry_after.unwrap_or(r.retry_after),
+            pool: pool_config(&f.pool)?,
             max_message_size: s.max_message_size,
             udp_sockets: s.udp_sockets,
             max_connections: s.max_connections,

@@ -35,6 +35,7 @@ pub mod outbox;
 mod build;
 mod fork;
 mod health;
+mod peer;
 mod request;
 mod response;
 mod txn;
@@ -61,6 +62,7 @@ use crate::sessions::Sessions;
 use crate::stats::{DropReason, Stats};
 
 pub use outbox::{ConnId, Dest, Now, Origin, Outbox, TimerKey};
+pub use peer::PeerStatus;
 pub use view::ServerView;
 
 use fork::Fork;
@@ -80,8 +82,10 @@ use txn::ClientTxn;
 /// opened to this instance: only this instance can send on it, so the
 /// Record-Route and Path of that dialog or registration name this
 /// instance (behind SRV the pool's name would reach another instance, which
-/// could only answer 430). Both names read as ours in a Route, a Via or a
-/// Request-URI.
+/// could only answer 430) — unless `pool.flow_route` is `pool` (the default
+/// with `pool.peers`): then they name the pool too, and the instance that
+/// gets the request forwards it to this one ([`peer`]). Both names read as
+/// ours in a Route, a Via or a Request-URI.
 #[derive(Debug)]
 struct Me {
     host: String,
@@ -106,9 +110,13 @@ struct Me {
     /// `<sip:host:port[;transport=tcp];lr;ob;flow=` (our Path), naming the pool.
     paths: [String; 5],
     /// The same two naming this instance: for a phone on a connection of
-    /// ours, which only this instance can reach.
+    /// ours, which only this instance can reach (unless `pool.flow_route`
+    /// is `pool`: then the pool, whose instances forward to this one).
     rrs_here: [String; 5],
     paths_here: [String; 5],
+    /// `pool.flow_route` is `instance`: a held flow's routes name this
+    /// instance.
+    held_here: bool,
 }
 
 const TRANSPORTS: [Transport; 5] = [
@@ -166,6 +174,7 @@ impl Me {
             paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", pool_hostport(t), param(t))),
             rrs_here: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", hostport(t), param(t))),
             paths_here: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", hostport(t), param(t))),
+            held_here: cfg.pool.flow_route == crate::config::FlowRoute::Instance,
         }
     }
 
@@ -185,10 +194,10 @@ impl Me {
     }
 
     /// Our Record-Route value up to the `sb` token, facing `t`: naming
-    /// this instance when `held` (the phone is on a connection of ours),
-    /// else the pool.
+    /// this instance when `held` (the phone is on a connection of ours)
+    /// and `pool.flow_route` says so, else the pool.
     fn rr(&self, t: Transport, held: bool) -> &str {
-        if held {
+        if held && self.held_here {
             &self.rrs_here[Me::index(t)]
         } else {
             &self.rrs[Me::index(t)]
@@ -198,7 +207,7 @@ impl Me {
     /// Our Path value up to the flow token, facing `t` (`held` as for
     /// [`Me::rr`]).
     fn path(&self, t: Transport, held: bool) -> &str {
-        if held {
+        if held && self.held_here {
             &self.paths_here[Me::index(t)]
         } else {
             &self.paths[Me::index(t)]
@@ -255,6 +264,11 @@ pub struct Router {
     /// Members found by name, per source (`[[discover]]` id, or the id of
     /// a server written `host:port`), and what its resolutions did.
     discovered: Mutex<std::collections::BTreeMap<String, Source>>,
+    /// The other instances of the pool (`pool.peers`, fixed at start).
+    peers: Box<[peer::Peer]>,
+    /// Requests forwarded to a peer, waiting for its first answer, by our
+    /// transaction id.
+    peer_fwds: papaya::HashMap<u64, peer::Pending>,
 }
 
 /// One name followed in DNS, as the core keeps it.
@@ -315,6 +329,14 @@ impl Router {
             limiter: ArcSwap::from_pointee(limiter),
             flows: papaya::HashMap::new(),
             discovered: Mutex::new(std::collections::BTreeMap::new()),
+            peers: cfg
+                .pool
+                .peers
+                .iter()
+                .copied()
+                .map(peer::Peer::new)
+                .collect(),
+            peer_fwds: papaya::HashMap::new(),
             cfg: ArcSwap::from_pointee(cfg),
         })
     }
@@ -350,11 +372,17 @@ impl Router {
         if new.record_route_host != cur.record_route_host
             || new.record_route_port != cur.record_route_port
             || new.instance != cur.instance
+            || new.pool.peers != cur.pool.peers
+            || new.pool.flow_route != cur.pool.flow_route
         {
-            warn!("sip.record_route / pool.instance changed: takes effect at the next restart");
+            warn!(
+                "sip.record_route / pool.instance / pool.peers / pool.flow_route changed: takes effect at the next restart"
+            );
             new.record_route_host.clone_from(&cur.record_route_host);
             new.record_route_port = cur.record_route_port;
             new.instance = cur.instance;
+            new.pool.peers.clone_from(&cur.pool.peers);
+            new.pool.flow_route = cur.pool.flow_route;
         }
         if new.secret != cur.secret {
             warn!("routing.secret changed: takes effect at the next restart");
@@ -704,6 +732,7 @@ impl Router {
             } => self.resend_timer(txn, attempt, bye, n, now, out),
             TimerKey::Fork { fork } => self.finish_fork(fork, true, now, out),
             TimerKey::Trying { txn } => self.trying_timer(txn, now, out),
+            TimerKey::PeerForward { txn } => self.peer_timer(txn, now, out),
         }
     }
 
@@ -711,6 +740,7 @@ impl Router {
     /// Timer C, transaction timeouts and the sweep of idle sessions.
     pub fn tick(&self, now: Now, rng: &mut dyn RngCore, out: &mut Outbox) {
         self.probe_round(now, out);
+        self.peer_round(now, out);
         self.health_round(now, rng, out);
         let ms = self.ms(now);
         let last = self.last_sweep.load(Ordering::Relaxed);

@@ -137,6 +137,12 @@ pub enum TimerKey {
         /// Transaction id.
         txn: u64,
     },
+    /// A request forwarded to the pool peer that holds its flow has had no
+    /// answer within `pool.peer_timeout`: 430 to the server.
+    PeerForward {
+        /// Our transaction id.
+        txn: u64,
+    },
     /// A forked REGISTER's `routing.register_timeout`; then (over UDP) the
     /// end of the entry that answers the UA's retransmissions.
     Fork {

@@ -78,6 +78,10 @@ impl Router {
     ) {
         let back = origin.reply_dest();
         if msg.max_forwards() == Some(0) {
+            // A pool peer's liveness probe: we answer it ourselves.
+            if self.answer_peer_probe(msg, origin, out) {
+                return;
+            }
             return self.reply(msg, 483, "Too Many Hops", &[], back, out);
         }
         let uri = msg.request_uri().expect("a request has a Request-URI");
@@ -136,7 +140,12 @@ impl Router {
                 self.mark_server_conn(conn);
             }
             // A request from a server goes towards the user agent.
-            return self.forward_outward(msg, &server, &route, origin, out);
+            return self.forward_outward(msg, &server, &route, origin, false, now, out);
+        }
+        if self.peer_sender(origin.peer(), sent_by).is_some() {
+            // A server's request another instance of the pool got for a
+            // flow of ours.
+            return self.peer_request(msg, &route, origin, now, out);
         }
 
         let method = msg.method();
@@ -922,13 +931,18 @@ impl Router {
     /// us names): our Record-Route's `sb` bound to this Call-ID, or the
     /// `flow` of our Record-Route or Path. It goes over that flow (RFC 5626
     /// §5.3: 430 Flow Failed when it has closed), else to the next Route
-    /// or the Request-URI by its transport (RFC 3263 §4.1).
-    fn forward_outward(
+    /// or the Request-URI by its transport (RFC 3263 §4.1). A flow another
+    /// instance holds: to that instance ([`super::peer`]) unless `from_peer`
+    /// (the request came from one already), else 430.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_outward(
         &self,
         msg: &Message<'_>,
         server: &Server,
         route: &OurRoute,
         origin: Origin,
+        from_peer: bool,
+        now: Now,
         out: &mut Outbox,
     ) {
         let back = origin.reply_dest();
@@ -947,16 +961,7 @@ impl Router {
                 return self.reply(msg, 430, "Flow Failed", &[], back, out);
             }
             Some(FlowRef::Elsewhere(holder)) => {
-                debug!(call_id = %String::from_utf8_lossy(msg.call_id()), holder, "flow held by another instance");
-                self.stats.flow_elsewhere.fetch_add(1, Ordering::Relaxed);
-                return self.reply(
-                    msg,
-                    430,
-                    "Flow Failed (held by another balancer instance)",
-                    &[],
-                    back,
-                    out,
-                );
+                return self.flow_elsewhere(msg, holder, from_peer, route, origin, now, out);
             }
             Some(FlowRef::Live {
                 flow,

@@ -55,6 +55,10 @@ impl Router {
                 None => return self.drop_counted(DropReason::NoRoute, out),
             }
         }
+        if let Leg::Attempt(0) = branch.leg {
+            // Perhaps the owner of a flow answering a request we forwarded.
+            self.peer_answered(branch.txn);
+        }
         match branch.leg {
             Leg::Probe => {
                 // The answer to one of our OPTIONS probes (from the server
@@ -62,6 +66,9 @@ impl Router {
                 // one of `probe_down_statuses` (the server says it takes
                 // nothing: a failed probe); a 503 with Retry-After starts
                 // an overload period too.
+                if self.peer_probe_answered(origin.peer(), &branch) {
+                    return;
+                }
                 if let Some(s) = self.pool.load().by_addr(origin.peer())
                     && self.sealed_for(&branch, &Dest::Udp(s.cfg.address))
                 {
