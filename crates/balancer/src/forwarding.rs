@@ -280,11 +280,26 @@ struct UdpThreads {
 impl UdpThreads {
     fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Wakes the threads blocked in recv_from with empty datagrams (not
+        // by shutting the sockets for reading: recv_from then returns no
+        // address, which std's recv_from cannot represent and panics on).
+        // SO_REUSEPORT spreads them by source port, so each comes from a
+        // port of its own, a few per socket; the read timeout (250 ms) is
+        // the backstop for a thread none reached.
         for s in &self.sockets {
-            // Wakes a thread blocked in recv_from at once (Linux answers
-            // ENOTCONN for a UDP socket and shuts it for reading anyway);
-            // the read timeout is the backstop.
-            let _ = socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Read);
+            let Ok(mut to) = s.local_addr() else { continue };
+            if to.ip().is_unspecified() {
+                to.set_ip(match to {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let any = unspecified(to);
+            for _ in 0..4 {
+                if let Ok(w) = std::net::UdpSocket::bind(any) {
+                    let _ = w.send_to(&[], to);
+                }
+            }
         }
     }
 }
@@ -629,7 +644,7 @@ fn udp_thread(
     let mut out = Outbox::new();
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
-            // A socket shut for reading (the balancer stops) reads empty.
+            // The balancer stops: woken by an empty datagram (UdpThreads).
             Ok((0, _)) if stop.load(Ordering::Relaxed) => return,
             Ok((n, peer)) => {
                 if let Some(c) = &net.capture {

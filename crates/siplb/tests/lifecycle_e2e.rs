@@ -321,6 +321,9 @@ fn readyz_waits_for_the_agents_and_systemd_hears_ready_reloading_stopping() {
     let stopping = lb.next_notice();
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
     assert!(lb.exit().success(), "{}", lb.log());
+    // Its socket threads stopped without a panic (they once panicked in
+    // std's recv_from on a socket shut for reading).
+    assert!(!lb.log().contains("panicked"), "{}", lb.log());
     drop(silent);
 }
 
@@ -393,6 +396,7 @@ Contact: <sip:ua@127.0.0.1:{p}>\r\nContent-Length: 0\r\n\r\n",
     let (n, _) = ua.recv_from(&mut buf).expect("the 486 reaches the UA");
     assert!(buf[..n].starts_with(b"SIP/2.0 486"));
     assert!(lb.exit().success(), "{}", lb.log());
+    assert!(!lb.log().contains("panicked"), "{}", lb.log());
 }
 
 /// `siplb balancer --check --config FILE` with `edit` applied to
