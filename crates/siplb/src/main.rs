@@ -1,5 +1,8 @@
 //! `siplb`: the one binary. Subcommands are thin shells over the library crates.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
