@@ -54,14 +54,14 @@ def instances(a):
     print(f"started {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC", flush=True)
     for pool in POOLS:
         rows = {}
-        for seed in range(1, a.runs + 1):
+        for seed in range(a.first_seed, a.first_seed + a.runs):
             # Interleaved (1, 2, 3, 4, 1, 2, ...): a neighbour's load on the
             # machine falls on every count alike.
             for n in counts:
                 rows.setdefault(n, []).append(run(a.siplb, pool, 0.85, "adaptive", 500, a.seconds, n, seed))
         base = statistics.median(r["p99_ms"] for r in rows[counts[0]])
         print(f"\n{pool} ({POOLS[pool]}), adaptive, 85 %, polls every 500 ms, {a.runs} runs of {a.seconds:g} s "
-              f"(seeds 1-{a.runs}); INVITE→200 ms\n")
+              f"(seeds {a.first_seed}-{a.first_seed + a.runs - 1}); INVITE→200 ms\n")
         print("| balancers | p50 median | p99 median (min-max) | p99 / one balancer's | calls, failed | new calls per balancer (median run) |")
         print("|---:|---:|---:|---:|---:|---|")
         for n in counts:
@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--siplb", default=os.path.join(ROOT, "target/release/siplb"))
     ap.add_argument("--instances", help="balancer counts, e.g. 1,2,3,4: the load-over-instances runs only")
     ap.add_argument("--runs", type=int, default=3, help="seeds per balancer count (--instances)")
+    ap.add_argument("--first-seed", type=int, default=1, help="the first of the --runs seeds")
     a = ap.parse_args()
     if not os.access(a.siplb, os.X_OK):
         subprocess.run(["cargo", "build", "-q", "--release", "-p", "siplb"], cwd=ROOT, check=True)

@@ -6,8 +6,7 @@
 //! "sip.pool.test"`, and Kamailio as the SIPp phones' outbound proxy
 //! resolving the pool by SRV (new calls, and the in-dialog requests by
 //! siplb's Record-Route) and trying the next SRV target when one does not
-//! answer (RFC 3263 §4.3). A dozen calls; once A has set up some, A gets
-//! SIGKILL: the calls A held finish through B and C (re-INVITE, BYE), new
+//! answer (RFC 3263 §4.3). 24 calls; once A has set up two, A gets SIGKILL: the calls A held finish through B and C (re-INVITE, BYE), new
 //! calls go on over them. Passes only when every instance carried calls, A
 //! held dialogs when it died and no call failed beyond the transactions A
 //! held at that moment (printed).
@@ -52,7 +51,7 @@ fn calls_spread_over_srv_targets_and_survive_one_instance_killed() {
     assert!(private, "netns() said a namespace can be made");
     cmd.arg("--siplb")
         .arg(common::siplb_bin())
-        .args(["--calls", "12", "--rate", "6", "--hold", "2000"])
+        .args(["--calls", "24", "--rate", "8", "--hold", "2000"])
         .args(["--timeout", &RUN_TIMEOUT.to_string()]);
     let limit = Duration::from_secs(RUN_TIMEOUT + 4);
     let (status, text) = common::bounded(cmd, "pool_srv_kill", limit);
@@ -63,7 +62,7 @@ fn calls_spread_over_srv_targets_and_survive_one_instance_killed() {
     println!("{text}");
     common::passed("bench/pool_srv.py", status, limit, &text);
     let summary = common::no_failed_call(&text);
-    assert_eq!(summary, "calls=12 ok=12 failed=0", "{text}");
+    assert_eq!(summary, "calls=24 ok=24 failed=0", "{text}");
     for i in ["B", "C"] {
         assert!(
             text.lines()
