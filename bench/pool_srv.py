@@ -38,6 +38,16 @@ says so), A gets SIGKILL by its PID (what it held at that moment, from its GET
 re-INVITE and BYE reach Kamailio's next SRV target, which routes them by the
 signed `sb` token), new calls go on over B and C.
 
+--phone baresip: a real phone resolving the pool itself instead: one
+baresip (dns_server 10.201.0.1:53, no registration) calls
+sip:service@sip.pool.test CALLS times, one call at a time (SIPp uas_rr at
+the servers); the instance that set up call KILL_AFTER is killed mid-call.
+What baresip 1.0 does then is printed: its BYE goes to the dead instance
+until its transaction times out (32 s), then to the next SRV target; every
+later request tries the dead one first again; the ACK of a 2xx is sent to
+the dead one and lost. So it exits 1 there: this mode shows the phone's
+limits, the test uses the SIPp phones behind Kamailio.
+
 Prints each instance's new calls (GET /servers selected_total) and requests
 forwarded, how many in-dialog requests Kamailio sent to the pool and how many
 it had to try again elsewhere, SIPp's counts and `calls=N ok=K failed=F`.
@@ -67,6 +77,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Deadline, Procs, Timeout, log, sipp_totals, wait_until  # noqa: E402
 from pool import HOST, SIPP, Instance, permitted, run, tail  # noqa: E402
+from phones import Phone, baresip_module_path  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOL = "sip.pool.test"
@@ -126,6 +137,105 @@ def options_ok(addr, port=5060):
         s.close()
 
 
+BARESIP_CONFIG = """poll_method\t\tepoll
+sip_listen\t\t%(host)s:5090
+call_local_timeout\t30
+call_max_calls\t\t4
+audio_player\t\taubridge,pool
+audio_source\t\taubridge,pool
+audio_alert\t\taubridge,pool
+audio_level\t\tno
+rtp_ports\t\t10000-10099
+rtcp_mux\t\tno
+rtp_stats\t\tno
+net_interface\t\t%(host)s
+dns_server\t\t%(host)s:53
+module_path\t\t%(mods)s
+module\t\t\tg711.so
+module\t\t\taubridge.so
+module_tmp\t\tuuid.so
+module_tmp\t\taccount.so
+module_app\t\tmenu.so
+module_app\t\tctrl_tcp.so
+ctrl_tcp_listen\t\t127.0.0.1:4441
+"""
+
+
+def baresip_calls(a, procs, work, insts, deadline):
+    """CALLS calls from one baresip phone (it resolves sip:service@POOL by
+    SRV itself, through dnsmasq: dns_server), one at a time, each held 1 s;
+    the instance that set up the KILL_AFTER-th call is killed mid-call;
+    every call must reach its server and end there (the servers' SIPp
+    counts): True when all did. baresip 1.0 (libre) does not meet it: it
+    tries the next SRV target only when a transaction times out (32 s),
+    sends every new request to the dead target first again, and its ACK of
+    a 2xx (no transaction) to the dead target is lost: printed, not hidden."""
+    mods = baresip_module_path()
+    folder = os.path.join(work, "alice")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config"), "w") as f:
+        f.write(BARESIP_CONFIG % {"host": HOST, "mods": mods})
+    with open(os.path.join(folder, "accounts"), "w") as f:
+        f.write("<sip:alice@%s>;regint=0;answermode=manual;audio_codecs=pcmu\n" % POOL)
+    ph = Phone("alice", folder, HOST, 5090, 4441)
+    ph.proc = procs.start("baresip", ["baresip", "-f", folder, "-s"], ph.logpath)
+    ph.connect(deadline.upto(10))
+    A = insts[0]
+    results = []
+    killed = False
+    for i in range(1, a.calls + 1):
+        n = len(ph.events)
+        before = [None if killed and x is A else x.selected() for x in insts]
+        t0 = time.monotonic()
+        ph.command("dial", "sip:service@%s" % POOL, deadline.upto(5))
+        e = ph.wait_event(lambda e: ph.events.index(e) >= n and e.get("type") in (
+            "CALL_ESTABLISHED", "CALL_CLOSED"), deadline.upto(40))
+        up = bool(e and e["type"] == "CALL_ESTABLISHED")
+        setup = time.monotonic() - t0
+        after = [None if killed and x is A else x.selected() for x in insts]
+        via = [x.name for x, b, c in zip(insts, before, after) if b is not None and c is not None and c > b]
+        if up and not killed and i >= a.kill_after and via:
+            # The instance this call went through dies mid-call.
+            A = next(x for x in insts if x.name == via[0])
+            os.kill(A.proc.pid, 9)
+            A.proc.wait(timeout=5)
+            killed = True
+            log("call %d set up through %s; %s killed (pid %d) mid-call" % (i, A.name, A.name, A.proc.pid))
+        time.sleep(1)
+        closed_at = None
+        if up:
+            m = len(ph.events)
+            t1 = time.monotonic()
+            ph.command("hangup", "", deadline.upto(5))
+            c = ph.wait_event(lambda e: ph.events.index(e) >= m and e.get("type") == "CALL_CLOSED",
+                              deadline.upto(40))
+            closed_at = time.monotonic() - t1
+        results.append((i, up, via, setup, closed_at))
+        log("call %d: %s through %s, set up in %.2f s%s" % (
+            i, "up" if up else "FAILED (%s)" % (e and e.get("param")), "/".join(via) or "?",
+            setup, "" if closed_at is None else ", hung up"))
+    # The servers' view: each call's BYE reached its server (SIPp uas_rr
+    # counts a call successful only after BYE, 200; its counts are written
+    # every second). A BYE first sent to the dead instance gets to another
+    # one only after baresip's transaction timeout (32 s).
+    def served():
+        n = 0
+        for sid in ("s1", "s2"):
+            path = os.path.join(work, "uas-%s.csv" % sid)
+            if os.path.exists(path):
+                n += int(sipp_totals(path).get("SuccessfulCall(C)", 0))
+        return n
+    try:
+        wait_until(lambda: served() >= a.calls, deadline.upto(40), step=0.5, what="the servers' counts")
+    except Timeout:
+        pass
+    served = served()
+    upc = sum(1 for r in results if r[1])
+    log("baresip: %d calls, %d set up, %d ended at their server (BYE, 200)" % (a.calls, upc, served))
+    log("calls=%d ok=%d failed=%d" % (a.calls, served, a.calls - served))
+    return served == a.calls and killed
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,8 +250,12 @@ def main():
                     help="A is killed once it has set up this many calls")
     ap.add_argument("--no-kill", action="store_true", help="no instance killed (a control run)")
     ap.add_argument("--keep", action="store_true", help="keep the run's folder")
+    ap.add_argument("--phone", choices=["sipp", "baresip"], default="sipp",
+                    help="sipp: SIPp phones behind Kamailio; baresip: one baresip phone "
+                         "resolving the pool by SRV itself (dns_server), CALLS calls one at a time")
     a = ap.parse_args()
-    missing = [t for t in ("sipp", "ip", "dnsmasq", "kamailio", "unshare", "mount")
+    missing = [t for t in ("sipp", "ip", "dnsmasq", "kamailio", "unshare", "mount") + (
+        ("baresip",) if a.phone == "baresip" else ())
                if not shutil.which(t)]
     if missing:
         log("missing: %s (apt-get install sip-tester iproute2 dnsmasq-base kamailio util-linux)"
@@ -198,10 +312,13 @@ def main():
             resolv, os.path.join(kdir, "kamailio.cfg"), kdir], klog, cwd=kdir)
 
         for sid, port in (("s1", 5081), ("s2", 5082)):
-            procs.start("uas-" + sid, ["sipp", "-sf", os.path.join(SIPP, "uas_rr_reinvite.xml"),
+            scen = "uas_rr_reinvite.xml" if a.phone == "sipp" else "uas_rr.xml"
+            procs.start("uas-" + sid, ["sipp", "-sf", os.path.join(SIPP, scen),
                                        "-i", HOST, "-p", str(port), "-nostdin",
                                        "-trace_err", "-error_file",
-                                       os.path.join(work, "uas-%s.err" % sid)],
+                                       os.path.join(work, "uas-%s.err" % sid),
+                                       "-trace_stat", "-stf", os.path.join(work, "uas-%s.csv" % sid),
+                                       "-fd", "1"],
                         os.path.join(work, "uas-%s.log" % sid), cwd=work)
         for inst in insts:
             inst.start(procs, a.siplb, work)
@@ -215,6 +332,10 @@ def main():
         wait_until(kamailio_up, deadline.upto(15), step=0.1, what="kamailio answering OPTIONS")
         log("ready: %s; Kamailio on %s:5060 resolving %s by SRV" % (
             ", ".join("%s %s" % (i.name, i.addr) for i in insts), HOST, POOL))
+
+        if a.phone == "baresip":
+            ok = baresip_calls(a, procs, work, insts, deadline)
+            return 0 if ok else 1  # (the finally below stops everything)
 
         stat = os.path.join(work, "uac_stat.csv")
         uac = procs.start("uac", ["sipp", "-sf", os.path.join(SIPP, "uac_rr_reinvite.xml"),
