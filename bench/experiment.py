@@ -13,8 +13,16 @@ balancers. Bounded: SECONDS per run, each run a child process with a time limit.
     python3 bench/experiment.py --seconds 15
 Writes docs/img/exp_results.jsonl, docs/img/exp_p99_vs_load.svg and
 docs/img/exp_share.svg, and prints the markdown tables.
+
+    python3 bench/experiment.py --instances 1,2,3,4 --runs 3 --seconds 20
+Load over several instances (issue 17): adaptive at 85 %, polls every 500 ms,
+on each pool with 1, 2, 3, 4 balancers (new calls round robin over them, each
+call's ACK and BYE through the next one), RUNS seeds each (the same seeds for
+every count, so every count gets the same arrivals and service times); prints
+each run, the medians, the spread and the p99 ratio to one balancer. Writes
+nothing.
 """
-import argparse, json, os, subprocess, sys
+import argparse, json, os, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sim_plot import svg_lines  # noqa: E402
@@ -24,26 +32,62 @@ POOLS = {"N=2": "1,0.5", "N=8": "1,1,1,1,0.5,0.5,0.25,0.25"}
 POLICIES = ["adaptive", "patent", "p2c", "static", "round-robin"]
 
 
-def run(siplb, pool, load, policy, poll, seconds, balancers=1):
+def run(siplb, pool, load, policy, poll, seconds, balancers=1, seed=1):
     cmd = [siplb, "experiment", "--pool", POOLS[pool], "--load", str(load), "--policy", policy,
-           "--poll-ms", str(poll), "--seconds", str(seconds), "--balancers", str(balancers)]
+           "--poll-ms", str(poll), "--seconds", str(seconds), "--balancers", str(balancers),
+           "--seed", str(seed)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 90)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)}: {out.stderr}")
     r = json.loads(out.stdout)
     r["pool"] = pool
-    print(f"{pool} {policy:11} load {load} poll {poll:4} lbs {balancers}: p50 {r['p50_ms']:8.1f} p99 {r['p99_ms']:8.1f} "
-          f"refused {r['refused']} lost {r['lost']} sd {r['share_sd_excess']:.3f}", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%H:%M:%S', time.gmtime())} {pool} {policy:11} load {load} poll {poll:4} lbs {balancers} "
+          f"seed {seed}: p50 {r['p50_ms']:8.1f} p99 {r['p99_ms']:8.1f} "
+          f"refused {r['refused']} lost {r['lost']} sd {r['share_sd_excess']:.3f} "
+          f"new calls per balancer {[b['new_calls'] for b in r['per_balancer']]}", file=sys.stderr, flush=True)
     return r
+
+
+def instances(a):
+    """adaptive at 85 % with 1..4 balancers, RUNS seeds each: medians and ratios."""
+    counts = [int(n) for n in a.instances.split(",")]
+    print(f"started {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC", flush=True)
+    for pool in POOLS:
+        rows = {}
+        for seed in range(a.first_seed, a.first_seed + a.runs):
+            # Interleaved (1, 2, 3, 4, 1, 2, ...): a neighbour's load on the
+            # machine falls on every count alike.
+            for n in counts:
+                rows.setdefault(n, []).append(run(a.siplb, pool, 0.85, "adaptive", 500, a.seconds, n, seed))
+        base = statistics.median(r["p99_ms"] for r in rows[counts[0]])
+        print(f"\n{pool} ({POOLS[pool]}), adaptive, 85 %, polls every 500 ms, {a.runs} runs of {a.seconds:g} s "
+              f"(seeds {a.first_seed}-{a.first_seed + a.runs - 1}); INVITE→200 ms\n")
+        print("| balancers | p50 median | p99 median (min-max) | p99 / one balancer's | calls, failed | new calls per balancer (median run) |")
+        print("|---:|---:|---:|---:|---:|---|")
+        for n in counts:
+            rs = rows[n]
+            p99s = sorted(r["p99_ms"] for r in rs)
+            med = statistics.median(p99s)
+            mid = sorted(rs, key=lambda r: r["p99_ms"])[len(rs) // 2]
+            failed = sum(r["refused"] + r["lost"] for r in rs)
+            print(f"| {n} | {statistics.median(r['p50_ms'] for r in rs):.0f} | {med:.0f} ({p99s[0]:.0f}-{p99s[-1]:.0f}) | "
+                  f"{med / base:.2f} | {sum(r['calls'] for r in rs)}, {failed} | "
+                  f"{'/'.join(str(b['new_calls']) for b in mid['per_balancer'])} |", flush=True)
+    print(f"ended {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--siplb", default=os.path.join(ROOT, "target/release/siplb"))
+    ap.add_argument("--instances", help="balancer counts, e.g. 1,2,3,4: the load-over-instances runs only")
+    ap.add_argument("--runs", type=int, default=3, help="seeds per balancer count (--instances)")
+    ap.add_argument("--first-seed", type=int, default=1, help="the first of the --runs seeds")
     a = ap.parse_args()
     if not os.access(a.siplb, os.X_OK):
         subprocess.run(["cargo", "build", "-q", "--release", "-p", "siplb"], cwd=ROOT, check=True)
+    if a.instances:
+        return instances(a)
     results = []
     for pool in POOLS:
         for load in (0.7, 0.85, 0.95):

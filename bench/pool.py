@@ -73,8 +73,9 @@ def run(argv, check=True):
 class Instance:
     """One siplb instance in a namespace of its own, a veth to the host."""
 
-    def __init__(self, name, n, tag):
+    def __init__(self, name, n, tag, record_route=VIP + ":5060"):
         self.name = name
+        self.record_route = record_route
         self.n = n
         self.ns = "pl%s%d" % (name, tag)
         self.host_if = "plh%s%d" % (name, tag % 100000)
@@ -106,7 +107,7 @@ class Instance:
 listen = ["0.0.0.0:5060"]
 transports = ["udp"]
 advertise = "%s:5060"
-record_route = "%s:5060"
+record_route = "%s"
 [routing]
 secret = "%s"
 policy = "round-robin"
@@ -122,7 +123,7 @@ address = "%s:5081"
 [[servers]]
 id = "s2"
 address = "%s:5082"
-""" % (self.addr, VIP, SECRET, self.n, HOST, HOST))
+""" % (self.addr, self.record_route, SECRET, self.n, HOST, HOST))
         return path
 
     def start(self, procs, siplb, work):
@@ -151,6 +152,18 @@ address = "%s:5082"
                  "urllib.request.Request('http://127.0.0.1:8060%s',method='POST'),"
                  "timeout=1).read().decode())" % path])
         return json.loads(r.stdout)
+
+    def get(self, path):
+        """GET `path` on its admin API from inside its namespace, as JSON (None: no answer)."""
+        r = run(["ip", "netns", "exec", self.ns, "python3", "-c",
+                 "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
+                 "'http://127.0.0.1:8060%s',timeout=1).read().decode())" % path], check=False)
+        if r.returncode != 0:
+            return None
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return None
 
     def selected(self):
         """New sessions it has sent to servers so far."""

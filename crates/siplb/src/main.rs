@@ -70,7 +70,11 @@ enum Command {
         /// Seconds of calls (1-600).
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
-        /// Balancers sharing the pool.
+        /// Balancers sharing the pool (1-8): the same secret and servers, each
+        /// polling the agents itself, one pool name in their Record-Route (as
+        /// instances behind DNS SRV). New calls go round robin over them, each
+        /// call's ACK and BYE through the next one; `per_balancer` in the result
+        /// says what each carried.
         #[arg(long, default_value_t = 1)]
         balancers: usize,
         /// Mean service time at capacity 1.0, ms.

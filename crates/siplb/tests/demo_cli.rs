@@ -85,7 +85,10 @@ fn the_table_has_the_figure_columns() {
 
 /// `siplb experiment` in short: real SIP through two balancers with the
 /// adaptive policy over a loaded 1.0/0.5 pool; every call answered, both
-/// servers used, the faster one more; a bad argument exits 2.
+/// servers used, the faster one more; both balancers set up half the calls
+/// and each forwarded the other's ACKs and BYEs (the pool's name in the
+/// Record-Route: any instance routes any in-dialog request); a bad argument
+/// exits 2.
 #[test]
 fn experiment_runs_real_calls_through_two_balancers() {
     let out = Command::new(env!("CARGO_BIN_EXE_siplb"))
@@ -121,6 +124,24 @@ fn experiment_runs_real_calls_through_two_balancers() {
     let (a, b) = per.iter().fold((0, 0), |(x, y), s| (x + s[0], y + s[1]));
     assert!(a > b && b > 0, "capacity 1.0 server {a}, 0.5 server {b}");
     assert!(r["p99_ms"].as_f64().unwrap() > 0.0);
+    // Each balancer: half the new calls, and the ACK and BYE of the
+    // other's calls (a call's in-dialog requests go through the other one).
+    let lbs = r["per_balancer"].as_array().unwrap();
+    assert_eq!(lbs.len(), 2, "{r}");
+    let new: Vec<u64> = lbs
+        .iter()
+        .map(|b| b["new_calls"].as_u64().unwrap())
+        .collect();
+    assert_eq!(new[0] + new[1], calls, "{r}");
+    assert!(new[0].abs_diff(new[1]) <= 1, "{r}");
+    // Its own INVITEs, and an ACK and a BYE for each of the other's calls
+    // (a BYE retransmitted under load may add one; with each balancer's own
+    // address in the Record-Route instead of the pool's, it forwards its
+    // INVITEs only).
+    for (k, lb) in lbs.iter().enumerate() {
+        let forwarded = lb["forwarded"].as_u64().unwrap();
+        assert!(forwarded >= new[k] + 2 * new[1 - k], "{r}");
+    }
 
     let bad = Command::new(env!("CARGO_BIN_EXE_siplb"))
         .args(["experiment", "--policy", "fastest"])

@@ -4,10 +4,13 @@
 //! single-server FIFO queue with exponential service, mean `service_ms` at
 //! capacity 1.0), each with an agent reporting the server's real busy
 //! fraction over 500 ms windows through the agent protocol; one or more
-//! balancers (same secret, same pool, each its own agent polling); a UAC
-//! placing Poisson calls at `load` × the pool's capacity, spread over the
-//! balancers. Reports INVITE→200 p50/p99, calls refused or lost, and each
-//! server's share of new calls per second.
+//! balancers (same secret, same pool, each its own agent polling, one pool
+//! name in their Record-Route, as instances behind DNS SRV); a UAC placing
+//! Poisson calls at `load` × the pool's capacity, new calls round robin over
+//! the balancers and each call's ACK and BYE through the next one (any
+//! instance routes any in-dialog request by the signed token). Reports
+//! INVITE→200 p50/p99, calls refused or lost, each server's share of new
+//! calls per second and what each balancer carried.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -45,7 +48,8 @@ pub struct ExperimentConfig {
     pub policy: String,
     /// Seconds of offered calls.
     pub seconds: f64,
-    /// Balancers sharing the pool (the UAC alternates between them).
+    /// Balancers sharing the pool (new calls round robin over them, each
+    /// call's ACK and BYE through the next one).
     pub balancers: usize,
     /// Mean service time at capacity 1.0, ms.
     pub service_ms: f64,
@@ -78,7 +82,23 @@ pub struct ExperimentResult {
     pub share_sd_excess: f64,
     /// Busy fraction per server over the run.
     pub utilisation: Vec<f64>,
+    /// What each balancer carried, in the order the UAC takes them.
+    pub per_balancer: Vec<BalancerCount>,
 }
+
+/// What one balancer of the pool carried, from its own server table.
+#[derive(Debug, Clone, Serialize)]
+pub struct BalancerCount {
+    /// New sessions it sent to a server (INVITEs it selected a server for).
+    pub new_calls: u64,
+    /// Requests it forwarded to a server in all (new calls, and in-dialog
+    /// requests: ACKs and BYEs, of its own calls or of another balancer's).
+    pub forwarded: u64,
+}
+
+/// The pool's name in every balancer's Record-Route: written without a
+/// port (an SRV name), taken by each balancer as its own in a Route.
+pub const POOL_NAME: &str = "pool.siplb.test";
 
 const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
 
@@ -252,9 +272,11 @@ async fn transact(
     None
 }
 
+/// One call: the INVITE to `lb`, its ACK and BYE to `dialog_lb` (another
+/// balancer of the pool, or the same one).
 async fn one_call(
     sock: Arc<UdpSocket>,
-    lb: SocketAddr,
+    (lb, dialog_lb): (SocketAddr, SocketAddr),
     waiting: Waiting,
     call_id: String,
     t0: Instant,
@@ -298,23 +320,23 @@ async fn one_call(
                     &call_id,
                     1,
                     local,
-                    lb,
+                    dialog_lb,
                     tag.as_deref(),
                     route.as_deref(),
                     &format!("{call_id}a"),
                 );
-                let _ = sock.send_to(&ack, lb).await;
+                let _ = sock.send_to(&ack, dialog_lb).await;
                 let bye = request(
                     "BYE",
                     &call_id,
                     2,
                     local,
-                    lb,
+                    dialog_lb,
                     tag.as_deref(),
                     route.as_deref(),
                     &format!("{call_id}b"),
                 );
-                let _ = transact(&sock, lb, &mut rx, &bye, b"BYE").await;
+                let _ = transact(&sock, dialog_lb, &mut rx, &bye, b"BYE").await;
             }
             CallOutcome {
                 started,
@@ -408,6 +430,11 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
             pool.clone(),
         );
         c.secret.clone_from(&secret);
+        // One pool name in every balancer's Record-Route (no port: as
+        // behind DNS SRV), so any of them takes the in-dialog requests of
+        // any call.
+        POOL_NAME.clone_into(&mut c.record_route_host);
+        c.record_route_port = None;
         let sockets = Sockets {
             udp: vec![sock],
             tcp: Vec::new(),
@@ -469,10 +496,12 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
     let mut n = 0u64;
     while next.duration_since(start).as_secs_f64() < cfg.seconds {
         tokio::time::sleep_until(next).await;
-        let (sock, lb, waiting) = &uacs[(n as usize) % uacs.len()];
+        let k = (n as usize) % uacs.len();
+        let (sock, lb, waiting) = &uacs[k];
+        let dialog_lb = uacs[(k + 1) % uacs.len()].1;
         calls.push(tokio::spawn(one_call(
             sock.clone(),
-            *lb,
+            (*lb, dialog_lb),
             waiting.clone(),
             format!("exp-{}-{n}", cfg.seed),
             t0,
@@ -490,6 +519,16 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
     for t in tasks {
         t.abort();
     }
+    let per_balancer = lbs
+        .iter()
+        .map(|(b, _, _)| {
+            let view = b.router().servers_view(now());
+            BalancerCount {
+                new_calls: view.iter().map(|s| s.selected_total).sum(),
+                forwarded: view.iter().map(|s| s.forwarded_total).sum(),
+            }
+        })
+        .collect();
     for a in agents {
         a.abort();
     }
@@ -544,6 +583,7 @@ pub async fn run(cfg: ExperimentConfig) -> Result<ExperimentResult, String> {
             .iter()
             .map(|s| s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9 / (elapsed - t_calls).max(1e-9))
             .collect(),
+        per_balancer,
         config: cfg,
     })
 }
