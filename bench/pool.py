@@ -14,7 +14,8 @@ the machine):
       (:5082), bench/sipp/uas_rr_reinvite.xml; SIPp uac (:5070),
       bench/sipp/uac_rr_reinvite.xml, calling the VIP 10.201.0.100:5060;
       a veth to each instance: 10.201.1.1/30 (A), 10.201.2.1/30 (B).
-  plA<pid>: instance A, 10.201.1.2 (sip.advertise), listening on 0.0.0.0:5060.
+  plA<pid>: instance A, 10.201.1.2 (sip.advertise), listening on the VIP
+      (sip.freebind) and on 10.201.1.2, port 5060.
   plB<pid>: instance B, 10.201.2.2, the same.
   Both: sip.record_route = "10.201.0.100:5060" (the VIP), the same
   routing.secret, pool.instance 1 and 2, policy round-robin over s1, s2.
@@ -96,6 +97,14 @@ class Instance:
         run(["ip", "-n", self.ns, "link", "set", "eth0", "up"])
         run(["ip", "-n", self.ns, "route", "add", "default", "via", self.gw])
 
+    def listen(self):
+        """Behind the VIP: on the VIP (the standby before it holds it:
+        sip.freebind) and on its own address, so that the phones' answers
+        come from the VIP; else (an SRV pool) on the wildcard address."""
+        if self.record_route.startswith(VIP + ":"):
+            return 'listen = ["%s:5060", "%s:5060"]\nfreebind = true' % (VIP, self.addr)
+        return 'listen = ["0.0.0.0:5060"]'
+
     def config(self, work):
         folder = os.path.join(work, self.name)
         os.makedirs(folder, exist_ok=True)
@@ -104,7 +113,7 @@ class Instance:
         path = os.path.join(folder, "siplb.toml")
         with open(path, "w") as f:
             f.write("""[sip]
-listen = ["0.0.0.0:5060"]
+%s
 transports = ["udp"]
 advertise = "%s:5060"
 record_route = "%s"
@@ -123,7 +132,7 @@ address = "%s:5081"
 [[servers]]
 id = "s2"
 address = "%s:5082"
-""" % (self.addr, self.record_route, SECRET, self.n, HOST, HOST))
+""" % (self.listen(), self.addr, self.record_route, SECRET, self.n, HOST, HOST))
         return path
 
     def start(self, procs, siplb, work):
@@ -227,6 +236,36 @@ def probe_invite(to):
     return lines[0], retry
 
 
+def answer_sources(to):
+    """Where the answers to OPTIONS with Max-Forwards 0 (which siplb answers
+    itself) sent to `to` from ports 5072-5075 come from (the ports cover
+    every socket siplb might pick by the port's remainder): a phone's NAT
+    may let in only what comes from the address it sent to."""
+    return [answer_source(to, port) for port in range(5072, 5076)]
+
+
+def answer_source(to, port):
+    """Where the answer to one such OPTIONS from HOST:`port` comes from
+    (None: no answer within 2 s)."""
+    call = "pool-src-%d-%d" % (os.getpid(), port)
+    msg = ("OPTIONS sip:%s:%d SIP/2.0\r\n"
+           "Via: SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport\r\n"
+           "Max-Forwards: 0\r\nFrom: <sip:probe@%s>;tag=p2\r\nTo: <sip:%s>\r\n"
+           "Call-ID: %s\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n") % (
+               to[0], to[1], HOST, port, call, HOST, to[0], call)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((HOST, port))
+        s.settimeout(2)
+        s.sendto(msg.encode(), to)
+        _, src = s.recvfrom(65535)
+        return src
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
 def move_vip(frm, to):
     """The VIP leaves `frm` and comes up on `to`, and the host routes it there."""
     run(["ip", "-n", frm.ns, "addr", "del", VIP + "/32", "dev", "lo"], check=False)
@@ -285,6 +324,9 @@ def main():
         for inst in (A, B):
             wait_until(inst.ready, deadline.upto(15), what="siplb %s ready" % inst.name)
         log("ready: A %s, B %s, VIP %s on A" % (A.addr, B.addr, VIP))
+        # Both listen on the VIP (B before it holds it: sip.freebind) and on
+        # their own address; a phone's answers come from the VIP.
+        sources = answer_sources((VIP, 5060))
 
         stat = os.path.join(work, "uac_stat.csv")
         uac = procs.start("uac", ["sipp", "-sf", os.path.join(SIPP, "uac_rr_reinvite.xml"),
@@ -321,6 +363,11 @@ def main():
             probe = probe_invite((A.addr, 5060))
             log("a new call to A's own address: %s" % (probe,))
 
+        before = len(sources)
+        sources += answer_sources((VIP, 5060))
+        text = ["%s:%d" % x if x else "nowhere" for x in sources]
+        log("answers to a phone came from %s before the switchover, %s after" % (
+            ", ".join(text[:before]), ", ".join(text[before:])))
         wait_until(lambda: uac.poll() is not None, deadline.upto(a.timeout),
                    step=0.2, what="the uac to finish its calls")
         totals = sipp_totals(stat) if os.path.exists(stat) else {}
@@ -331,7 +378,10 @@ def main():
         log("calls set up through A before the switchover: %d, through B: %d" % (
             through_a, B.selected()))
         log("calls=%d ok=%d failed=%d" % (a.calls, okc, a.calls - okc))
-        ok = okc == a.calls and failed == 0 and uac.returncode == 0 and through_a > 0
+        from_vip = all(x == (VIP, 5060) for x in sources)
+        log("every answer to the phone from the VIP: %s" % from_vip)
+        ok = (okc == a.calls and failed == 0 and uac.returncode == 0 and through_a > 0
+              and from_vip)
         if a.mode == "drain":
             left = A.servers()
             log("A at the end: drained, GET /servers answers: %s" % (left is not None))

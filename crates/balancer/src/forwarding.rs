@@ -95,6 +95,9 @@ struct Net {
     udp: Vec<Arc<std::net::UdpSocket>>,
     /// Each UDP socket's own address (the capture's source of what it sends).
     udp_local: Vec<SocketAddr>,
+    /// With SIP on more than one address, which sockets send to whom:
+    /// [`UdpSides`]. `None`: one address, every socket alike.
+    udp_sides: Option<UdpSides>,
     /// HEP capture (`[capture]`); `None` when off: then each hook below is
     /// one branch and nothing else.
     capture: Option<Capture>,
@@ -127,27 +130,37 @@ impl Net {
 
     /// Hands one message to the core and performs what it asks.
     async fn handle(&self, data: &[u8], origin: Origin, out: &mut Outbox) {
-        self.handle_now(data, origin, out);
+        self.handle_now(data, origin, None, out);
     }
 
     /// [`Net::handle`] for a thread that is not a task (the UDP threads):
     /// nothing in it waits.
-    fn handle_now(&self, data: &[u8], origin: Origin, out: &mut Outbox) {
+    /// `socket`: the UDP socket (index) the datagram came in on.
+    fn handle_now(&self, data: &[u8], origin: Origin, socket: Option<usize>, out: &mut Outbox) {
         self.with_rng(|rng| self.router.on_message(data, origin, now(), rng, out));
-        self.perform_now(out);
+        let came_in = socket.map(|i| (origin.peer(), i));
+        self.perform_now(out, came_in);
     }
 
     /// Performs the outbox in order and empties it.
     async fn perform(&self, out: &mut Outbox) {
-        self.perform_now(out);
+        self.perform_now(out, None);
     }
 
     /// [`Net::perform`]: a UDP send does not wait, a connection's sends go
     /// through its queue, a new connection or a lookup is a task of its own.
-    fn perform_now(&self, out: &mut Outbox) {
+    /// `came_in`: the peer and socket of the datagram being handled (what
+    /// goes back to that peer leaves from that socket, when SIP listens on
+    /// more than one address: [`UdpSides`]).
+    fn perform_now(&self, out: &mut Outbox, came_in: Option<(SocketAddr, usize)>) {
         for (dest, bytes) in out.sends() {
             let ok = match dest {
-                Dest::Udp(to) => self.send_udp(bytes, *to),
+                Dest::Udp(to) => match came_in {
+                    Some((peer, i)) if peer == *to && self.udp_sides.is_some() => {
+                        self.send_udp_on(i, bytes, *to)
+                    }
+                    _ => self.send_udp(bytes, *to),
+                },
                 Dest::Conn(id) => self
                     .conns
                     .pin()
@@ -168,11 +181,31 @@ impl Net {
         out.clear();
     }
 
-    /// Sends a datagram from one of our UDP sockets (any will do: they
-    /// share the port; one per destination, so one flow keeps its order),
-    /// captured when it went.
+    /// Sends a datagram from one of our UDP sockets (one per destination,
+    /// so one flow keeps its order; with SIP on several addresses, one of
+    /// the side [`UdpSides`] says), captured when it went.
     fn send_udp(&self, bytes: &[u8], to: SocketAddr) -> bool {
-        let i = (to.port() as usize) % self.udp.len().max(1);
+        let spread = to.port() as usize;
+        let i = match &self.udp_sides {
+            None => spread % self.udp.len().max(1),
+            Some(sides) => {
+                let inner = self.router.pool().by_addr(to).is_some()
+                    || self
+                        .router
+                        .config()
+                        .pool
+                        .peers
+                        .iter()
+                        .any(|p| p.address == to);
+                let side = if inner { &sides.inner } else { &sides.outer };
+                side[spread % side.len()]
+            }
+        };
+        self.send_udp_on(i, bytes, to)
+    }
+
+    /// Sends on UDP socket `i`.
+    fn send_udp_on(&self, i: usize, bytes: &[u8], to: SocketAddr) -> bool {
         let sent = self.udp[i].send_to(bytes, to).is_ok();
         if sent && let Some(c) = &self.capture {
             c.record(self.udp_local[i], to, Proto::Udp, bytes);
@@ -272,6 +305,51 @@ pub struct Balancer {
 
 /// The UDP sockets' threads, told to stop when the balancer stops or is
 /// dropped.
+/// The UDP sockets of a balancer listening on more than one address (a
+/// virtual IP and its own, `sip.listen`), by whom they send to: the servers
+/// and the pool's peers from this instance's own address (`sip.advertise`,
+/// the address in our Via, else the first listen address), everyone else —
+/// the phones — from the pool's (`sip.record_route`, the virtual IP), since
+/// a phone's NAT may let in only what comes from the address it sent to.
+#[derive(Debug)]
+struct UdpSides {
+    inner: Vec<usize>,
+    outer: Vec<usize>,
+}
+
+impl UdpSides {
+    fn of(cfg: &crate::config::Config, local: &[SocketAddr]) -> Option<UdpSides> {
+        let first = local.first()?.ip();
+        if local.iter().all(|a| a.ip() == first) {
+            return None;
+        }
+        let ip = |host: &str| {
+            host.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .ok()
+        };
+        let side = |want: Option<std::net::IpAddr>| -> Vec<usize> {
+            want.map_or_else(Vec::new, |w| {
+                (0..local.len()).filter(|&i| local[i].ip() == w).collect()
+            })
+        };
+        let mut inner = side(ip(&cfg.advertise_host));
+        if inner.is_empty() {
+            inner = side(Some(first));
+        }
+        let outer = side(ip(&cfg.record_route_host));
+        if outer.is_empty() {
+            return None;
+        }
+        info!(
+            servers_from = %local[inner[0]].ip(),
+            phones_from = %local[outer[0]].ip(),
+            "UDP: to servers and peers from this instance's address, to the rest from the pool's"
+        );
+        Some(UdpSides { inner, outer })
+    }
+}
+
 struct UdpThreads {
     stop: Arc<std::sync::atomic::AtomicBool>,
     sockets: Vec<Arc<std::net::UdpSocket>>,
@@ -396,6 +474,7 @@ impl Prepared {
             me: me.clone(),
             router: router.clone(),
             udp: udp.clone(),
+            udp_sides: UdpSides::of(&router.config(), &udp_local),
             udp_local: udp_local.clone(),
             capture,
             conns: papaya::HashMap::new(),
@@ -424,7 +503,7 @@ impl Prepared {
                 .spawn(move || {
                     // A new connection or lookup the core asks for is a task.
                     let _rt = runtime.enter();
-                    udp_thread(&net, &sock, local, &stop);
+                    udp_thread(&net, &sock, i, local, &stop);
                 })
                 .map_err(|e| format!("udp thread: {e}"))?;
         }
@@ -637,6 +716,7 @@ const UDP_STOP_CHECK: Duration = Duration::from_millis(250);
 fn udp_thread(
     net: &Net,
     socket: &std::net::UdpSocket,
+    index: usize,
     local: SocketAddr,
     stop: &std::sync::atomic::AtomicBool,
 ) {
@@ -650,7 +730,7 @@ fn udp_thread(
                 if let Some(c) = &net.capture {
                     c.record(peer, local, Proto::Udp, &buf[..n]);
                 }
-                net.handle_now(&buf[..n], Origin::Udp { peer }, &mut out);
+                net.handle_now(&buf[..n], Origin::Udp { peer }, Some(index), &mut out);
             }
             Err(e)
                 if matches!(

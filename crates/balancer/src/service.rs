@@ -21,10 +21,23 @@ use crate::lifecycle::Lifecycle;
 /// How long a graceful stop waits for outstanding transactions.
 pub const GRACE: Duration = Duration::from_secs(10);
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// IP_FREEBIND (`sip.freebind`): binds an address the host does not hold
+/// (yet), as a standby instance does a virtual IP.
+fn set_freebind(s: &socket2::Socket, addr: SocketAddr) -> std::io::Result<()> {
+    if addr.is_ipv6() {
+        s.set_freebind_v6(true)
+    } else {
+        s.set_freebind_v4(true)
+    }
+}
+
+fn udp_socket(addr: SocketAddr, freebind: bool) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_port(true)?;
+    if freebind {
+        set_freebind(&s, addr)?;
+    }
     // Bursts of thousands of calls a second: room for them in the kernel.
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
@@ -34,6 +47,23 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
+}
+
+/// A SIP stream listener on `addr` (with IP_FREEBIND when `freebind`).
+fn tcp_listener(addr: SocketAddr, freebind: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if freebind {
+        set_freebind(&s, addr)?;
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 fn agent_specs(cfg: &Config) -> Vec<AgentSpec> {
@@ -78,7 +108,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         for a in &cfg.listen {
             for _ in 0..cfg.udp_sockets {
                 udp.push(Arc::new(
-                    udp_socket(*a).map_err(|e| format!("sip.listen {a} (udp): {e}"))?,
+                    udp_socket(*a, cfg.freebind)
+                        .map_err(|e| format!("sip.listen {a} (udp): {e}"))?,
                 ));
             }
         }
@@ -94,9 +125,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
     if cfg.transports.contains(&Transport::Tcp) {
         for a in &cfg.listen {
             tcp.push(
-                TcpListener::bind(a)
-                    .await
-                    .map_err(|e| format!("sip.listen {a} (tcp): {e}"))?,
+                tcp_listener(*a, cfg.freebind).map_err(|e| format!("sip.listen {a} (tcp): {e}"))?,
             );
         }
     }
@@ -116,8 +145,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<(), String> {
         for a in &cfg.listen {
             let a = SocketAddr::new(a.ip(), port);
             others[i].push(
-                TcpListener::bind(a)
-                    .await
+                tcp_listener(a, cfg.freebind)
                     .map_err(|e| format!("{field} {a} ({}): {e}", t.via_name()))?,
             );
             info!(%a, transport = t.via_name(), "listening");

@@ -240,6 +240,7 @@ pub fn loopback_config(
         pool: balancer::config::PoolConfig::default(),
         max_message_size: sip::DEFAULT_MAX_SIZE,
         udp_sockets: 1,
+        freebind: false,
         max_connections: 10_000,
         max_connections_per_source: 256,
         idle_timeout: Duration::from_secs(300),

@@ -219,6 +219,7 @@ struct SipSection {
     record_route: Option<String>,
     max_message_size: usize,
     udp_sockets: usize,
+    freebind: bool,
     max_connections: usize,
     max_connections_per_source: usize,
     idle_timeout: String,
@@ -242,6 +243,7 @@ impl Default for SipSection {
             record_route: None,
             max_message_size: sip::DEFAULT_MAX_SIZE,
             udp_sockets: 2,
+            freebind: false,
             max_connections: 10_000,
             max_connections_per_source: 256,
             idle_timeout: "300s".into(),
@@ -487,6 +489,9 @@ pub struct Config {
     pub max_message_size: usize,
     /// UDP sockets per address (SO_REUSEPORT), for more than one core.
     pub udp_sockets: usize,
+    /// Bind the SIP listeners with IP_FREEBIND: an address this host does
+    /// not hold yet (a virtual IP on the standby instance).
+    pub freebind: bool,
     /// Inbound stream connections at most, in all.
     pub max_connections: usize,
     /// Inbound stream connections at most from one source address.
@@ -1030,6 +1035,7 @@ impl Config {
             pool: pool_config(&f.pool)?,
             max_message_size: s.max_message_size,
             udp_sockets: s.udp_sockets,
+            freebind: s.freebind,
             max_connections: s.max_connections,
             max_connections_per_source: s.max_connections_per_source,
             idle_timeout,
