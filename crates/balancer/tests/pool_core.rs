@@ -507,12 +507,7 @@ fn a_reload_keeps_the_pool_name_and_the_instance_until_a_restart() {
 
 /// The message sent to one of this file's servers.
 fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
-    sent.iter()
-        .find_map(|(d, t)| match d {
-            Dest::Udp(a) if *a == addr(S1) || *a == addr(S2) => Some((*a, t.clone())),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
+    common::to_one_of(sent, &[S1, S2])
 }
 
 // ---- Flows owned by another instance: forwarded to a live peer, 430 when

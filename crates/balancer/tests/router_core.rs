@@ -986,12 +986,7 @@ fn with_every_server_overloaded_our_503_says_when_the_first_is_back() {
 
 /// The message sent to one of this file's servers.
 fn to_server(sent: &[(Dest, String)]) -> (SocketAddr, String) {
-    sent.iter()
-        .find_map(|(d, t)| match d {
-            Dest::Udp(a) if *a == addr(S1) || *a == addr(S2) => Some((*a, t.clone())),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
+    common::to_one_of(sent, &[S1, S2])
 }
 
 /// Timers armed, as (ms since the core's base, key).

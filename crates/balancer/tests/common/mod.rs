@@ -23,3 +23,18 @@ pub fn header_values<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
 pub fn status(text: &str) -> Option<u16> {
     text.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
 }
+
+/// The first datagram in `sent` to one of `servers` (ip:port), and where.
+pub fn to_one_of(
+    sent: &[(balancer::router::Dest, String)],
+    servers: &[&str],
+) -> (SocketAddr, String) {
+    sent.iter()
+        .find_map(|(d, t)| match d {
+            balancer::router::Dest::Udp(a) if servers.iter().any(|s| addr(s) == *a) => {
+                Some((*a, t.clone()))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("nothing to a server: {sent:?}"))
+}
