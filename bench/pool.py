@@ -144,15 +144,7 @@ address = "%s:5082"
 
     def servers(self):
         """GET /servers from inside its namespace, as JSON (None: no answer)."""
-        r = run(["ip", "netns", "exec", self.ns, "python3", "-c",
-                 "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
-                 "'http://127.0.0.1:8060/servers',timeout=1).read().decode())"], check=False)
-        if r.returncode != 0:
-            return None
-        try:
-            return json.loads(r.stdout)
-        except ValueError:
-            return None
+        return self.get("/servers")
 
     def post(self, path):
         """POST `path` on its admin API from inside its namespace; the JSON answer."""
