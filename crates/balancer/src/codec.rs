@@ -336,13 +336,15 @@ fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
 /// Finds lbc=N among the ;-params of a raw Via value (as proxy.rs lbc() does today).
 #[must_use]
 pub fn parse_conn(via_value: &[u8]) -> Option<u64> {
+    // Each `;`-part's name is checked before its value is looked for: most
+    // parts (the branch above all) are not `lbc` and end at the first byte.
     via_value.split(|&b| b == b';').find_map(|p| {
-        let eq = p.iter().position(|&b| b == b'=')?;
-        let (name, value) = p.split_at_checked(eq)?;
-        if !name.trim_ascii().eq_ignore_ascii_case(b"lbc") {
-            return None;
-        }
-        let digits = value.get(1..)?.trim_ascii();
+        let name = p.trim_ascii_start();
+        let rest = name
+            .get(..3)
+            .filter(|n| n.eq_ignore_ascii_case(b"lbc"))
+            .map(|_| name[3..].trim_ascii_start())?;
+        let digits = rest.strip_prefix(b"=")?.trim_ascii();
         if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
             return None;
         }
@@ -405,13 +407,17 @@ impl Keys {
     #[must_use]
     pub fn branch_mac(&self, txn: u64, leg: Leg, loop_hash: u32, next_hop: &[u8]) -> u64 {
         let (tag, n) = leg.tag();
+        // One write of the whole input (SipHash is a function of the byte
+        // stream): six small writes cost more than the bytes they carry.
+        let mut buf: smallvec::SmallVec<[u8; 320]> = smallvec::SmallVec::new();
+        buf.extend_from_slice(&txn.to_le_bytes());
+        buf.push(tag);
+        buf.extend_from_slice(&n.to_le_bytes());
+        buf.extend_from_slice(&loop_hash.to_le_bytes());
+        buf.extend_from_slice(&(next_hop.len() as u64).to_le_bytes());
+        buf.extend_from_slice(next_hop);
         let mut h = self.branch;
-        h.write(&txn.to_le_bytes());
-        h.write(&[tag]);
-        h.write(&n.to_le_bytes());
-        h.write(&loop_hash.to_le_bytes());
-        h.write(&(next_hop.len() as u64).to_le_bytes());
-        h.write(next_hop);
+        h.write(&buf);
         h.finish()
     }
 
@@ -1051,7 +1057,46 @@ mod tests {
         )
     }
 
+    /// `parse_conn` as it was before it checked names first: the reference.
+    fn parse_conn_reference(via_value: &[u8]) -> Option<u64> {
+        via_value.split(|&b| b == b';').find_map(|p| {
+            let eq = p.iter().position(|&b| b == b'=')?;
+            let (name, value) = p.split_at_checked(eq)?;
+            if !name.trim_ascii().eq_ignore_ascii_case(b"lbc") {
+                return None;
+            }
+            let digits = value.get(1..)?.trim_ascii();
+            if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            digits.iter().try_fold(0u64, |n, &d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
+        })
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+        #[test]
+        fn parse_conn_agrees_with_the_reference(
+            parts in proptest::collection::vec(
+                (prop::sample::select(vec!["", " ", "\t", "\r\n "]),
+                 prop::sample::select(vec!["lbc", "LBC", "lb", "lbcx", "branch", "rport", "xlbc", "l"]),
+                 prop::sample::select(vec!["", "=", " =", "= "]),
+                 prop::sample::select(vec!["", "7", "123", "18446744073709551615", "18446744073709551616", "1a", " 5 ", "=3"])),
+                0..4),
+            noise in proptest::collection::vec(any::<u8>(), 0..12),
+        ) {
+            let mut v = b"SIP/2.0/UDP 127.0.0.1:5060".to_vec();
+            for (ws, name, eq, value) in &parts {
+                v.push(b';');
+                v.extend_from_slice(format!("{ws}{name}{eq}{value}").as_bytes());
+            }
+            prop_assert_eq!(parse_conn(&v), parse_conn_reference(&v));
+            v.extend_from_slice(&noise);
+            prop_assert_eq!(parse_conn(&v), parse_conn_reference(&v));
+        }
+
         #[test]
         fn round_trip(b in any_branch()) {
             let mut out = vec![b'x'];

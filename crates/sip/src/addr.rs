@@ -15,6 +15,9 @@ pub struct NameAddr<'a> {
     pub uri: Uri<'a>,
     /// Header parameters after the address, from the first `;` (may hold LWS).
     pub params: &'a [u8],
+    /// The first `tag` parameter, found while the parameters were checked:
+    /// `Some(None)` when it has no value.
+    tag: Option<Option<&'a [u8]>>,
 }
 
 impl<'a> NameAddr<'a> {
@@ -70,7 +73,12 @@ impl<'a> NameAddr<'a> {
             i += end;
         }
         let pstart = skip_ws(s, i);
-        let end = parse_params(s, i, |_| {})?;
+        let mut tag = None;
+        let end = parse_params(s, i, |p| {
+            if tag.is_none() && s[p.name.0..p.name.1].eq_ignore_ascii_case(b"tag") {
+                tag = Some(p.value.map(|(a, b)| &s[a..b]));
+            }
+        })?;
         if end != s.len() {
             return Err("unexpected character after address");
         }
@@ -79,6 +87,7 @@ impl<'a> NameAddr<'a> {
             display,
             uri,
             params: &s[pstart.min(end)..end],
+            tag,
         })
     }
 
@@ -98,7 +107,7 @@ impl<'a> NameAddr<'a> {
     /// The `tag` parameter.
     #[must_use]
     pub fn tag(&self) -> Option<&'a [u8]> {
-        self.param(b"tag").flatten()
+        self.tag.flatten()
     }
 
     /// Whether the URI carries `;lr` (a loose router, RFC 3261 §16.12).
@@ -119,6 +128,38 @@ fn trim_end(s: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+        /// The tag found while parsing is the one a lookup finds afterwards.
+        #[test]
+        fn the_tag_found_while_parsing_is_the_looked_up_one(
+            display in prop::sample::select(vec!["", "Bob ", "\"A b\" "]),
+            uri in prop::sample::select(vec!["sip:a@h", "sip:h:5060;lr", "tel:+1"]),
+            angle in any::<bool>(),
+            params in prop::collection::vec(
+                (prop::sample::select(vec!["tag", "TAG", "Tag", "x", "tagx", "ta"]),
+                 prop::option::of(prop::sample::select(vec!["1", "abc", "\"q\""])),
+                 prop::sample::select(vec!["", " ", "\r\n "])),
+                0..4),
+        ) {
+            let mut v = if angle || !display.is_empty() {
+                format!("{display}<{uri}>")
+            } else {
+                uri.to_string()
+            };
+            for (name, value, ws) in &params {
+                v.push_str(&format!("{ws};{ws}{name}"));
+                if let Some(x) = value {
+                    v.push_str(&format!("{ws}={ws}{x}"));
+                }
+            }
+            if let Ok(a) = NameAddr::parse(v.as_bytes()) {
+                prop_assert_eq!(a.tag(), a.param(b"tag").flatten(), "{}", v);
+            }
+        }
+    }
 
     #[test]
     fn forms() {

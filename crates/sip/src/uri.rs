@@ -74,6 +74,32 @@ pub struct Uri<'a> {
     pub headers: &'a [u8],
 }
 
+const HOST_END: u8 = 0;
+const HOST_DIGIT: u8 = 1;
+const HOST_ALPHA: u8 = 2;
+const HOST_DOT: u8 = 3;
+
+/// What each byte is to a host name: a digit, a letter (or `-`, `_`), a
+/// dot, or the end of the name.
+const HOST_CLASS: [u8; 256] = {
+    let mut t = [HOST_END; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = if b == b'.' {
+            HOST_DOT
+        } else if b.is_ascii_digit() {
+            HOST_DIGIT
+        } else if b.is_ascii_alphabetic() || b == b'-' || b == b'_' {
+            HOST_ALPHA
+        } else {
+            HOST_END
+        };
+        c += 1;
+    }
+    t
+};
+
 /// Parses a host (`name`, IPv4 or `[IPv6]`) at the start of `s`; returns it and
 /// its length in bytes.
 pub(crate) fn parse_host(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
@@ -83,23 +109,26 @@ pub(crate) fn parse_host(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
         let addr: Ipv6Addr = text.parse().map_err(|_| "invalid IPv6 reference")?;
         return Ok((Host::V6(addr), end + 1));
     }
-    // One pass: the extent of the name, and whether it is digits and dots.
+    // One pass: the extent of the name, and whether it is digits and dots
+    // (one table lookup per byte).
     let mut n = 0;
     let mut numeric = true;
-    let mut prev = b'.';
-    while n < s.len() {
-        let b = s[n];
-        if b == b'.' {
-            if prev == b'.' {
-                return Err("invalid host name");
+    let mut after_dot = true;
+    while let Some(&b) = s.get(n) {
+        match HOST_CLASS[b as usize] {
+            HOST_DOT => {
+                if after_dot {
+                    return Err("invalid host name");
+                }
+                after_dot = true;
             }
-        } else if b.is_ascii_digit() {
-        } else if b.is_ascii_alphabetic() || b == b'-' || b == b'_' {
-            numeric = false;
-        } else {
-            break;
+            HOST_DIGIT => after_dot = false,
+            HOST_ALPHA => {
+                numeric = false;
+                after_dot = false;
+            }
+            _ => break,
         }
-        prev = b;
         n += 1;
     }
     if n == 0 {
@@ -141,7 +170,7 @@ fn parse_ipv4(s: &[u8]) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(octets))
 }
 
-fn is_unreserved(b: u8) -> bool {
+const fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
@@ -149,32 +178,84 @@ fn is_unreserved(b: u8) -> bool {
         )
 }
 
-/// Checks that every byte of `s` is unreserved, an escape `%HH`, or in `extra`.
-fn check_chars(s: &[u8], extra: &[u8], what: &'static str) -> Result<(), &'static str> {
+/// The characters a part of a URI may hold besides escapes: unreserved
+/// ones and the part's own extra set, one bit per part in one table.
+#[derive(Clone, Copy)]
+struct Part {
+    bit: u8,
+    what: &'static str,
+}
+
+const USER: Part = Part {
+    bit: 1,
+    what: "invalid character in user part",
+};
+const PASSWORD: Part = Part {
+    bit: 2,
+    what: "invalid character in password",
+};
+const PARAM: Part = Part {
+    bit: 4,
+    what: "invalid character in URI parameter",
+};
+const HEADER: Part = Part {
+    bit: 8,
+    what: "invalid character in URI header",
+};
+
+const USER_EXTRA: &[u8] = b"&=+$,;?/";
+const PASSWORD_EXTRA: &[u8] = b"&=+$,";
+const PARAM_EXTRA: &[u8] = b"[]/:&+$";
+const HEADER_EXTRA: &[u8] = b"[]/?:+$";
+
+const URI_CHARS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        if is_unreserved(c as u8) {
+            t[c] = USER.bit | PASSWORD.bit | PARAM.bit | HEADER.bit;
+        }
+        c += 1;
+    }
+    let sets: [(&[u8], u8); 4] = [
+        (USER_EXTRA, USER.bit),
+        (PASSWORD_EXTRA, PASSWORD.bit),
+        (PARAM_EXTRA, PARAM.bit),
+        (HEADER_EXTRA, HEADER.bit),
+    ];
+    let mut k = 0;
+    while k < sets.len() {
+        let (extra, bit) = sets[k];
+        let mut i = 0;
+        while i < extra.len() {
+            t[extra[i] as usize] |= bit;
+            i += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
+/// Checks that every byte of `s` is unreserved, an escape `%HH`, or in the
+/// part's extra set.
+fn check_chars(s: &[u8], part: Part) -> Result<(), &'static str> {
     let mut i = 0;
-    while i < s.len() {
-        let b = s[i];
-        if b == b'%' {
+    while let Some(&b) = s.get(i) {
+        if URI_CHARS[b as usize] & part.bit != 0 {
+            i += 1;
+        } else if b == b'%' {
             if !(s.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
                 && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
             {
                 return Err("invalid escape");
             }
             i += 3;
-            continue;
+        } else {
+            return Err(part.what);
         }
-        if !(is_unreserved(b) || extra.contains(&b)) {
-            return Err(what);
-        }
-        i += 1;
     }
     Ok(())
 }
-
-const USER_EXTRA: &[u8] = b"&=+$,;?/";
-const PASSWORD_EXTRA: &[u8] = b"&=+$,";
-const PARAM_EXTRA: &[u8] = b"[]/:&+$";
-const HEADER_EXTRA: &[u8] = b"[]/?:+$";
 
 impl<'a> Uri<'a> {
     /// Parses a whole URI; `s` must hold nothing else (no brackets, no LWS).
@@ -251,9 +332,9 @@ impl<'a> Uri<'a> {
             if user.is_empty() {
                 return Err("empty user part");
             }
-            check_chars(user, USER_EXTRA, "invalid character in user part")?;
+            check_chars(user, USER)?;
             if let Some(p) = password {
-                check_chars(p, PASSWORD_EXTRA, "invalid character in password")?;
+                check_chars(p, PASSWORD)?;
             }
             self.user = Some(user);
             self.password = password;
@@ -285,12 +366,12 @@ impl<'a> Uri<'a> {
             if name.is_empty() {
                 return Err("empty URI parameter");
             }
-            check_chars(name, PARAM_EXTRA, "invalid character in URI parameter")?;
+            check_chars(name, PARAM)?;
             if let Some(v) = value {
                 if v.is_empty() {
                     return Err("empty URI parameter value");
                 }
-                check_chars(v, PARAM_EXTRA, "invalid character in URI parameter")?;
+                check_chars(v, PARAM)?;
             }
         }
         if q < tail.len() {
@@ -300,8 +381,8 @@ impl<'a> Uri<'a> {
                 if e == 0 {
                     return Err("empty URI header name");
                 }
-                check_chars(&h[..e], HEADER_EXTRA, "invalid character in URI header")?;
-                check_chars(&h[e + 1..], HEADER_EXTRA, "invalid character in URI header")?;
+                check_chars(&h[..e], HEADER)?;
+                check_chars(&h[e + 1..], HEADER)?;
             }
         }
         Ok(())
@@ -366,6 +447,103 @@ pub fn unescape(s: &[u8]) -> Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The byte-at-a-time host scan the table replaced: the reference.
+    fn host_extent_reference(s: &[u8]) -> Result<(usize, bool), &'static str> {
+        let (mut n, mut numeric, mut prev) = (0, true, b'.');
+        while n < s.len() {
+            let b = s[n];
+            if b == b'.' {
+                if prev == b'.' {
+                    return Err("invalid host name");
+                }
+            } else if b.is_ascii_digit() {
+            } else if b.is_ascii_alphabetic() || b == b'-' || b == b'_' {
+                numeric = false;
+            } else {
+                break;
+            }
+            prev = b;
+            n += 1;
+        }
+        Ok((n, numeric))
+    }
+
+    fn parse_host_reference(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
+        if s.first() == Some(&b'[') {
+            return parse_host(s);
+        }
+        let (n, numeric) = host_extent_reference(s)?;
+        if n == 0 {
+            return Err("missing host");
+        }
+        let name = &s[..n];
+        if numeric {
+            return Ok((Host::V4(parse_ipv4(name).ok_or("invalid IPv4 address")?), n));
+        }
+        if name[0] == b'-' {
+            return Err("invalid host name");
+        }
+        Ok((Host::Name(name), n))
+    }
+
+    /// The check the one-table version replaced: the reference.
+    fn check_chars_reference(
+        s: &[u8],
+        extra: &[u8],
+        what: &'static str,
+    ) -> Result<(), &'static str> {
+        let mut i = 0;
+        while i < s.len() {
+            let b = s[i];
+            if b == b'%' {
+                if !(s.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+                {
+                    return Err("invalid escape");
+                }
+                i += 3;
+                continue;
+            }
+            if !(is_unreserved(b) || extra.contains(&b)) {
+                return Err(what);
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Bytes that matter to hosts and URI parts, and some that end them.
+    fn uri_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            prop_oneof![
+                prop::sample::select(b"0123456789.-_aZ%fF:;@[]?&=+$,/!~*'()<> \t\x00\xff".to_vec()),
+                any::<u8>(),
+            ],
+            0..24,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+        #[test]
+        fn parse_host_agrees_with_the_byte_at_a_time_scan(s in uri_bytes()) {
+            prop_assert_eq!(parse_host(&s), parse_host_reference(&s));
+        }
+
+        #[test]
+        fn check_chars_agrees_with_the_per_part_sets(s in uri_bytes()) {
+            for (part, extra) in [
+                (USER, USER_EXTRA),
+                (PASSWORD, PASSWORD_EXTRA),
+                (PARAM, PARAM_EXTRA),
+                (HEADER, HEADER_EXTRA),
+            ] {
+                prop_assert_eq!(check_chars(&s, part), check_chars_reference(&s, extra, part.what));
+            }
+        }
+    }
 
     #[test]
     fn sip_uri_parts() {
