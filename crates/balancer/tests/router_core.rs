@@ -1079,3 +1079,70 @@ fn an_invite_answered_at_once_costs_one_timer_and_an_unanswered_one_fails_over_o
         "{t:?}"
     );
 }
+
+fn options(call: &str, ua: SocketAddr) -> String {
+    format!(
+        "OPTIONS sip:bob@127.0.0.1 SIP/2.0
+Via: SIP/2.0/UDP {ua};branch=z9hG4bK{call};rport
+Max-Forwards: 70
+From: <sip:alice@127.0.0.1>;tag=a-{call}
+To: <sip:bob@127.0.0.1>
+Call-ID: {call}
+CSeq: 1 OPTIONS
+Content-Length: 0
+
+"
+    )
+}
+
+#[test]
+fn the_once_a_second_round_looks_at_what_is_due_and_entries_end_on_time() {
+    // 40 INVITEs answered 200 at once (their entries keep T4, 5 s) and 40
+    // OPTIONS answered 200 (a UA on UDP: 64 x T1, 32 s), all within 0.4 s.
+    let mut core = Core::new("sweep", "");
+    let ua = addr("192.0.2.12:5070");
+    let from = Origin::Udp { peer: ua };
+    for i in 0..40u64 {
+        for (req, ms) in [
+            (invite(&format!("sw-i{i}"), ua, "UDP"), i * 10),
+            (options(&format!("sw-o{i}"), ua), i * 10 + 5),
+        ] {
+            let sent = core.feed(&req, from, ms);
+            let (server, fwd) = to_server(&sent);
+            let ok = ok_for(&fwd, server);
+            let back = core.feed(&ok, Origin::Udp { peer: server }, ms + 1);
+            assert!(back.iter().any(|(d, _)| *d == Dest::Udp(ua)), "{back:?}");
+        }
+    }
+    assert_eq!(core.router.transactions(), 80);
+    // Each transaction is on the round's work list once (in progress, then
+    // its end), never once per round; they leave in the first round after
+    // their end. A round looks at what is due: all 80 in the first (they
+    // were in progress), then none until the INVITEs' ends, then none
+    // until the OPTIONS' (a walk of the table would look at ~1,500).
+    let mut looked = 0;
+    for s in 1..=40u64 {
+        tick(&mut core, s * 1_000);
+        let now_looked = core.router.sweep_looked_at();
+        let this_round = now_looked - std::mem::replace(&mut looked, now_looked);
+        let expected = match s {
+            1 => 80,
+            5 | 6 => this_round.min(40),
+            32 | 33 => this_round.min(40),
+            _ => 0,
+        };
+        assert_eq!(this_round, expected, "round at {s} s");
+        let (txns, entries) = (core.router.transactions(), core.router.sweep_entries());
+        assert!(
+            entries <= txns,
+            "at {s} s: {entries} entries for {txns} transactions"
+        );
+        match s {
+            1..=4 => assert_eq!(txns, 80, "at {s} s"),
+            6..=31 => assert_eq!(txns, 40, "at {s} s: the INVITEs' entries are gone"),
+            33.. => assert_eq!((txns, entries), (0, 0), "at {s} s"),
+            _ => {}
+        }
+    }
+    assert_eq!(looked, 160, "80 in progress, then 80 ends");
+}

@@ -243,6 +243,10 @@ pub struct Router {
     keys: Keys,
     me: Me,
     txns: papaya::HashMap<u64, Arc<Mutex<ClientTxn>>>,
+    /// Which transactions the once-a-second round looks at: the ones in
+    /// progress, and the completed ones whose end is due (never the whole
+    /// table, which holds every call of the last 64 × T1).
+    sweep: Mutex<txn::Sweep>,
     forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
     /// The balancer clock's zero (every `_ms` value counts from it).
     epoch: Instant,
@@ -320,6 +324,7 @@ impl Router {
             keys,
             me,
             txns: papaya::HashMap::new(),
+            sweep: Mutex::new(txn::Sweep::default()),
             forks: papaya::HashMap::new(),
             epoch,
             stopping: AtomicBool::new(false),
@@ -452,6 +457,12 @@ impl Router {
         });
         let all = servers.iter().map(|c| (c, false, None)).chain(named);
         self.pool.store(Arc::new(Pool::build_with(all, &old)));
+    }
+
+    fn sweep_lock(&self) -> std::sync::MutexGuard<'_, txn::Sweep> {
+        self.sweep
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn discovered_lock(
@@ -630,6 +641,22 @@ impl Router {
     #[must_use]
     pub fn transactions(&self) -> usize {
         self.txns.len()
+    }
+
+    /// How many entries the once-a-second round's work list holds: the
+    /// transactions in progress and the scheduled ends of completed ones
+    /// (one transaction may have more than one). Bounded by a small
+    /// multiple of [`Router::transactions`].
+    #[must_use]
+    pub fn sweep_entries(&self) -> usize {
+        self.sweep_lock().len()
+    }
+
+    /// How many transactions the once-a-second rounds have looked at, in
+    /// all (what is due each time, not the whole table).
+    #[must_use]
+    pub fn sweep_looked_at(&self) -> u64 {
+        self.sweep_lock().looked_at
     }
 
     /// REGISTER forks in the table.

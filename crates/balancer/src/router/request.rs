@@ -662,6 +662,7 @@ impl Router {
             // The same request on another socket a moment before: it has it.
             return self.drop_counted(DropReason::Merged, out);
         }
+        self.sweep_lock().watch(id);
         // We hold the transaction now: stop the UA's retransmissions (not
         // for non-INVITE: RFC 4320 §4.1 forbids an early 100) — at once, or
         // only when the server has not answered within `trying_after` (RFC
@@ -712,7 +713,7 @@ impl Router {
         let loop_hash = route.loop_hash;
         if let Some(t) = self.txns.pin().get(&id).cloned() {
             let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match self.ack_of(&mut t, now) {
+            match self.ack_of(&mut t, id, now) {
                 txn::AckOf::Ours => return,
                 txn::AckOf::Server { index, server } => {
                     // The entry stays until it expires (64 × T1 after the

@@ -125,6 +125,55 @@ impl Try {
     }
 }
 
+/// The once-a-second round's work list (see `txn_round`): transactions
+/// still waiting for their final, looked at every round (few: the calls
+/// being set up), and completed entries by the time they may go, looked at
+/// then (so the round costs what is due, not the size of the table, which
+/// holds every transaction of the last 64 × T1).
+#[derive(Debug, Default)]
+pub(in crate::router) struct Sweep {
+    trying: Vec<u64>,
+    ends: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64)>>,
+    /// Entries the rounds have looked at, in all.
+    pub looked_at: u64,
+}
+
+impl Sweep {
+    /// A new transaction: looked at every round while it is in progress.
+    pub(in crate::router) fn watch(&mut self, id: u64) {
+        self.trying.push(id);
+    }
+
+    /// Look at completed entry `id` in the first round at or after `ms`
+    /// (again: an entry may be due more than once; the round checks).
+    pub(in crate::router) fn end_at(&mut self, ms: u64, id: u64) {
+        self.ends.push(std::cmp::Reverse((ms, id)));
+    }
+
+    /// What the round at `ms` looks at: every transaction in progress and
+    /// every entry due, each once.
+    fn take_due(&mut self, ms: u64) -> Vec<u64> {
+        let mut due = std::mem::take(&mut self.trying);
+        while let Some(&std::cmp::Reverse((at, id))) = self.ends.peek() {
+            if at > ms {
+                break;
+            }
+            self.ends.pop();
+            due.push(id);
+        }
+        due.sort_unstable();
+        due.dedup();
+        self.looked_at += due.len() as u64;
+        due
+    }
+
+    /// How many transactions it holds (the in-progress ones and the
+    /// scheduled ends, a transaction perhaps more than once).
+    pub(in crate::router) fn len(&self) -> usize {
+        self.trying.len() + self.ends.len()
+    }
+}
+
 /// Where the transaction is towards the UA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -232,6 +281,16 @@ impl ClientTxn {
             auth_from: None,
             trying_sent: false,
             failover_deferred: None,
+        }
+    }
+
+    /// When a completed entry that may not go at `ms` is to be looked at
+    /// again: its end, or the end of the wait for our own CANCEL or BYE.
+    fn next_end(&self, ms: u64) -> u64 {
+        if ms < self.expires_ms {
+            self.expires_ms
+        } else {
+            self.own_until_ms.max(ms + 1)
         }
     }
 
@@ -700,7 +759,7 @@ impl Router {
     }
 
     /// What the UA's ACK of this transaction is.
-    pub(super) fn ack_of(&self, t: &mut ClientTxn, now: Now) -> AckOf {
+    pub(super) fn ack_of(&self, t: &mut ClientTxn, id: u64, now: Now) -> AckOf {
         if !t.invite || t.phase != Phase::Completed {
             return AckOf::NotThis;
         }
@@ -718,6 +777,7 @@ impl Router {
                 {
                     let i = if t.reply_to.reliable() { 0 } else { T4_MS };
                     t.expires_ms = t.expires_ms.min(self.ms(now) + i);
+                    self.sweep_lock().end_at(t.expires_ms, id);
                 }
             }
             return AckOf::Ours;

@@ -129,6 +129,10 @@ impl Router {
                 x.cancel_answered = true;
             }
         }
+        // A completed entry that only waited for this answer may go now.
+        if t.phase != Phase::Trying {
+            self.sweep_lock().end_at(0, id);
+        }
     }
 
     /// ACKs a non-2xx final of attempt `i` (RFC 3261 §17.1.1.3).

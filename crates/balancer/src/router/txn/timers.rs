@@ -99,13 +99,23 @@ impl Router {
     }
 
     /// Once a second: Timer C (RFC 3261 §16.8) and the end of transactions.
+    /// It looks at the transactions in progress and at the completed
+    /// entries whose end is due (`Sweep`), not at the whole table: at
+    /// 3,000 calls/s the table holds some 100,000 entries, and walking it
+    /// (a lock and cold cache lines each) every second cost more than a
+    /// microsecond per call.
     pub(in crate::router) fn txn_round(&self, now: Now, rng: &mut dyn RngCore, out: &mut Outbox) {
         let cfg = self.cfg.load();
         let ms = self.ms(now);
         let limit = cfg.invite_timeout.as_millis() as u64;
         let mut gone: SmallVec<[u64; 16]> = SmallVec::new();
         let mut timer_c: SmallVec<[u64; 16]> = SmallVec::new();
-        for (id, t) in &self.txns.pin() {
+        let mut trying: Vec<u64> = Vec::new();
+        let mut ends: Vec<(u64, u64)> = Vec::new();
+        let due = self.sweep_lock().take_due(ms);
+        let table = self.txns.pin();
+        for id in due {
+            let Some(t) = table.get(&id) else { continue };
             let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let over = match t.phase {
                 Phase::Completed | Phase::Accepted => t.over(ms),
@@ -116,7 +126,7 @@ impl Router {
                     {
                         // Timer C; or a CANCEL the server never answered
                         // with a final (the UA gives up after 64 x T1 too).
-                        timer_c.push(*id);
+                        timer_c.push(id);
                     }
                     // A transaction that lives past Timer C and a whole
                     // transaction timeout more has lost its way.
@@ -126,13 +136,27 @@ impl Router {
                 Phase::Trying => ms.saturating_sub(t.created_ms) >= TXN_MS,
             };
             if over {
-                gone.push(*id);
+                gone.push(id);
+            } else if t.phase == Phase::Trying {
+                trying.push(id);
+            } else {
+                ends.push((t.next_end(ms), id));
             }
         }
-        // In a fixed order: the table's iteration order comes from its
-        // hasher's random keys, and what is done here (the order of the
-        // sends, the draws, which server an ejection budget lets go) must
-        // follow from the inputs alone.
+        drop(table);
+        {
+            let mut sweep = self.sweep_lock();
+            for id in trying {
+                sweep.watch(id);
+            }
+            for (at, id) in ends {
+                sweep.end_at(at, id);
+            }
+        }
+        // In a fixed order (the work list's comes from who pushed first):
+        // what is done here (the order of the sends, the draws, which
+        // server an ejection budget lets go) must follow from the inputs
+        // alone.
         timer_c.sort_unstable();
         gone.sort_unstable();
         for id in timer_c {
