@@ -3,7 +3,8 @@
 hung) while SIPp places calls through siplb, and started again.
 
 Two synthetic `siplb agent`s (7071, 7072), two SIPp uas (5081, 5082;
-bench/sipp/uas_rr.xml: the built-in uas, echoing Record-Route),
+bench/sipp/uas_rr.xml: the built-in uas, echoing Record-Route, keeping a
+finished call 32 s as RFC 3261's Timer J does),
 `siplb balancer --config examples/local.toml` (5060, admin 8060), and SIPp's
 uac with bench/sipp/uac_rr.xml (ACK and BYE sent with the Route set from our
 Record-Route, calls held HOLD ms) at RATE calls/s for SECONDS. At KILL_AT s:
@@ -69,8 +70,21 @@ def main():
         return start([SIPLB, "agent", "--listen", f"127.0.0.1:{port}", "--key-file", key,
                       "--synthetic", "cpu=10%,mem=1GB"], log)
 
+    # The uas keeps a finished call for 64*T1 = 32 s, as RFC 3261 §17.2.2
+    # (Timer J) has a UDP server transaction do, not SIPp's 4 s: a BYE whose
+    # 200 died in the killed balancer is retransmitted to the new one 7.5 s
+    # after it was first sent (Timer E: 0.5, 1, 2, 4 s), and only a uas that
+    # still knows the call answers it again. With 4 s that call is lost by the
+    # harness's uas, not by anything a balancer could do.
+    with open(os.path.join(ROOT, "bench/sipp/uas_rr.xml")) as f:
+        scenario = f.read()
+    assert '<timewait milliseconds="4000"/>' in scenario
+    uas_xml = os.path.join(work, "uas_rr_timer_j.xml")
+    with open(uas_xml, "w") as f:
+        f.write(scenario.replace('<timewait milliseconds="4000"/>', '<timewait milliseconds="32000"/>'))
+
     def uas(port):
-        return start(["sipp", "-sf", os.path.join(ROOT, "bench/sipp/uas_rr.xml"), "-i", "127.0.0.1", "-p", str(port), "-nostdin",
+        return start(["sipp", "-sf", uas_xml, "-i", "127.0.0.1", "-p", str(port), "-nostdin",
                       "-timeout", str(a.seconds + 60)], subprocess.DEVNULL)
 
     def balancer():
