@@ -573,7 +573,7 @@ async fn metrics(
         "# HELP siplb_policy The routing policy in force (1).\n# TYPE siplb_policy gauge\nsiplb_policy{{name=\"{}\"}} 1",
         p.policy_name()
     );
-    let per_server: [(&str, &str, &str, Per); 17] = [
+    let per_server: [(&str, &str, &str, Per); 18] = [
         (
             "siplb_server_cpu_ratio",
             "gauge",
@@ -627,6 +627,12 @@ async fn metrics(
             "counter",
             "New sessions moved away from each server after it failed them.",
             |v| Some(v.failovers_total as f64),
+        ),
+        (
+            "siplb_last_attempt_waits_total",
+            "counter",
+            "New INVITEs each server left unanswered past failover_timeout with no other server to take them (kept waiting).",
+            |v| Some(v.last_waits_total as f64),
         ),
         (
             "siplb_failure_ratio",

@@ -359,6 +359,9 @@ pub struct ServerStats {
     pub drained: AtomicBool,
     /// New sessions moved to another server after this one failed them.
     pub failovers: AtomicU64,
+    /// New INVITEs it left unanswered past `failover_timeout` with no other
+    /// server to take them: kept waiting (`last_attempt_timeout`).
+    pub last_waits: AtomicU64,
     /// The OPTIONS probe says down.
     pub probe_down: AtomicBool,
     /// Sequence number of the last probe sent, and of the last one answered.

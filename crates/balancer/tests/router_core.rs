@@ -1146,3 +1146,192 @@ fn the_once_a_second_round_looks_at_what_is_due_and_entries_end_on_time() {
     }
     assert_eq!(looked, 160, "80 in progress, then 80 ends");
 }
+
+/// Fires the failover timers `timers` leaves armed, one after another, up
+/// to `until` ms (at most 100): the sends of each and when they came.
+fn run_failover_timers(
+    core: &mut Core,
+    mut timers: Armed,
+    until: u64,
+) -> Vec<(u64, Vec<(Dest, String)>)> {
+    let mut fired = Vec::new();
+    for _ in 0..100 {
+        let Some(&(at, key)) = timers
+            .iter()
+            .find(|(at, k)| *at <= until && matches!(k, TimerKey::Failover { .. }))
+        else {
+            break;
+        };
+        let (sent, next) = fire(core, key, at);
+        fired.push((at, sent));
+        timers = next;
+    }
+    fired
+}
+
+fn status_to(sent: &[(Dest, String)], ua: SocketAddr) -> Vec<u16> {
+    sent.iter()
+        .filter(|(d, _)| *d == Dest::Udp(ua))
+        .filter_map(|(_, t)| status(t))
+        .collect()
+}
+
+#[test]
+fn the_last_server_that_may_take_a_call_is_waited_for_not_given_up_at_the_failover_timeout() {
+    // Two attempts at most: s1 silent past failover_timeout (500 ms) fails
+    // over to s2 as before; s2 silent past it too leaves no server to try,
+    // and giving up would lose a call s2 may still answer.
+    let mut core = Core::new(
+        "last-wait",
+        "max_attempts = 2\nlast_attempt_timeout = \"4s\"",
+    );
+    let ua = addr("192.0.2.13:5070");
+    let from = Origin::Udp { peer: ua };
+    let sent = core.feed(&invite("lw-1", ua, "UDP"), from, 0);
+    let (first, _) = to_server(&sent);
+    let t = armed(&core);
+    let (_, timers) = fire(&mut core, t[0].1, 200);
+    let (sent, timers) = fire(&mut core, timers[0].1, 500);
+    let (second, req2) = to_server(&sent);
+    assert_ne!(first, second);
+    let at_1000 = timers
+        .iter()
+        .find(|(at, k)| *at == 1_000 && matches!(k, TimerKey::Failover { attempt: 1, .. }))
+        .unwrap_or_else(|| panic!("{timers:?}"))
+        .1;
+    // At 1,000 ms: no 503; it looks again every failover_timeout.
+    let (sent, timers) = fire(&mut core, at_1000, 1_000);
+    assert!(sent.is_empty(), "{sent:?}");
+    assert!(
+        matches!(timers[..], [(1_500, TimerKey::Failover { attempt: 1, .. })]),
+        "{timers:?}"
+    );
+    let (sent, timers) = fire(&mut core, timers[0].1, 1_500);
+    assert!(sent.is_empty(), "{sent:?}");
+    // s2 answers at 1,800 ms: the UA gets it.
+    let sent = core.feed(&ok_for(&req2, second), Origin::Udp { peer: second }, 1_800);
+    assert_eq!(status_to(&sent, ua), [200], "{sent:?}");
+    // The look armed before the answer finds nothing to do.
+    let (sent, after) = fire(&mut core, timers[0].1, 2_000);
+    assert!(sent.is_empty() && after.is_empty(), "{sent:?} {after:?}");
+    tick(&mut core, 2_000); // the failure ratios are refreshed by the health round
+    let (v1, v2) = (
+        view_of(&core, 2_000, id_of(first)),
+        view_of(&core, 2_000, id_of(second)),
+    );
+    assert_eq!((v1.failovers_total, v1.last_waits_total), (1, 0));
+    assert_eq!((v2.failovers_total, v2.last_waits_total), (0, 1));
+    // Its late answer is not a success: both servers count one failure.
+    assert!(
+        v1.failure_ratio > 0.99 && v2.failure_ratio > 0.99,
+        "{v1:?} {v2:?}"
+    );
+
+    // Never answered: our 503 at last_attempt_timeout after the attempt
+    // went out (500 + 4,000 ms), not before, and the server failed once.
+    let sent = core.feed(&invite("lw-2", ua, "UDP"), from, 10_000);
+    let (first, _) = to_server(&sent);
+    let t = armed(&core);
+    let (_, timers) = fire(&mut core, t[0].1, 10_200);
+    let (sent, timers) = fire(&mut core, timers[0].1, 10_500);
+    let (second, _) = to_server(&sent);
+    assert_ne!(first, second);
+    let fired = run_failover_timers(&mut core, timers, 20_000);
+    let answers: Vec<(u64, Vec<u16>)> = fired
+        .iter()
+        .map(|(at, s)| (*at, status_to(s, ua)))
+        .filter(|(_, s)| !s.is_empty())
+        .collect();
+    assert_eq!(answers, [(14_500, vec![503])], "{fired:?}");
+    assert_eq!(
+        fired.len(),
+        8,
+        "a look every 500 ms from 11,000 to 14,500: {fired:?}"
+    );
+    let v2 = view_of(&core, 14_500, id_of(second));
+    assert_eq!((v2.failovers_total, v2.last_waits_total), (1, 2));
+}
+
+#[test]
+fn a_waiting_call_is_given_up_once_its_server_is_known_down_and_waits_are_optional() {
+    // One attempt per call (round robin: s1, s2, s1...). Call A waits on
+    // its server past failover_timeout; that server then answers another
+    // call 503 with Retry-After (overloaded: down for new sessions); A's
+    // next look gives it up with our 503.
+    let mut core = Core::new("last-down", "max_attempts = 1");
+    let ua = addr("192.0.2.14:5070");
+    let from = Origin::Udp { peer: ua };
+    let sent = core.feed(&invite("ld-a", ua, "UDP"), from, 0);
+    let (sa, _) = to_server(&sent);
+    let t = armed(&core);
+    let (_, timers) = fire(&mut core, t[0].1, 200);
+    let (sent, timers) = fire(&mut core, timers[0].1, 500);
+    assert!(sent.is_empty(), "A waits: {sent:?}");
+    let mut other = None;
+    for (i, ms) in [(1, 600), (2, 610)] {
+        let sent = core.feed(&invite(&format!("ld-{i}"), ua, "UDP"), from, ms);
+        let (s, req) = to_server(&sent);
+        if s == sa {
+            other = Some(req);
+        }
+    }
+    let req = other.expect("round robin brings a call to A's server");
+    let busy = final_for(&req, sa, 503, "Service Unavailable", "Retry-After: 30\r\n");
+    core.feed(&busy, Origin::Udp { peer: sa }, 700);
+    assert!(view_of(&core, 700, id_of(sa)).overloaded);
+    let (sent, _) = fire(&mut core, timers[0].1, 1_000);
+    assert_eq!(status_to(&sent, ua), [503], "{sent:?}");
+
+    // last_attempt_timeout = failover_timeout: no wait, 503 at 500 ms.
+    let mut core = Core::new(
+        "last-none",
+        "max_attempts = 1\nlast_attempt_timeout = \"500ms\"",
+    );
+    core.feed(&invite("ln-1", ua, "UDP"), from, 0);
+    let t = armed(&core);
+    let (_, timers) = fire(&mut core, t[0].1, 200);
+    let (sent, timers) = fire(&mut core, timers[0].1, 500);
+    assert_eq!(status_to(&sent, ua), [503], "{sent:?}");
+    assert!(
+        timers
+            .iter()
+            .all(|(_, k)| !matches!(k, TimerKey::Failover { .. })),
+        "{timers:?}"
+    );
+    // Less than failover_timeout is a configuration error naming the field.
+    let e = Config::parse(
+        "[routing]\nsecret = \"core-test-secret-0123456789\"\nlast_attempt_timeout = \"100ms\"\n[[servers]]\nid = \"s1\"\naddress = \"127.0.0.1:5081\"\n",
+        std::path::Path::new("/tmp"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("routing.last_attempt_timeout"), "{e}");
+}
+
+#[test]
+fn a_copy_of_a_request_we_refused_is_refused_again_when_a_server_is_back() {
+    // No server (both drained): our 503 without a transaction. A copy of
+    // the same MESSAGE (a network duplicate, or the UA's retransmission
+    // when our 503 was lost) after the servers are back must not reach
+    // one: its UA was told it failed. A new request is served.
+    let mut core = Core::new("refused-again", "");
+    let ua = addr("192.0.2.15:5070");
+    let from = Origin::Udp { peer: ua };
+    assert!(core.router.set_drained("s1", true) && core.router.set_drained("s2", true));
+    let msg = options("ra-1", ua).replace("OPTIONS", "MESSAGE");
+    let sent = core.feed(&msg, from, 0);
+    assert_eq!(status_to(&sent, ua), [503], "{sent:?}");
+    assert!(core.router.set_drained("s1", false) && core.router.set_drained("s2", false));
+    for ms in [150, 500, 31_000] {
+        let sent = core.feed(&msg, from, ms);
+        assert_eq!(status_to(&sent, ua), [503], "at {ms}: {sent:?}");
+        assert!(sent.iter().all(|(d, _)| *d == Dest::Udp(ua)), "{sent:?}");
+    }
+    // 64 x T1 later it is a request like any other.
+    let sent = core.feed(&msg, from, 32_500);
+    assert!(status_to(&sent, ua).is_empty(), "{sent:?}");
+    let fresh = options("ra-2", ua).replace("OPTIONS", "MESSAGE");
+    let sent = core.feed(&fresh, from, 600);
+    assert!(status_to(&sent, ua).is_empty(), "{sent:?}");
+    to_server(&sent);
+}

@@ -548,6 +548,9 @@ struct RunCfg {
     drains: Vec<(usize, u64, bool)>,
     /// (server, from, until)
     partitions: Vec<(usize, u64, u64)>,
+    /// `routing.last_attempt_timeout`: 500 ms (no wait past the failover
+    /// timeout), or a wait for the last server.
+    last_attempt: &'static str,
 }
 
 impl RunCfg {
@@ -614,6 +617,7 @@ impl RunCfg {
             plans,
             drains,
             partitions,
+            last_attempt: ["500ms", "3s", "32s"][rng.random_range(0..3)],
         }
     }
 
@@ -624,11 +628,13 @@ impl RunCfg {
              failover_timeout = \"500ms\"\ninvite_timeout = \"5s\"\n\
              session_idle_timeout = \"20s\"\nregister_timeout = \"4s\"\n\
              max_attempts = {}\nhealth = \"{}\"\noutlier_failures = {}\nslow_start = \"0s\"\n\
+             last_attempt_timeout = \"{}\"\n\
              [perf]\nkey_file = \"{}\"\n",
             self.policy,
             self.max_attempts,
             if self.probes { "probe" } else { "agent" },
             self.outlier,
+            self.last_attempt,
             key_file().display(),
         );
         for i in 0..self.n_srv {
@@ -2902,7 +2908,7 @@ impl Sim {
 
 fn describe(rc: &RunCfg) -> String {
     format!(
-        "{} servers {:?}, {}, probes {}, outlier {}, max_attempts {}, loss {:.1}%, dup {:.1}%, reorder {:.0}%, {} calls, drains {:?}, partitions {:?}",
+        "{} servers {:?}, {}, probes {}, outlier {}, max_attempts {}, loss {:.1}%, dup {:.1}%, reorder {:.0}%, {} calls, drains {:?}, partitions {:?}, last_attempt_timeout {}",
         rc.n_srv,
         rc.profiles.iter().map(|p| p.name).collect::<Vec<_>>(),
         rc.policy,
@@ -2914,7 +2920,8 @@ fn describe(rc: &RunCfg) -> String {
         rc.reorder * 100.0,
         rc.plans.len(),
         rc.drains,
-        rc.partitions
+        rc.partitions,
+        rc.last_attempt
     )
 }
 
@@ -3093,7 +3100,7 @@ mod focused {
                 "[sip]\nlisten = [\"127.0.0.1:5060\"]\ntransports = [\"udp\"]\n\
                  [routing]\nsecret = \"router-sim-secret-0123456789\"\npolicy = \"round-robin\"\n\
                  health = \"agent\"\noutlier_failures = 0\nslow_start = \"0s\"\n\
-                 invite_timeout = \"5s\"\nmax_attempts = 2\n\
+                 invite_timeout = \"5s\"\nmax_attempts = 2\nlast_attempt_timeout = \"500ms\"\n\
                  [perf]\nkey_file = \"{}\"\n",
                 key_file().display()
             );

@@ -1320,3 +1320,48 @@ fn advertise_is_restart_only() {
         "after the reload our Via names a new advertise: {via}"
     );
 }
+
+/// The last server that may take a call is waited for: one server, silent
+/// for three failover timeouts and then answering (a queue, a slow
+/// database). The UA gets our 100, then the server's 200 — not our 503 at
+/// the failover timeout and a late 200 ACKed and BYEd behind its back —
+/// and the call completes; `last_waits_total` counts the wait.
+#[test]
+fn the_last_server_is_waited_for_past_the_failover_timeout() {
+    let servers = [Peer::new()];
+    let lb = Balancer::start(&servers, "last_attempt_timeout = \"5s\"");
+    let ua = Ua::new(&lb, "last-wait");
+    let branch = ua.branch();
+    ua.send_new("INVITE", 1, &branch, "");
+    let inv = servers[0].expect("the INVITE", ms(1000), |m| m.is("INVITE"));
+    let early = ua.gather(FAILOVER * 3);
+    assert!(
+        early.iter().all(|m| m.status() == Some(100)),
+        "only our 100 while the server is silent: {:?}",
+        summaries(&early)
+    );
+    assert!(
+        early.iter().any(|m| m.status() == Some(100)),
+        "our 100 Trying after trying_after: {:?}",
+        summaries(&early)
+    );
+    servers[0].respond(&inv, 200, "OK", "");
+    let ok = ua.expect("the server's late 200 reaches the UA", ms(1000), |m| {
+        m.answers(200, "INVITE")
+    });
+    ua.in_dialog("ACK", 1, &ok);
+    servers[0].expect("the server gets the UA's ACK", ms(1000), |m| m.is("ACK"));
+    let stray = servers[0].gather(ms(300));
+    assert!(
+        stray.iter().all(|m| !m.is("BYE") && !m.is("CANCEL")),
+        "the balancer ended the call behind the UA's back: {:?}",
+        summaries(&stray)
+    );
+    ua.in_dialog("BYE", 2, &ok);
+    let bye = servers[0].expect("the BYE", ms(1000), |m| m.is("BYE"));
+    servers[0].respond(&bye, 200, "OK", "");
+    ua.expect("the 200 for the BYE", ms(1000), |m| m.answers(200, "BYE"));
+    let (_, body) = http(lb.admin, "GET", "/servers").expect("GET /servers");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v[0]["last_waits_total"], 1, "{body}");
+}

@@ -256,6 +256,7 @@ pub fn loopback_config(
         max_transactions: 10_000,
         session_idle_timeout: Duration::from_secs(3600),
         failover_timeout: Duration::from_millis(500),
+        last_attempt_timeout: Duration::from_secs(32),
         invite_timeout: Duration::from_secs(181),
         trying_after: Duration::from_millis(200),
         max_attempts: 3,

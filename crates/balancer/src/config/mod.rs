@@ -278,6 +278,7 @@ struct RoutingSection {
     max_transactions: usize,
     session_idle_timeout: String,
     failover_timeout: String,
+    last_attempt_timeout: String,
     invite_timeout: String,
     trying_after: String,
     max_attempts: u8,
@@ -310,6 +311,7 @@ impl Default for RoutingSection {
             max_transactions: 100_000,
             session_idle_timeout: "1h".into(),
             failover_timeout: "500ms".into(),
+            last_attempt_timeout: "32s".into(),
             invite_timeout: "181s".into(),
             trying_after: "200ms".into(),
             max_attempts: 3,
@@ -524,6 +526,10 @@ pub struct Config {
     pub session_idle_timeout: Duration,
     /// No response to a new INVITE within this: try another server.
     pub failover_timeout: Duration,
+    /// A new INVITE's attempt past `failover_timeout` with no other server
+    /// to take it keeps waiting for its server's answer until this long
+    /// after it was sent (while the server is not known down); then 503.
+    pub last_attempt_timeout: Duration,
     /// Timer C: a new INVITE with a provisional response but no final one
     /// this long is CANCELled and answered 408.
     pub invite_timeout: Duration,
@@ -838,6 +844,15 @@ impl Config {
             );
         }
         let trying_after = duration("routing.trying_after", &r.trying_after)?;
+        let failover_timeout = duration("routing.failover_timeout", &r.failover_timeout)?;
+        let last_attempt_timeout =
+            duration("routing.last_attempt_timeout", &r.last_attempt_timeout)?;
+        if last_attempt_timeout < failover_timeout {
+            return err(
+                "routing.last_attempt_timeout",
+                "at least routing.failover_timeout (equal: no wait past it)",
+            );
+        }
         if trying_after > Duration::from_millis(200) {
             return err(
                 "routing.trying_after",
@@ -1053,7 +1068,8 @@ impl Config {
                 "routing.session_idle_timeout",
                 &r.session_idle_timeout,
             )?,
-            failover_timeout: duration("routing.failover_timeout", &r.failover_timeout)?,
+            failover_timeout,
+            last_attempt_timeout,
             invite_timeout,
             trying_after,
             max_attempts: r.max_attempts,

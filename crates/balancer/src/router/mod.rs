@@ -36,6 +36,7 @@ mod build;
 mod fork;
 mod health;
 mod peer;
+mod refusals;
 mod request;
 mod response;
 mod txn;
@@ -247,6 +248,9 @@ pub struct Router {
     /// progress, and the completed ones whose end is due (never the whole
     /// table, which holds every call of the last 64 × T1).
     sweep: Mutex<txn::Sweep>,
+    /// New-session requests refused without a transaction, for 64 × T1:
+    /// their copies are refused again.
+    refusals: refusals::Refusals,
     forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
     /// The balancer clock's zero (every `_ms` value counts from it).
     epoch: Instant,
@@ -325,6 +329,7 @@ impl Router {
             me,
             txns: papaya::HashMap::new(),
             sweep: Mutex::new(txn::Sweep::default()),
+            refusals: refusals::Refusals::default(),
             forks: papaya::HashMap::new(),
             epoch,
             stopping: AtomicBool::new(false),
@@ -943,6 +948,13 @@ impl Router {
             Input::NoData => s.cfg.agent.is_none(),
             Input::Down | Input::Drained => false,
         }
+    }
+
+    /// Whether a health signal says `s` is down now (agent, probe,
+    /// ejection, its own overload): not drained, which keeps its calls.
+    fn known_down(&self, cfg: &Config, s: &Server, now: Now) -> bool {
+        let table = self.table.load();
+        health::input_of(&table, s, now.at, self.ms(now), cfg) == Input::Down
     }
 
     /// Answers a request ourselves (RFC 3261 §8.2.6) to `dest`.

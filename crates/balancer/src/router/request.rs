@@ -559,14 +559,28 @@ impl Router {
         let s = self.select(cfg, pool, &[], now, rng);
         if s.is_none() {
             debug!(call_id = %String::from_utf8_lossy(msg.call_id()), method = %msg.method(), "no server available");
-            if cfg.on_no_server == OnNoServer::Drop {
-                self.drop_counted(DropReason::NoServer, out);
-            } else {
-                let ra = format!("Retry-After: {}", self.retry_after(cfg, pool, now));
-                self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
-            }
+            self.refuse_new_session(cfg, msg, pool, now, out, back);
         }
         s
+    }
+
+    /// No server for a new session: our 503, or a counted drop
+    /// (`routing.on_no_server`).
+    fn refuse_new_session(
+        &self,
+        cfg: &Config,
+        msg: &Message<'_>,
+        pool: &Pool,
+        now: Now,
+        out: &mut Outbox,
+        back: Dest,
+    ) {
+        if cfg.on_no_server == OnNoServer::Drop {
+            self.drop_counted(DropReason::NoServer, out);
+        } else {
+            let ra = format!("Retry-After: {}", self.retry_after(cfg, pool, now));
+            self.reply(msg, 503, "Service Unavailable", &[ra.as_bytes()], back, out);
+        }
     }
 
     /// Seconds in the `Retry-After` of our 503 when no server may take a
@@ -606,6 +620,11 @@ impl Router {
         }
         let ms = self.ms(now);
         let back = origin.reply_dest();
+        if self.refusals.refused(id, ms) {
+            // A copy of a request refused a moment ago: refused again, even
+            // if a server could take it now (its UA was told it failed).
+            return self.refuse_new_session(cfg, msg, pool, now, out, back);
+        }
         if !self.room_for_transaction(cfg, msg, back.clone(), out) {
             return;
         }
@@ -619,6 +638,7 @@ impl Router {
         let Some(server) =
             self.new_session_server(cfg, msg, pool, prefer, now, rng, out, back.clone())
         else {
+            self.refusals.note(id, ms);
             return;
         };
         let method = msg.method();

@@ -100,6 +100,7 @@ impl Router {
                     selected_total: s.stats.selected.load(Ordering::Relaxed),
                     forwarded_total: s.stats.forwarded.load(Ordering::Relaxed),
                     failovers_total: s.stats.failovers.load(Ordering::Relaxed),
+                    last_waits_total: s.stats.last_waits.load(Ordering::Relaxed),
                     probe_state: match (s.cfg.probe, s.stats.probe_down.load(Ordering::Relaxed)) {
                         (None, _) => "off",
                         (Some(_), false) => "up",
@@ -203,6 +204,10 @@ pub struct ServerView {
     pub forwarded_total: u64,
     /// New sessions moved elsewhere after this server failed them (no answer or a failover status).
     pub failovers_total: u64,
+    /// New INVITEs it left unanswered past `failover_timeout` while no
+    /// other server could take them: kept waiting for it
+    /// (`routing.last_attempt_timeout`) instead of answered 503.
+    pub last_waits_total: u64,
     /// OPTIONS probing: `off`, `up` or `down`.
     pub probe_state: String,
     /// Which signals say the server is down, when one does: `agent`,

@@ -99,6 +99,10 @@ pub(super) struct Try {
     counted: bool,
     /// It answered (anything, 100 included).
     answered: bool,
+    /// It passed `failover_timeout` unanswered: its failure is recorded
+    /// (a late answer is not a success), and it may wait on as the last
+    /// server (`last_attempt_timeout`).
+    late: bool,
     /// It answered provisionally (a CANCEL may go to it).
     provisional: bool,
     /// It sent a final response.
@@ -396,6 +400,7 @@ impl Router {
             transport: server.cfg.transport,
             counted: true,
             answered: false,
+            late: false,
             provisional: false,
             final_seen: false,
             cancel_sent: false,
@@ -569,6 +574,7 @@ impl Router {
             self.note_overload(cfg, s, msg, now);
         }
         if first_answer
+            && !t.tries[i].late
             && !(code >= 200 && fails_over_on(cfg, t.invite, code))
             && let Some(s) = &server
         {
@@ -655,6 +661,44 @@ impl Router {
         rng: &mut dyn RngCore,
         out: &mut Outbox,
     ) {
+        let next = self.next_server(cfg, t, now, rng);
+        self.move_on(cfg, t, id, next, why, now, out);
+    }
+
+    /// The server a failover of `t` would go to, drawn by the policy among
+    /// those not tried; none when the UA cancelled, the attempts are used
+    /// up or the balancer is stopping.
+    fn next_server(
+        &self,
+        cfg: &Config,
+        t: &ClientTxn,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Option<Arc<Server>> {
+        if t.cancelled
+            || t.tries.len() >= usize::from(cfg.max_attempts)
+            || self.stopping.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        let pool = self.pool.load();
+        let tried: SmallVec<[Arc<str>; 4]> = t.tries.iter().map(|x| x.server.clone()).collect();
+        self.select(cfg, &pool, &tried, now, rng)
+    }
+
+    /// Sends `t` to `next`, or with none answers the UA: 487 if it
+    /// cancelled, else the best failure so far or 503.
+    #[allow(clippy::too_many_arguments)]
+    fn move_on(
+        &self,
+        cfg: &Config,
+        t: &mut ClientTxn,
+        id: u64,
+        next: Option<Arc<Server>>,
+        why: &str,
+        now: Now,
+        out: &mut Outbox,
+    ) {
         if t.cancelled {
             return self.final_from_request(t, id, 487, "Request Terminated", &[], now, out);
         }
@@ -666,15 +710,6 @@ impl Router {
                 )
             })
             .unwrap_or_default();
-        let pool = self.pool.load();
-        let tried: SmallVec<[Arc<str>; 4]> = t.tries.iter().map(|x| x.server.clone()).collect();
-        let next = if t.tries.len() < usize::from(cfg.max_attempts)
-            && !self.stopping.load(Ordering::Relaxed)
-        {
-            self.select(cfg, &pool, &tried, now, rng)
-        } else {
-            None
-        };
         match next {
             Some(s) => {
                 info!(call_id = %String::from_utf8_lossy(&call_id), server = %s.id, method, attempt = t.tries.len(), why, "failover");

@@ -6,7 +6,18 @@
 use super::*;
 
 impl Router {
-    /// `failover_timeout` of attempt `attempt`.
+    /// `failover_timeout` of attempt `attempt` (and, for an attempt that
+    /// waits on as the last server, each look again after it).
+    ///
+    /// An attempt unanswered within `failover_timeout` counts as its
+    /// server's failure (outlier detection, claim 9) once, and the request
+    /// goes to the next server the policy draws. With none to take it (one
+    /// server, the others down or tried, `max_attempts` used) giving up
+    /// would lose a call the server may still answer (a queue, a slow
+    /// database): it waits on, looking again every `failover_timeout` (a
+    /// server that comes up takes it then), until `last_attempt_timeout`
+    /// after it was sent or a health signal says its server is down (agent,
+    /// probe, ejection, its own overload; a drain keeps its calls); then 503.
     pub(in crate::router) fn failover_timer(
         &self,
         id: u64,
@@ -27,15 +38,44 @@ impl Router {
             return;
         }
         let cfg = self.cfg.load();
-        t.release(i);
-        if !t.cancelled {
-            let pool = self.pool.load();
-            if let Some(s) = pool.by_id(&t.tries[i].server) {
-                s.stats.failovers.fetch_add(1, Ordering::Relaxed);
-                self.record_outcome(&cfg, &pool, s, false, now);
-            }
+        let pool = self.pool.load();
+        let server = pool.by_id(&t.tries[i].server).cloned();
+        let first_miss = !std::mem::replace(&mut t.tries[i].late, true);
+        if first_miss
+            && !t.cancelled
+            && let Some(s) = &server
+        {
+            self.record_outcome(&cfg, &pool, s, false, now);
         }
-        self.next_attempt(&cfg, &mut t, id, "no response", now, rng, out);
+        let next = self.next_server(&cfg, &t, now, rng);
+        let deadline = t.tries[i].sent + cfg.last_attempt_timeout;
+        if next.is_none()
+            && !t.cancelled
+            && now.at < deadline
+            && let Some(s) = &server
+            && !self.known_down(&cfg, s, now)
+        {
+            if first_miss {
+                s.stats.last_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            out.arm(
+                (now.at + cfg.failover_timeout).min(deadline),
+                TimerKey::Failover { txn: id, attempt },
+            );
+            return;
+        }
+        t.release(i);
+        if !t.cancelled
+            && let Some(s) = &server
+        {
+            s.stats.failovers.fetch_add(1, Ordering::Relaxed);
+        }
+        let why = if first_miss {
+            "no response"
+        } else {
+            "no response from the last server"
+        };
+        self.move_on(&cfg, &mut t, id, next, why, now, out);
     }
 
     /// Retransmits our final response (Timer G), until the ACK or Timer H.
@@ -171,6 +211,7 @@ impl Router {
             if t.phase == Phase::Trying
                 && let Some(x) = t.tries.last()
                 && !x.answered
+                && !x.late
                 && let Some(s) = pool.by_id(&x.server)
             {
                 self.record_outcome(&cfg, &pool, s, false, now);
