@@ -243,7 +243,7 @@ pub struct Router {
     pub stats: Stats,
     keys: Keys,
     me: Me,
-    txns: papaya::HashMap<u64, Arc<Mutex<ClientTxn>>>,
+    txns: papaya::HashMap<u64, Arc<Mutex<ClientTxn>>, crate::codec::IdHash>,
     /// Which transactions the once-a-second round looks at: the ones in
     /// progress, and the completed ones whose end is due (never the whole
     /// table, which holds every call of the last 64 × T1).
@@ -251,7 +251,7 @@ pub struct Router {
     /// New-session requests refused without a transaction, for 64 × T1:
     /// their copies are refused again.
     refusals: refusals::Refusals,
-    forks: papaya::HashMap<u64, Arc<Mutex<Fork>>>,
+    forks: papaya::HashMap<u64, Arc<Mutex<Fork>>, crate::codec::IdHash>,
     /// The balancer clock's zero (every `_ms` value counts from it).
     epoch: Instant,
     /// Set by a graceful stop: new sessions are refused.
@@ -276,7 +276,7 @@ pub struct Router {
     peers: Box<[peer::Peer]>,
     /// Requests forwarded to a peer, waiting for its first answer, by our
     /// transaction id.
-    peer_fwds: papaya::HashMap<u64, peer::Pending>,
+    peer_fwds: papaya::HashMap<u64, peer::Pending, crate::codec::IdHash>,
 }
 
 /// One name followed in DNS, as the core keeps it.
@@ -327,10 +327,10 @@ impl Router {
             pool: ArcSwap::from_pointee(pool),
             keys,
             me,
-            txns: papaya::HashMap::new(),
+            txns: papaya::HashMap::with_hasher(crate::codec::IdHash),
             sweep: Mutex::new(txn::Sweep::default()),
             refusals: refusals::Refusals::default(),
-            forks: papaya::HashMap::new(),
+            forks: papaya::HashMap::with_hasher(crate::codec::IdHash),
             epoch,
             stopping: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -346,7 +346,7 @@ impl Router {
                 .copied()
                 .map(peer::Peer::new)
                 .collect(),
-            peer_fwds: papaya::HashMap::new(),
+            peer_fwds: papaya::HashMap::with_hasher(crate::codec::IdHash),
             cfg: ArcSwap::from_pointee(cfg),
         })
     }
