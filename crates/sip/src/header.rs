@@ -162,43 +162,64 @@ impl HeaderName {
             };
         }
         // Dispatch on the length, then compare the name as (at most) two
-        // overlapping words with each lower-case literal of that length.
+        // overlapping words with each lower-case literal of that length
+        // (`const` blocks: the literals' words are computed at compile time).
         let candidates: &[Lit] = match name.len() {
-            2 => &[lit(b"to", To)],
-            3 => &[lit(b"via", Via)],
-            4 => &[lit(b"from", From), lit(b"cseq", CSeq), lit(b"path", Path)],
-            5 => &[lit(b"route", Route), lit(b"event", Event)],
-            7 => &[
-                lit(b"call-id", CallId),
-                lit(b"contact", Contact),
-                lit(b"require", Require),
-                lit(b"subject", Subject),
-                lit(b"expires", Expires),
-            ],
-            8 => &[lit(b"refer-to", ReferTo), lit(b"identity", Identity)],
-            9 => &[lit(b"supported", Supported)],
-            11 => &[
-                lit(b"referred-by", ReferredBy),
-                lit(b"retry-after", RetryAfter),
-            ],
-            12 => &[
-                lit(b"max-forwards", MaxForwards),
-                lit(b"content-type", ContentType),
-                lit(b"record-route", RecordRoute),
-                lit(b"allow-events", AllowEvents),
-            ],
-            13 => &[
-                lit(b"proxy-require", ProxyRequire),
-                lit(b"identity-info", IdentityInfo),
-                lit(b"authorization", Authorization),
-            ],
-            14 => &[
-                lit(b"content-length", ContentLength),
-                lit(b"accept-contact", AcceptContact),
-                lit(b"reject-contact", RejectContact),
-            ],
-            15 => &[lit(b"session-expires", SessionExpires)],
-            16 => &[lit(b"content-encoding", ContentEncoding)],
+            2 => const { &[lit(b"to", To)] },
+            3 => const { &[lit(b"via", Via)] },
+            4 => const { &[lit(b"from", From), lit(b"cseq", CSeq), lit(b"path", Path)] },
+            5 => const { &[lit(b"route", Route), lit(b"event", Event)] },
+            7 => {
+                const {
+                    &[
+                        lit(b"call-id", CallId),
+                        lit(b"contact", Contact),
+                        lit(b"require", Require),
+                        lit(b"subject", Subject),
+                        lit(b"expires", Expires),
+                    ]
+                }
+            }
+            8 => const { &[lit(b"refer-to", ReferTo), lit(b"identity", Identity)] },
+            9 => const { &[lit(b"supported", Supported)] },
+            11 => {
+                const {
+                    &[
+                        lit(b"referred-by", ReferredBy),
+                        lit(b"retry-after", RetryAfter),
+                    ]
+                }
+            }
+            12 => {
+                const {
+                    &[
+                        lit(b"max-forwards", MaxForwards),
+                        lit(b"content-type", ContentType),
+                        lit(b"record-route", RecordRoute),
+                        lit(b"allow-events", AllowEvents),
+                    ]
+                }
+            }
+            13 => {
+                const {
+                    &[
+                        lit(b"proxy-require", ProxyRequire),
+                        lit(b"identity-info", IdentityInfo),
+                        lit(b"authorization", Authorization),
+                    ]
+                }
+            }
+            14 => {
+                const {
+                    &[
+                        lit(b"content-length", ContentLength),
+                        lit(b"accept-contact", AcceptContact),
+                        lit(b"reject-contact", RejectContact),
+                    ]
+                }
+            }
+            15 => const { &[lit(b"session-expires", SessionExpires)] },
+            16 => const { &[lit(b"content-encoding", ContentEncoding)] },
             19 => {
                 // Longer than two words: byte by byte (rare headers).
                 return [
