@@ -30,15 +30,25 @@ const WORD: [bool; 256] = {
     t
 };
 
-/// Unquoted parameter value characters: token, plus `:`, `[`, `]` for IPv6
-/// (`received=2001:db8::1`, `maddr=[::1]`).
-const PARAM_VALUE: [bool; 256] = {
-    let mut t = TOKEN;
-    t[b':' as usize] = true;
-    t[b'[' as usize] = true;
-    t[b']' as usize] = true;
+/// Unquoted parameter value characters: token ([`VALUE_TOKEN`]), plus `:`,
+/// `[`, `]` for IPv6 (`received=2001:db8::1`, `maddr=[::1]`:
+/// [`VALUE_IPV6`]); 0 ends the value.
+const PARAM_VALUE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        if TOKEN[c] {
+            t[c] = VALUE_TOKEN;
+        }
+        c += 1;
+    }
+    t[b':' as usize] = VALUE_IPV6;
+    t[b'[' as usize] = VALUE_IPV6;
+    t[b']' as usize] = VALUE_IPV6;
     t
 };
+const VALUE_TOKEN: u8 = 1;
+const VALUE_IPV6: u8 = 2;
 
 #[inline]
 pub(crate) fn is_token(b: u8) -> bool {
@@ -233,6 +243,7 @@ pub(crate) fn parse_params(
         i += n;
         let j = skip_ws(s, i);
         let mut value = None;
+        let mut token = false;
         if j < s.len() && s[j] == b'=' {
             let k = skip_ws(s, j + 1);
             if k < s.len() && s[k] == b'"' {
@@ -240,21 +251,30 @@ pub(crate) fn parse_params(
                 value = Some((k, e));
                 i = e;
             } else {
-                let m = s[k.min(s.len())..]
-                    .iter()
-                    .take_while(|&&b| PARAM_VALUE[b as usize])
-                    .count();
-                if m == 0 {
+                // One pass: the value's extent, and whether it is all
+                // token characters (the classes seen, ORed).
+                let (mut m, mut seen) = (k, 0);
+                while let Some(&b) = s.get(m) {
+                    let class = PARAM_VALUE[b as usize];
+                    if class == 0 {
+                        break;
+                    }
+                    seen |= class;
+                    m += 1;
+                }
+                if m == k {
                     return Err("empty parameter value");
                 }
-                value = Some((k, k + m));
-                i = k + m;
+                value = Some((k, m));
+                token = seen == VALUE_TOKEN;
+                i = m;
             }
         }
         f(Param {
             whole: (param_start, i),
             name,
             value,
+            token,
         });
     }
 }
@@ -266,6 +286,9 @@ pub(crate) struct Param {
     pub(crate) whole: (usize, usize),
     pub(crate) name: (usize, usize),
     pub(crate) value: Option<(usize, usize)>,
+    /// Whether the value is unquoted and all token characters (no `:`,
+    /// `[`, `]`).
+    pub(crate) token: bool,
 }
 
 #[cfg(test)]

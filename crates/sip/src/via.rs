@@ -57,26 +57,16 @@ impl<'a> Via<'a> {
     pub(crate) fn parse_prefix(s: &'a [u8]) -> Result<(Via<'a>, usize), ViaError> {
         // sent-protocol = protocol-name SLASH protocol-version SLASH transport,
         // with LWS allowed around each slash (RFC 4475 wsinv).
-        let mut i = skip_ws(s, 0);
-        let name_len = token_len(s, i);
-        if name_len == 0 {
-            return Err(ViaError::Syntax("missing protocol"));
-        }
-        let name = &s[i..i + name_len];
-        i = expect_slash(s, i + name_len)?;
-        let ver_len = token_len(s, i);
-        let version = &s[i..i + ver_len];
-        i = expect_slash(s, i + ver_len)?;
-        if !name.eq_ignore_ascii_case(b"SIP") {
-            return Err(ViaError::Syntax("protocol is not SIP"));
-        }
-        if version != b"2.0" {
-            return Err(if version.is_empty() {
-                ViaError::Syntax("missing protocol version")
-            } else {
-                ViaError::Version
-            });
-        }
+        let i = match s.get(..8) {
+            // As nearly everyone writes it.
+            Some(p) if p[..4].eq_ignore_ascii_case(b"SIP/") && &p[4..] == b"2.0/" => skip_ws(s, 8),
+            _ => sent_protocol(s)?,
+        };
+        Self::parse_after_protocol(s, i)
+    }
+
+    /// The rest of [`Via::parse_prefix`], from the transport at `i`.
+    fn parse_after_protocol(s: &'a [u8], mut i: usize) -> Result<(Via<'a>, usize), ViaError> {
         let t_len = token_len(s, i);
         if t_len == 0 {
             return Err(ViaError::Syntax("missing transport"));
@@ -118,12 +108,8 @@ impl<'a> Via<'a> {
             let is = |n: &[u8]| name.len() == n.len() && name.eq_ignore_ascii_case(n);
             match name.len() {
                 6 if is(b"branch") => match value {
-                    // Unquoted values are token characters plus ':' '[' ']'.
-                    Some(v)
-                        if v[0] != b'"' && !v.iter().any(|b| matches!(b, b':' | b'[' | b']')) =>
-                    {
-                        via.branch = Some(v);
-                    }
+                    // A token: not quoted, no ':' '[' ']'.
+                    Some(v) if p.token => via.branch = Some(v),
                     _ => bad = Some("invalid branch"),
                 },
                 8 if is(b"received") => {
@@ -172,6 +158,31 @@ impl<'a> Via<'a> {
     }
 }
 
+/// `SIP / 2.0 /` with any LWS around the slashes: where the transport starts.
+fn sent_protocol(s: &[u8]) -> Result<usize, ViaError> {
+    let mut i = skip_ws(s, 0);
+    let name_len = token_len(s, i);
+    if name_len == 0 {
+        return Err(ViaError::Syntax("missing protocol"));
+    }
+    let name = &s[i..i + name_len];
+    i = expect_slash(s, i + name_len)?;
+    let ver_len = token_len(s, i);
+    let version = &s[i..i + ver_len];
+    i = expect_slash(s, i + ver_len)?;
+    if !name.eq_ignore_ascii_case(b"SIP") {
+        return Err(ViaError::Syntax("protocol is not SIP"));
+    }
+    if version != b"2.0" {
+        return Err(if version.is_empty() {
+            ViaError::Syntax("missing protocol version")
+        } else {
+            ViaError::Version
+        });
+    }
+    Ok(i)
+}
+
 fn expect_slash(s: &[u8], i: usize) -> Result<usize, ViaError> {
     let j = skip_ws(s, i);
     if s.get(j) != Some(&b'/') {
@@ -183,6 +194,7 @@ fn expect_slash(s: &[u8], i: usize) -> Result<usize, ViaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn folded_and_spaced() {
@@ -209,6 +221,57 @@ mod tests {
         assert_eq!(v.maddr, None);
         let (a, b) = v.rport_at.unwrap();
         assert_eq!(&v.raw[a..b], b";rport");
+    }
+
+    /// Via-like bytes: a sent-protocol as written in the wild or nearly,
+    /// then sent-by and parameters from a small alphabet.
+    fn via_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let protocol = prop::sample::select(vec![
+            &b"SIP/2.0/"[..],
+            b"sip/2.0/",
+            b"SiP/2.0/ ",
+            b"SIP /2.0/",
+            b"SIP/ 2.0 /",
+            b"SIP/2.0",
+            b"SIP/2.1/",
+            b"SIP/2.0x/",
+            b"SIPS/2.0/",
+            b" SIP/2.0/",
+            b"SIP/2.",
+            b"",
+        ]);
+        let tail = prop::collection::vec(
+            prop::sample::select(
+                b"UDPTCPws 127.0.0.1:5060;branch=z9hG4bK-\"rport,received:[]x\r\n\t".to_vec(),
+            ),
+            0..48,
+        );
+        (protocol, tail).prop_map(|(p, t)| [p, &t[..]].concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        /// The `SIP/2.0/` shortcut gives what the general sent-protocol
+        /// grammar gives, on every input.
+        #[test]
+        fn the_common_prefix_agrees_with_the_grammar(s in via_bytes()) {
+            let general = sent_protocol(&s).and_then(|i| Via::parse_after_protocol(&s, i));
+            prop_assert_eq!(Via::parse_prefix(&s), general);
+        }
+
+        /// A branch is taken when it is an unquoted token: no ':', '[' or ']'.
+        #[test]
+        fn a_branch_is_an_unquoted_token(v in prop::collection::vec(
+            prop::sample::select(b"z9hG4bK-.:[]\"x%~".to_vec()), 1..12)
+        ) {
+            let s = [&b"SIP/2.0/UDP h;branch="[..], &v].concat();
+            let token = v.iter().all(|&b| crate::scan::is_token(b));
+            match Via::parse(&s) {
+                Ok(via) => prop_assert_eq!(via.branch, token.then_some(&v[..])),
+                Err(_) => prop_assert!(!token),
+            }
+        }
     }
 
     #[test]
