@@ -1,13 +1,25 @@
 //! Any datagram: parsing and validation never panic, and a message that
 //! parses survives the forwarding edits and parses again with the edits seen
-//! and its Call-ID, CSeq and body unchanged.
+//! and its Call-ID, CSeq and body unchanged; parsing with our own Vias
+//! known gives what parsing without them gives.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sip::{Edits, MaxForwards, Message, Received};
+use sip::{Edits, MaxForwards, Message, OwnVias, Received, Transport};
+
+static OWN: std::sync::LazyLock<OwnVias> = std::sync::LazyLock::new(|| {
+    OwnVias::new(["SIP/2.0/UDP 127.0.0.1:5060;branch=", "SIP/2.0/TCP lb.example.com;branch="])
+        .expect("own Vias")
+});
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(m) = Message::parse(data) else {
+    let parsed = Message::parse(data);
+    match (&parsed, &Message::parse_known(data, Transport::Datagram, &OWN)) {
+        (Ok(a), Ok(b)) => assert_eq!(a.top_via(), b.top_via()),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+        (a, b) => panic!("parse {:?} but parse_known {:?}", a.is_ok(), b.is_ok()),
+    }
+    let Ok(m) = parsed else {
         return;
     };
     let valid = m.validate().is_ok();

@@ -52,4 +52,4 @@ pub use framing::{DEFAULT_MAX_SIZE, Frame, Framer};
 pub use header::HeaderName;
 pub use message::{CSeq, Header, Message, Method, StartLine, Transport};
 pub use uri::{Host, Scheme, Uri, unescape};
-pub use via::Via;
+pub use via::{OwnVias, Via};

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::header::HeaderName;
 use crate::scan::{CommaSplit, is_token, is_word, parse_u32, skip_ws, token_len};
 use crate::uri::Uri;
-use crate::via::{Via, ViaError};
+use crate::via::{OwnVias, Via, ViaError};
 
 /// How the message arrived, which decides how its body is framed (RFC 3261 §18.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +217,17 @@ impl<'a> Message<'a> {
     /// # Errors
     /// An [`Error`] naming what is wrong and where.
     pub fn parse_as(buf: &'a [u8], transport: Transport) -> Result<Message<'a>> {
+        const NONE: OwnVias = OwnVias::none();
+        Self::parse_known(buf, transport, &NONE)
+    }
+
+    /// Parses as [`Message::parse_as`] does, with the same result, reading a
+    /// top Via that is one of `own` (ours, on a response) from what is known
+    /// of it rather than parsing all of it.
+    ///
+    /// # Errors
+    /// An [`Error`] naming what is wrong and where.
+    pub fn parse_known(buf: &'a [u8], transport: Transport, own: &OwnVias) -> Result<Message<'a>> {
         let mut pos = 0;
         while pos < buf.len() && matches!(buf[pos], b'\r' | b'\n') {
             pos += 1;
@@ -370,7 +381,12 @@ impl<'a> Message<'a> {
         let call_id_bytes = value(call_id);
         let vh = headers[first_via];
         let vv = &buf[vh.value_at.0 as usize..vh.value_at.1 as usize];
-        let (top_via, _) = Via::parse_prefix(vv).map_err(|e| via_err(&vh, e))?;
+        // Our own Via is on top of the responses we are sent, not of requests.
+        let (top_via, _) = match start {
+            StartLine::Response { .. } => Via::parse_prefix_known(vv, own),
+            StartLine::Request { .. } => Via::parse_prefix(vv),
+        }
+        .map_err(|e| via_err(&vh, e))?;
         let top_via_at = vh.value_at.0;
 
         Ok(Message {

@@ -89,7 +89,7 @@ impl<'a> Via<'a> {
             port = Some(v as u16);
             i = p + len;
         }
-        let mut via = Via {
+        let via = Via {
             raw: s,
             transport,
             host,
@@ -101,6 +101,56 @@ impl<'a> Via<'a> {
             rport_at: None,
             received_at: None,
         };
+        Self::parse_params_from(s, via, i)
+    }
+
+    /// Parses one of `own`'s Vias, or any other, as [`Via::parse_prefix`]
+    /// does: a value that begins with one of them byte for byte and goes on
+    /// with a token branch is read from the template, the rest of its
+    /// parameters parsed as usual.
+    pub(crate) fn parse_prefix_known(
+        s: &'a [u8],
+        own: &OwnVias,
+    ) -> Result<(Via<'a>, usize), ViaError> {
+        for o in &own.0 {
+            if let Some(rest) = s.strip_prefix(&*o.prefix) {
+                let start = o.prefix.len();
+                let end = start + token_len(rest, 0);
+                // Anything else (an empty, quoted or IPv6-like value) takes
+                // the general path, which says what is wrong with it.
+                let plain = end > start
+                    && s.get(end)
+                        .is_none_or(|&b| !matches!(b, b':' | b'[' | b']' | b'"'));
+                if plain {
+                    let via = Via {
+                        raw: s,
+                        transport: &s[o.transport.0..o.transport.1],
+                        host: match o.host {
+                            OwnHost::Ip(h) => h,
+                            OwnHost::Name(a, b) => Host::Name(&s[a..b]),
+                        },
+                        port: o.port,
+                        branch: Some(&s[start..end]),
+                        received: None,
+                        rport: None,
+                        maddr: None,
+                        rport_at: None,
+                        received_at: None,
+                    };
+                    return Self::parse_params_from(s, via, end);
+                }
+                break;
+            }
+        }
+        Self::parse_prefix(s)
+    }
+
+    /// The parameters from `i` on, and the end of the value.
+    fn parse_params_from(
+        s: &'a [u8],
+        mut via: Via<'a>,
+        i: usize,
+    ) -> Result<(Via<'a>, usize), ViaError> {
         let mut bad = None;
         let end = parse_params(s, i, |p| {
             let name = &s[p.name.0..p.name.1];
@@ -181,6 +231,92 @@ fn sent_protocol(s: &[u8]) -> Result<usize, ViaError> {
         });
     }
     Ok(i)
+}
+
+/// The Via values a proxy writes itself, up to and including `;branch=`
+/// (RFC 3261 §16.6 step 8): the top Via of every response it is sent.
+/// [`crate::Message::parse_known`] reads such a Via from what is known of
+/// it instead of parsing that part again.
+#[derive(Debug, Clone, Default)]
+pub struct OwnVias(Vec<OwnVia>);
+
+#[derive(Debug, Clone)]
+struct OwnVia {
+    prefix: Box<[u8]>,
+    transport: (usize, usize),
+    host: OwnHost,
+    port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum OwnHost {
+    Ip(Host<'static>),
+    Name(usize, usize),
+}
+
+impl OwnVias {
+    /// How many there are.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// No own Vias: every Via parsed in full.
+    #[must_use]
+    pub const fn none() -> OwnVias {
+        OwnVias(Vec::new())
+    }
+
+    /// The Vias written as `prefixes`, each a Via value up to its branch
+    /// (`SIP/2.0/UDP 192.0.2.1:5060;branch=`).
+    ///
+    /// # Errors
+    /// A prefix that is not a Via value ending in `;branch=`, followed by
+    /// nothing else: the reason, naming what is wrong.
+    pub fn new<B: AsRef<[u8]>>(
+        prefixes: impl IntoIterator<Item = B>,
+    ) -> Result<OwnVias, &'static str> {
+        let mut own = Vec::new();
+        for p in prefixes {
+            let prefix = p.as_ref();
+            if !prefix.ends_with(b";branch=") {
+                return Err("an own Via must end in ;branch=");
+            }
+            let probe = [prefix, b"x"].concat();
+            let via = Via::parse(&probe).map_err(|_| "an own Via must parse as a Via")?;
+            if via.branch != Some(&b"x"[..])
+                || via.received.is_some()
+                || via.rport.is_some()
+                || via.maddr.is_some()
+            {
+                return Err("an own Via must have no parameter before its branch");
+            }
+            let at = |part: &[u8]| {
+                let a = part.as_ptr() as usize - probe.as_ptr() as usize;
+                (a, a + part.len())
+            };
+            own.push(OwnVia {
+                prefix: prefix.into(),
+                transport: at(via.transport),
+                host: match via.host {
+                    Host::Name(n) => {
+                        let (a, b) = at(n);
+                        OwnHost::Name(a, b)
+                    }
+                    Host::V4(a) => OwnHost::Ip(Host::V4(a)),
+                    Host::V6(a) => OwnHost::Ip(Host::V6(a)),
+                },
+                port: via.port,
+            });
+        }
+        Ok(OwnVias(own))
+    }
 }
 
 fn expect_slash(s: &[u8], i: usize) -> Result<usize, ViaError> {
@@ -271,6 +407,83 @@ mod tests {
                 Ok(via) => prop_assert_eq!(via.branch, token.then_some(&v[..])),
                 Err(_) => prop_assert!(!token),
             }
+        }
+    }
+
+    const OWN: [&[u8]; 3] = [
+        b"SIP/2.0/UDP 127.0.0.1:5360;branch=",
+        b"SIP/2.0/TCP lb.example.com;branch=",
+        b"SIP/2.0/WSS [2001:db8::1]:443;branch=",
+    ];
+
+    /// One of [`OWN`], perhaps cut short or with one byte changed, then
+    /// pieces of parameters, values and separators.
+    fn after_own() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop::sample::select(vec![
+            &b"z9hG4bK"[..],
+            b"0f3a",
+            b"-",
+            b";",
+            b"=",
+            b"rport",
+            b"received",
+            b"branch",
+            b"maddr",
+            b"192.0.2.1",
+            b"5060",
+            b":",
+            b"[",
+            b"]",
+            b"\"",
+            b",",
+            b" ",
+            b"\r\n ",
+            b"<",
+        ]);
+        (
+            prop::sample::select(OWN.to_vec()),
+            0usize..40,
+            prop::option::of((0usize..40, any::<u8>())),
+            prop::collection::vec(piece, 0..10),
+        )
+            .prop_map(|(own, cut, change, tail)| {
+                let mut v = own[..own.len() - cut.min(own.len()) * usize::from(cut < 4)].to_vec();
+                if let Some((i, b)) = change
+                    && i < v.len()
+                {
+                    v[i] = b;
+                }
+                v.extend(tail.concat());
+                v
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 8192, ..ProptestConfig::default() })]
+
+        /// An own Via read from its template gives what parsing it gives.
+        #[test]
+        fn an_own_via_reads_as_it_parses(s in after_own()) {
+            let own = OwnVias::new(OWN).unwrap();
+            prop_assert_eq!(Via::parse_prefix_known(&s, &own), Via::parse_prefix(&s));
+        }
+    }
+
+    #[test]
+    fn own_vias_are_checked() {
+        assert!(OwnVias::new(OWN).is_ok());
+        for bad in [
+            &b"SIP/2.0/UDP 127.0.0.1:5360;branch"[..],
+            b"SIP/2.0/UDP 127.0.0.1:5360;rport;branch=",
+            b"SIP/2.0/UDP 127.0.0.1:5360 junk;branch=",
+            b"SIP/2.0/UDP ;branch=",
+            b"SIP/3.0/UDP h;branch=",
+        ] {
+            assert!(
+                OwnVias::new([bad]).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -105,6 +105,9 @@ struct Me {
     other_ports: SmallVec<[u16; 3]>,
     /// Per transport ([`Me::index`]): `SIP/2.0/UDP host:port;branch=`.
     vias: [String; 5],
+    /// The same, for reading our Via on top of a response from what we
+    /// know of it.
+    own_vias: sip::OwnVias,
     /// `<sip:host:port[;transport=tcp];lr;sb=` (UDP without the parameter,
     /// as it always was), naming the pool.
     rrs: [String; 5],
@@ -157,6 +160,10 @@ impl Me {
             Transport::Wss => ";transport=ws".to_owned(),
             t => format!(";transport={}", t.via_name().to_ascii_lowercase()),
         };
+        let vias = TRANSPORTS.map(|t| format!("SIP/2.0/{} {};branch=", t.via_name(), hostport(t)));
+        // Config validation makes every one a Via; were one not, responses
+        // would only be parsed in full.
+        let own_vias = sip::OwnVias::new(&vias).unwrap_or_default();
         Me {
             host: cfg.advertise_host.clone(),
             ip: cfg.advertise_host.trim_matches(['[', ']']).parse().ok(),
@@ -170,7 +177,8 @@ impl Me {
                 .filter(|t| cfg.transports.contains(t))
                 .map(port_of)
                 .collect(),
-            vias: TRANSPORTS.map(|t| format!("SIP/2.0/{} {};branch=", t.via_name(), hostport(t))),
+            vias,
+            own_vias,
             rrs: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", pool_hostport(t), param(t))),
             paths: TRANSPORTS.map(|t| format!("<sip:{}{};lr;ob;flow=", pool_hostport(t), param(t))),
             rrs_here: TRANSPORTS.map(|t| format!("<sip:{}{};lr;sb=", hostport(t), param(t))),
@@ -727,7 +735,7 @@ impl Router {
             }
             Origin::Conn { .. } => SipTransport::Stream,
         };
-        let msg = match Message::parse_as(data, transport) {
+        let msg = match Message::parse_known(data, transport, &self.me.own_vias) {
             Ok(m) => m,
             Err(sip::Error::Empty) => return,
             Err(e) => {
@@ -1090,4 +1098,34 @@ fn hex8(n: u32) -> [u8; 8] {
         *o = b"0123456789abcdef"[((n >> (28 - 4 * i)) & 0xf) as usize];
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our Via of every transport is known to the parser, whatever the
+    /// advertised host is written as (else responses are parsed in full:
+    /// correct, only slower).
+    #[test]
+    fn every_own_via_is_known_to_the_parser() {
+        let dir = std::env::temp_dir().join(format!("siplb-own-vias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("key"), "own-vias-key-0123456789abcdef").unwrap();
+        for adv in [
+            "192.0.2.1:5060",
+            "[2001:db8::5]:5070",
+            "lb.example.com:5060",
+        ] {
+            let text = format!(
+                "[sip]\nlisten = [\"127.0.0.1:5060\"]\nadvertise = \"{adv}\"\n\
+                 [routing]\nsecret = \"own-vias-secret-0123456789abcdef\"\npolicy = \"static\"\n\
+                 [perf]\nkey_file = \"key\"\n\
+                 [[servers]]\nid = \"s1\"\naddress = \"127.0.0.1:5090\"\n"
+            );
+            let cfg = Config::parse(&text, &dir).unwrap();
+            assert_eq!(Me::new(&cfg).own_vias.len(), 5, "{adv}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
