@@ -53,6 +53,11 @@ run() {
   kill -TERM "$x"
   wait "$x" || true
   kill "$uas" 2> /dev/null || true
+  # Gone before the next run binds its port (at most 5 s).
+  for _ in $(seq 50); do
+    kill -0 "$uas" 2> /dev/null || break
+    sleep 0.1
+  done
   local ok failed
   ok=$(awk '/Successful call/ {print $NF}' "$dir/uac.out" | tail -1)
   failed=$(awk '/Failed call/ {print $NF}' "$dir/uac.out" | tail -1)

@@ -337,8 +337,17 @@ fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
 #[must_use]
 pub fn parse_conn(via_value: &[u8]) -> Option<u64> {
     // Each `;`-part's name is checked before its value is looked for: most
-    // parts (the branch above all) are not `lbc` and end at the first byte.
-    via_value.split(|&b| b == b';').find_map(|p| {
+    // parts (the branch above all) are not `lbc` and end at the first byte;
+    // the parts are found by memchr, not by a look at every byte.
+    let mut start = 0;
+    let mut parts = memchr::memchr_iter(b';', via_value)
+        .chain([via_value.len()])
+        .map(|end| {
+            let p = &via_value[start..end];
+            start = end + 1;
+            p
+        });
+    parts.find_map(|p| {
         let name = p.trim_ascii_start();
         let rest = name
             .get(..3)

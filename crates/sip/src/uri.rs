@@ -263,6 +263,30 @@ impl<'a> Uri<'a> {
     /// # Errors
     /// A reason naming the part that breaks the grammar.
     pub fn parse(s: &'a [u8]) -> Result<Uri<'a>, &'static str> {
+        // As nearly every URI a proxy sees begins.
+        if let Some(rest) = s.get(..4).filter(|p| p.eq_ignore_ascii_case(b"sip:")) {
+            let mut uri = Uri::empty(s, Scheme::Sip);
+            uri.parse_sip(&s[rest.len()..])?;
+            return Ok(uri);
+        }
+        Self::parse_general(s)
+    }
+
+    fn empty(raw: &'a [u8], scheme: Scheme) -> Uri<'a> {
+        Uri {
+            raw,
+            scheme,
+            user: None,
+            password: None,
+            host: None,
+            port: None,
+            params: &[],
+            headers: &[],
+        }
+    }
+
+    /// [`Uri::parse`] for any scheme.
+    fn parse_general(s: &'a [u8]) -> Result<Uri<'a>, &'static str> {
         let colon = memchr::memchr(b':', s).ok_or("missing scheme")?;
         let scheme_raw = &s[..colon];
         if scheme_raw.is_empty()
@@ -274,16 +298,7 @@ impl<'a> Uri<'a> {
             return Err("invalid scheme");
         }
         let rest = &s[colon + 1..];
-        let mut uri = Uri {
-            raw: s,
-            scheme: Scheme::Other,
-            user: None,
-            password: None,
-            host: None,
-            port: None,
-            params: &[],
-            headers: &[],
-        };
+        let mut uri = Uri::empty(s, Scheme::Other);
         if scheme_raw.eq_ignore_ascii_case(b"sip") {
             uri.scheme = Scheme::Sip;
         } else if scheme_raw.eq_ignore_ascii_case(b"sips") {
@@ -530,6 +545,16 @@ mod tests {
         #[test]
         fn parse_host_agrees_with_the_byte_at_a_time_scan(s in uri_bytes()) {
             prop_assert_eq!(parse_host(&s), parse_host_reference(&s));
+        }
+
+        /// The `sip:` shortcut gives what the general scheme grammar gives.
+        #[test]
+        fn the_sip_prefix_agrees_with_the_general_scheme(
+            scheme in prop::sample::select(vec![&b"sip:"[..], b"SIP:", b"sIp:", b"sips:", b"sip", b"si:", b"tel:", b"x:", b""]),
+            s in uri_bytes(),
+        ) {
+            let s = [scheme, &s[..]].concat();
+            prop_assert_eq!(Uri::parse(&s), Uri::parse_general(&s));
         }
 
         #[test]
