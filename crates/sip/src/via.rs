@@ -89,19 +89,7 @@ impl<'a> Via<'a> {
             port = Some(v as u16);
             i = p + len;
         }
-        let via = Via {
-            raw: s,
-            transport,
-            host,
-            port,
-            branch: None,
-            received: None,
-            rport: None,
-            maddr: None,
-            rport_at: None,
-            received_at: None,
-        };
-        Self::parse_params_from(s, via, i)
+        Self::parse_params_from(s, Via::bare(s, transport, host, port, None), i)
     }
 
     /// Parses one of `own`'s Vias, or any other, as [`Via::parse_prefix`]
@@ -122,27 +110,41 @@ impl<'a> Via<'a> {
                     && s.get(end)
                         .is_none_or(|&b| !matches!(b, b':' | b'[' | b']' | b'"'));
                 if plain {
-                    let via = Via {
-                        raw: s,
-                        transport: &s[o.transport.0..o.transport.1],
-                        host: match o.host {
-                            OwnHost::Ip(h) => h,
-                            OwnHost::Name(a, b) => Host::Name(&s[a..b]),
-                        },
-                        port: o.port,
-                        branch: Some(&s[start..end]),
-                        received: None,
-                        rport: None,
-                        maddr: None,
-                        rport_at: None,
-                        received_at: None,
+                    let host = match o.host {
+                        OwnHost::Ip(h) => h,
+                        OwnHost::Name(a, b) => Host::Name(&s[a..b]),
                     };
+                    let transport = &s[o.transport.0..o.transport.1];
+                    let branch = Some(&s[start..end]);
+                    let via = Via::bare(s, transport, host, o.port, branch);
                     return Self::parse_params_from(s, via, end);
                 }
                 break;
             }
         }
         Self::parse_prefix(s)
+    }
+
+    /// A Via with no parameter read yet but perhaps its branch.
+    fn bare(
+        raw: &'a [u8],
+        transport: &'a [u8],
+        host: Host<'a>,
+        port: Option<u16>,
+        branch: Option<&'a [u8]>,
+    ) -> Via<'a> {
+        Via {
+            raw,
+            transport,
+            host,
+            port,
+            branch,
+            received: None,
+            rport: None,
+            maddr: None,
+            rport_at: None,
+            received_at: None,
+        }
     }
 
     /// The parameters from `i` on, and the end of the value.
