@@ -516,10 +516,13 @@ async fn metrics(
     );
     let _ = writeln!(
         o,
-        "# HELP siplb_flows User agents' connections open as flows (RFC 5626).\n# TYPE siplb_flows gauge\nsiplb_flows {}\n# HELP siplb_udp_to_tcp_total Requests to UDP servers sent over TCP for their size (sip.udp_mtu).\n# TYPE siplb_udp_to_tcp_total counter\nsiplb_udp_to_tcp_total {}\n# HELP siplb_flow_elsewhere_total Requests for a flow another instance of the pool holds, answered 430 Flow Failed.\n# TYPE siplb_flow_elsewhere_total counter\nsiplb_flow_elsewhere_total {}",
+        "# HELP siplb_flows User agents' connections open as flows (RFC 5626).\n# TYPE siplb_flows gauge\nsiplb_flows {}\n# HELP siplb_udp_to_tcp_total Requests to UDP servers sent over TCP for their size (sip.udp_mtu).\n# TYPE siplb_udp_to_tcp_total counter\nsiplb_udp_to_tcp_total {}\n# HELP siplb_udp_source_fallback_total Datagrams to phones sent from this instance's own address because the pool's address (sip.record_route, a virtual IP) had left this host.\n# TYPE siplb_udp_source_fallback_total counter\nsiplb_udp_source_fallback_total {}\n# HELP siplb_flow_elsewhere_total Requests for a flow another instance of the pool holds, answered 430 Flow Failed.\n# TYPE siplb_flow_elsewhere_total counter\nsiplb_flow_elsewhere_total {}",
         p.flows(),
         p.stats
             .udp_to_tcp
+            .load(std::sync::atomic::Ordering::Relaxed),
+        p.stats
+            .udp_source_fallback
             .load(std::sync::atomic::Ordering::Relaxed),
         p.stats
             .flow_elsewhere

@@ -204,13 +204,69 @@ impl Net {
         self.send_udp_on(i, bytes, to)
     }
 
-    /// Sends on UDP socket `i`.
+    /// Sends on UDP socket `i`; from this instance's own address instead
+    /// when `i` is on the pool's address and that address has left this
+    /// host ([`Net::send_udp_instead`]).
     fn send_udp_on(&self, i: usize, bytes: &[u8], to: SocketAddr) -> bool {
-        let sent = self.udp[i].send_to(bytes, to).is_ok();
-        if sent && let Some(c) = &self.capture {
-            c.record(self.udp_local[i], to, Proto::Udp, bytes);
+        match self.udp[i].send_to(bytes, to) {
+            Ok(_) => {
+                if let Some(c) = &self.capture {
+                    c.record(self.udp_local[i], to, Proto::Udp, bytes);
+                }
+                true
+            }
+            Err(e) => self.send_udp_instead(i, &e, bytes, to),
         }
-        sent
+    }
+
+    /// A send from the pool's address (the virtual IP, `sip.record_route`)
+    /// that the kernel refused because the address is no longer on this
+    /// host: keepalived moved it to another instance in a switchover while
+    /// a transaction was still in flight here (its server answers by our
+    /// Via, this instance's own address). Linux refuses such a send
+    /// (IPv4: ENETUNREACH, even with IP_FREEBIND); the answer then goes
+    /// from this instance's own address, so that the call is not lost: a
+    /// phone matches it by its transaction, and one behind a NAT that lets
+    /// in only the address it sent to loses nothing it would not have lost.
+    /// Counted in `siplb_udp_source_fallback_total`; the first, and one in
+    /// 10,000 after, logged.
+    fn send_udp_instead(&self, i: usize, e: &std::io::Error, bytes: &[u8], to: SocketAddr) -> bool {
+        use std::io::ErrorKind::{AddrNotAvailable, InvalidInput, NetworkUnreachable};
+        let Some(sides) = &self.udp_sides else {
+            return false;
+        };
+        if !sides.outer.contains(&i)
+            || !matches!(
+                e.kind(),
+                NetworkUnreachable | AddrNotAvailable | InvalidInput
+            )
+        {
+            return false;
+        }
+        let j = sides.inner[to.port() as usize % sides.inner.len()];
+        if self.udp[j].send_to(bytes, to).is_err() {
+            return false;
+        }
+        if let Some(c) = &self.capture {
+            c.record(self.udp_local[j], to, Proto::Udp, bytes);
+        }
+        let n = self
+            .router
+            .stats
+            .udp_source_fallback
+            .fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(10_000) {
+            warn!(
+                pool_address = %self.udp_local[i].ip(),
+                sent_from = %self.udp_local[j].ip(),
+                %to,
+                error = %e,
+                total = n + 1,
+                "the pool's address is no longer on this host (moved to another instance?): \
+                 sending to phones from this instance's own address"
+            );
+        }
+        true
     }
 
     fn send_server(self: &Net, addr: SocketAddr, tls: bool, bytes: &[u8]) -> bool {

@@ -158,6 +158,9 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Requests to UDP servers sent over TCP for their size (`sip.udp_mtu`).
     pub udp_to_tcp: AtomicU64,
+    /// Datagrams to phones sent from this instance's own address because
+    /// the pool's address (a virtual IP) had left this host.
+    pub udp_source_fallback: AtomicU64,
     /// Requests for a flow another instance of the pool holds answered 430
     /// at once, with no way to it: its owner not among `pool.peers`, or the
     /// request came from a peer already (no second instance-to-instance hop).
@@ -184,6 +187,7 @@ impl Default for Stats {
         Stats {
             connections: AtomicU64::new(0),
             udp_to_tcp: AtomicU64::new(0),
+            udp_source_fallback: AtomicU64::new(0),
             flow_elsewhere: AtomicU64::new(0),
             flow_forwarded: AtomicU64::new(0),
             flow_owner_down: AtomicU64::new(0),

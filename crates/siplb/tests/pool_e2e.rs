@@ -70,3 +70,30 @@ fn a_drained_instance_refuses_new_calls_and_its_calls_finish_through_the_other()
         );
     }
 }
+
+/// bench/vip_gone.py: the answers of a transaction still in flight on an
+/// instance when the pool's address left it (a planned switchover) reach
+/// the phone, from the instance's own address, and are counted
+/// (`siplb_udp_source_fallback_total`). Before, Linux refused each send
+/// from the departed address (ENETUNREACH) and the call hung: SIPp's
+/// caller, past its `100 Trying`, waits for a final answer with no timer.
+#[test]
+fn answers_in_flight_when_the_vip_leaves_still_reach_the_phone() {
+    if common::netns().is_none() {
+        eprintln!("SKIPPED: cannot make a network namespace here (unshare --net needs root)");
+        return;
+    }
+    let (mut cmd, private) = common::python_script(&common::root().join("bench/vip_gone.py"), 0);
+    assert!(private, "netns() said a namespace can be made");
+    cmd.arg("--siplb")
+        .arg(common::siplb_bin())
+        .args(["--timeout", "30"]);
+    let limit = Duration::from_secs(50);
+    let (status, text) = common::bounded(cmd, "vip_gone", limit);
+    common::passed("bench/vip_gone.py", status, limit, &text);
+    assert!(
+        text.contains("answers after the VIP left reached the phone, counted: True"),
+        "{text}"
+    );
+    println!("{text}");
+}
