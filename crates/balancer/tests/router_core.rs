@@ -1335,3 +1335,44 @@ fn a_copy_of_a_request_we_refused_is_refused_again_when_a_server_is_back() {
     assert!(status_to(&sent, ua).is_empty(), "{sent:?}");
     to_server(&sent);
 }
+
+/// An answer to a transaction we keep goes where its request came from,
+/// whatever the Vias below ours say: a server (or whoever got hold of our
+/// branch) that rewrites them cannot aim the answer at anyone else. As
+/// Kamailio's tm, which relays to the address it kept; the Vias themselves
+/// are relayed as they came.
+#[test]
+fn an_answer_to_a_kept_transaction_goes_where_its_request_came_from() {
+    let mut core = Core::new("kept-hop", "");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let sent = core.feed(&invite("kept-hop", ua, "UDP"), from, 0);
+    let (server, req) = to_server(&sent);
+    let ok = ok_for(&req, server);
+    // The second Via (the phone's, with our received/rport) rewritten.
+    let lines: Vec<&str> = ok.split("\r\n").collect();
+    let second = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("Via:"))
+        .nth(1)
+        .map(|(i, _)| i)
+        .expect("the phone's Via below ours");
+    let mut tampered: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    tampered[second] = "Via: SIP/2.0/UDP 198.51.100.66:6666;branch=z9hG4bKkept-hop".into();
+    let tampered = tampered.join("\r\n");
+    let sent = core.feed(&tampered, Origin::Udp { peer: server }, 5);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, Dest::Udp(ua), "{sent:?}");
+    assert_eq!(status(&sent[0].1), Some(200));
+    assert!(
+        sent[0].1.contains("198.51.100.66:6666"),
+        "relayed as it came"
+    );
+    assert_eq!(
+        core.router
+            .stats
+            .drops_of(balancer::stats::DropReason::Forged),
+        0
+    );
+}

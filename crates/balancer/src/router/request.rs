@@ -669,6 +669,7 @@ impl Router {
             invite,
             base,
             back.clone(),
+            response_hop(msg, origin, true),
             origin,
             txn::creates_dialog(method),
             route.loop_hash,
