@@ -735,7 +735,10 @@ impl Router {
             }
             Origin::Conn { .. } => SipTransport::Stream,
         };
-        let msg = match Message::parse_known(data, transport, &self.me.own_vias) {
+        // Borrowed where it lies: a `Message` is over a kilobyte, and moving
+        // it out of the `Result` was a copy per message.
+        let parsed = Message::parse_known(data, transport, &self.me.own_vias);
+        let msg = match &parsed {
             Ok(m) => m,
             Err(sip::Error::Empty) => return,
             Err(e) => {
@@ -749,13 +752,13 @@ impl Router {
             if let Err(e) = msg.validate() {
                 debug!(error = %e, call_id = %String::from_utf8_lossy(msg.call_id()), "invalid request");
                 let reason = refusal_reason(&e);
-                self.reply(&msg, e.status(), &reason, &[], origin.reply_dest(), out);
+                self.reply(msg, e.status(), &reason, &[], origin.reply_dest(), out);
                 return;
             }
             self.stats.request(msg.method());
-            self.request(&cfg, &msg, origin, now, rng, out);
+            self.request(&cfg, msg, origin, now, rng, out);
         } else {
-            self.response(&cfg, &msg, origin, now, rng, out);
+            self.response(&cfg, msg, origin, now, rng, out);
         }
     }
 
