@@ -743,7 +743,7 @@ impl Router {
             Err(sip::Error::Empty) => return,
             Err(e) => {
                 debug!(error = %e, peer = %origin.peer(), "unparseable message");
-                let reason = refusal_reason(&e);
+                let reason = refusal_reason(e);
                 self.refuse_raw(data, e.status(), &reason, origin, out);
                 return;
             }
