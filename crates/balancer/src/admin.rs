@@ -565,8 +565,11 @@ async fn metrics(
     );
     let _ = writeln!(
         o,
-        "# HELP siplb_transactions Client transactions of new sessions held for failover.\n# TYPE siplb_transactions gauge\nsiplb_transactions {}",
-        p.transactions()
+        "# HELP siplb_transactions Client transactions of new sessions held for failover.\n# TYPE siplb_transactions gauge\nsiplb_transactions {}\n# HELP siplb_transactions_ended_early_total Entries of finished transactions (kept only to absorb retransmissions) ended before their time to make room in a full table (routing.max_transactions).\n# TYPE siplb_transactions_ended_early_total counter\nsiplb_transactions_ended_early_total {}",
+        p.transactions(),
+        p.stats
+            .txn_ended_early
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     let servers = p.servers_view(crate::forwarding::now());
     type Per = fn(&ServerView) -> Option<f64>;

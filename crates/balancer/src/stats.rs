@@ -161,6 +161,10 @@ pub struct Stats {
     /// Datagrams to phones sent from this instance's own address because
     /// the pool's address (a virtual IP) had left this host.
     pub udp_source_fallback: AtomicU64,
+    /// Entries of finished transactions (kept only to absorb
+    /// retransmissions) ended before their time to make room for a new
+    /// transaction (`routing.max_transactions`).
+    pub txn_ended_early: AtomicU64,
     /// Requests for a flow another instance of the pool holds answered 430
     /// at once, with no way to it: its owner not among `pool.peers`, or the
     /// request came from a peer already (no second instance-to-instance hop).
@@ -188,6 +192,7 @@ impl Default for Stats {
             connections: AtomicU64::new(0),
             udp_to_tcp: AtomicU64::new(0),
             udp_source_fallback: AtomicU64::new(0),
+            txn_ended_early: AtomicU64::new(0),
             flow_elsewhere: AtomicU64::new(0),
             flow_forwarded: AtomicU64::new(0),
             flow_owner_down: AtomicU64::new(0),

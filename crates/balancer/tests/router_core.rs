@@ -147,6 +147,127 @@ fn the_transaction_table_is_bounded() {
     );
 }
 
+/// Every answered call's INVITE entry stays 64 × T1 after its 2xx (RFC 6026
+/// §7.1, Accepted) only to absorb retransmissions: at 3,125 new calls a
+/// second the default table (100,000) would be full of them, and new calls
+/// were refused 503 although nothing was in progress. Such entries go first,
+/// oldest first, counted; a new call is refused only when every entry is a
+/// transaction still in progress or still owed an ACK.
+#[test]
+fn answered_calls_do_not_fill_the_transaction_table() {
+    let mut core = Core::new("txn-linger", "max_transactions = 3");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let mut first = None;
+    for i in 0..16u64 {
+        // Ten calls within a round (the entries still on its list of those
+        // in progress), then six after it (the entries on its list of ends).
+        let ms = if i < 10 { i * 10 } else { 1_000 + i * 10 };
+        if i == 10 {
+            tick(&mut core, 1_000);
+        }
+        let call = format!("linger-{i}");
+        let sent = core.feed(&invite(&call, ua, "UDP"), from, ms);
+        let (server, inv) = to_server(&sent);
+        first.get_or_insert((server, call.clone()));
+        let sent = core.feed(&ok_for(&inv, server), Origin::Udp { peer: server }, ms + 1);
+        assert!(
+            sent.iter()
+                .any(|(d, t)| *d == Dest::Udp(ua) && t.starts_with("SIP/2.0 200")),
+            "call {i}: its 200 reaches the caller: {sent:?}"
+        );
+        assert!(core.router.transactions() <= 3, "call {i}");
+    }
+    let stats = &core.router.stats;
+    assert_eq!(
+        stats.drops_of(balancer::stats::DropReason::TransactionTableFull),
+        0
+    );
+    assert_eq!(
+        stats
+            .txn_ended_early
+            .load(std::sync::atomic::Ordering::Relaxed),
+        13
+    );
+
+    // The oldest went: a late copy of the last call's INVITE is absorbed by
+    // its entry; one of the first call's (its entry gone) still goes to the
+    // server that has the call, which absorbs it as a retransmission.
+    let sent = core.feed(&invite("linger-15", ua, "UDP"), from, 1_200);
+    assert!(invites_to(&sent).is_empty(), "{sent:?}");
+    let (server, call) = first.unwrap();
+    let sent = core.feed(&invite(&call, ua, "UDP"), from, 1_200);
+    assert_eq!(invites_to(&sent), vec![server], "{sent:?}");
+
+    // Calls in progress are never pushed out: three unanswered INVITEs
+    // (the late copy above is one) fill the table, the next is refused.
+    for i in 0..2u64 {
+        let sent = core.feed(&invite(&format!("ringing-{i}"), ua, "UDP"), from, 1_300 + i);
+        assert_eq!(invites_to(&sent).len(), 1, "{sent:?}");
+    }
+    let sent = core.feed(&invite("one-too-many", ua, "UDP"), from, 1_400);
+    assert_eq!(sent.len(), 1, "only our answer: {sent:?}");
+    assert_eq!(status(&sent[0].1), Some(503), "{}", sent[0].1);
+    assert_eq!(
+        core.router
+            .stats
+            .drops_of(balancer::stats::DropReason::TransactionTableFull),
+        1
+    );
+}
+
+/// A non-2xx final still owed the caller's ACK keeps its entry however full
+/// the table is (it is retransmitted until then, and the ACK goes to its
+/// server from it); once ACKed, it may make room.
+#[test]
+fn a_final_owed_its_ack_keeps_its_entry_in_a_full_table() {
+    let mut core = Core::new("txn-owed-ack", "max_transactions = 1");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let sent = core.feed(&invite("busy", ua, "UDP"), from, 0);
+    let (server, inv) = to_server(&sent);
+    let busy = final_for(&inv, server, 486, "Busy Here", "");
+    let sent = core.feed(&busy, Origin::Udp { peer: server }, 1);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Udp(ua) && status(t) == Some(486)),
+        "{sent:?}"
+    );
+    let sent = core.feed(&invite("next", ua, "UDP"), from, 10);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(status(&sent[0].1), Some(503), "{}", sent[0].1);
+
+    let ack = format!(
+        "ACK sip:bob@127.0.0.1 SIP/2.0
+Via: SIP/2.0/UDP {ua};branch=z9hG4bKbusy;rport
+Max-Forwards: 70
+From: <sip:alice@127.0.0.1>;tag=a-busy
+To: <sip:bob@127.0.0.1>;tag=srv
+Call-ID: busy
+CSeq: 1 ACK
+Content-Length: 0
+
+"
+    );
+    let sent = core.feed(&ack, from, 20);
+    assert!(
+        sent.iter()
+            .any(|(d, t)| *d == Dest::Udp(server) && t.starts_with("ACK ")),
+        "the ACK goes to the server: {sent:?}"
+    );
+    // The once-a-second round lists it among the ends.
+    tick(&mut core, 1_000);
+    let sent = core.feed(&invite("after-ack", ua, "UDP"), from, 1_010);
+    assert_eq!(invites_to(&sent).len(), 1, "{sent:?}");
+    assert_eq!(
+        core.router
+            .stats
+            .txn_ended_early
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
 /// The server's 200 to `req` (its Record-Route echoed, its Via on top).
 fn ok_for(req: &str, server: SocketAddr) -> String {
     let mut out = String::from("SIP/2.0 200 OK\r\n");
@@ -1375,4 +1496,36 @@ fn an_answer_to_a_kept_transaction_goes_where_its_request_came_from() {
             .drops_of(balancer::stats::DropReason::Forged),
         0
     );
+}
+
+/// The same as a balancer sees it: 100 calls/s for 4 s into a table of 40,
+/// each call answered 15 ms after its INVITE (so the newest is in progress
+/// when the next comes), the core ticked every 100 ms as the shell does.
+#[test]
+fn a_steady_call_rate_over_a_small_table_loses_no_call() {
+    let mut core = Core::new("txn-steady", "max_transactions = 40");
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let mut refused = vec![];
+    let mut pending: Vec<(SocketAddr, String, u64)> = Vec::new();
+    for ms in 0..4_000u64 {
+        if ms % 100 == 0 {
+            tick(&mut core, ms);
+        }
+        while pending.first().is_some_and(|p| p.2 == ms) {
+            let (server, inv, _) = pending.remove(0);
+            core.feed(&ok_for(&inv, server), Origin::Udp { peer: server }, ms);
+        }
+        if ms % 10 == 5 {
+            let sent = core.feed(&invite(&format!("steady-{ms}"), ua, "UDP"), from, ms);
+            if invites_to(&sent).is_empty() {
+                refused.push(ms);
+                continue;
+            }
+            let (server, inv) = to_server(&sent);
+            pending.push((server, inv, ms + 15));
+        }
+        assert!(core.router.transactions() <= 40);
+    }
+    assert!(refused.is_empty(), "refused at {refused:?}");
 }

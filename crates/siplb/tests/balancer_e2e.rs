@@ -1270,6 +1270,61 @@ fn a_dead_server_or_a_503_costs_no_call() {
     });
 }
 
+/// A table of 40 transactions, 400 calls at 100 calls/s: every call's INVITE
+/// entry stays T4 (5 s) after its 200, so the table is full of finished
+/// calls after 0.4 s. Those entries make room (oldest first); no call is
+/// refused.
+#[test]
+fn finished_calls_do_not_fill_the_transaction_table() {
+    let _heavy = heavy();
+    assert!(
+        sipp_available(),
+        "SIPp is required (apt-get install sip-tester)"
+    );
+    let edits = [(
+        "on_no_server = \"reject\"",
+        "on_no_server = \"reject\"\nmax_transactions = 40",
+    )];
+    let (net, _procs) = setup("txn-full", false, &edits, |n| {
+        Ok((
+            n.agent(0, "cpu=10%,mem=1GB")?,
+            n.agent(1, "cpu=10%,mem=1GB")?,
+            n.uas(0)?,
+            n.uas(1)?,
+            n.balancer()?,
+        ))
+    });
+    net.both_up();
+    let (ok, failed, out) = uac(net.sip_addr(), &[], 400, 100);
+    let metrics = net.http("GET", "/metrics", "").1;
+    assert_eq!(
+        (ok, failed),
+        (400, 0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        metrics
+            .lines()
+            .filter(|l| l.contains("drops")
+                || l.contains("transactions")
+                || l.contains("local_responses"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert!(value("siplb_transactions ") <= 40.0, "{metrics}");
+    let ended = value("siplb_transactions_ended_early_total ");
+    assert!(ended >= 300.0, "the finished entries made room: {ended}");
+    assert_eq!(
+        value("siplb_drops_total{reason=\"transaction_table_full\"} "),
+        0.0
+    );
+}
+
 #[test]
 fn an_options_probe_takes_a_silent_server_out_and_back() {
     let edits = [(

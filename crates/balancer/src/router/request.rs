@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use rand::RngCore;
 use sip::{Edits, HeaderName, MaxForwards, Message, Method, Received};
+use smallvec::SmallVec;
 use tracing::debug;
 
 use super::txn::{self, ClientTxn};
@@ -20,6 +21,10 @@ use crate::config::{Config, OnNoServer, Transport};
 use crate::pool::{Pool, Server};
 use crate::sessions::Kind;
 use crate::stats::{DropReason, Limit};
+
+/// Candidates a full table looks at to end one early (`end_one_early`):
+/// bounds the work a new transaction adds when every entry is in progress.
+const EARLY_END_LOOKS: usize = 16;
 
 /// What our own Routes on top of a request said (one, or two of a double
 /// Record-Route, RFC 5658; or our Path).
@@ -483,8 +488,10 @@ impl Router {
         }
     }
 
-    /// Whether one more transaction may be held (`routing.max_transactions`);
-    /// else the request is answered 503 and counted.
+    /// Whether one more transaction may be held (`routing.max_transactions`):
+    /// when the table is full, the finished entry due to end first makes
+    /// room ([`Router::end_one_early`]); when none can, the request is
+    /// answered 503 and counted.
     pub(super) fn room_for_transaction(
         &self,
         cfg: &Config,
@@ -492,7 +499,7 @@ impl Router {
         back: Dest,
         out: &mut Outbox,
     ) -> bool {
-        if self.txns.len() + self.forks.len() < cfg.max_transactions {
+        if self.txns.len() + self.forks.len() < cfg.max_transactions || self.end_one_early() {
             return true;
         }
         self.drop_counted(DropReason::TransactionTableFull, out);
@@ -597,6 +604,72 @@ impl Router {
             .min();
         let configured = u64::from(cfg.retry_after);
         back.map_or(configured, |b| configured.max(b.div_ceil(1000)))
+    }
+
+    /// Ends the finished entry due to end first that is kept only to absorb
+    /// retransmissions ([`ClientTxn::may_end_early`]): at 3,125 new calls a
+    /// second, 64 × T1 of answered INVITEs (RFC 6026's Accepted state) are
+    /// 100,000 entries, and without this a full table refused new calls
+    /// while nothing was in progress. A late copy of such a call's INVITE
+    /// still reaches the call's server by the session table (the server's
+    /// own transaction absorbs it). The candidates: the entries due to end
+    /// first, then (a table filled within the last round) the oldest still
+    /// on the round's list of those in progress; [`EARLY_END_LOOKS`] of each
+    /// at most, those that may not end yet put back. Whether one ended.
+    fn end_one_early(&self) -> bool {
+        let mut kept: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+        let mut ended = false;
+        for _ in 0..EARLY_END_LOOKS {
+            let Some(id) = self.sweep_lock().pop_oldest_end() else {
+                break;
+            };
+            match self.end_early(id) {
+                Ok(true) => {
+                    ended = true;
+                    break;
+                }
+                Ok(false) => {} // ended already (an entry may be listed twice)
+                Err(at) => kept.push((at, id)),
+            }
+        }
+        if !kept.is_empty() {
+            let mut sweep = self.sweep_lock();
+            for (at, id) in kept {
+                sweep.end_at(at, id);
+            }
+        }
+        if ended {
+            return true;
+        }
+        // Left on the list: the round finds them gone.
+        for _ in 0..EARLY_END_LOOKS {
+            let Some(id) = self.sweep_lock().next_watched() else {
+                break;
+            };
+            if self.end_early(id) == Ok(true) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Ends entry `id` if it may end early: whether it did, or when it may
+    /// go if it may not yet (`Err`).
+    fn end_early(&self, id: u64) -> Result<bool, u64> {
+        let table = self.txns.pin();
+        let Some(t) = table.get(&id).cloned() else {
+            return Ok(false);
+        };
+        let mut g = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !g.may_end_early() {
+            return Err(g.expires_ms());
+        }
+        if table.remove(&id).is_none() {
+            return Ok(false);
+        }
+        g.release_all();
+        self.stats.txn_ended_early.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The first request of a new session (or its retransmission, or the

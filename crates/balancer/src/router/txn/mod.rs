@@ -140,6 +140,8 @@ impl Try {
 #[derive(Debug, Default)]
 pub(in crate::router) struct Sweep {
     trying: Vec<u64>,
+    /// How many of `trying` were handed out by `next_watched`.
+    handed_out: usize,
     ends: std::collections::BTreeMap<u64, Vec<u64>>,
     /// Entries the rounds have looked at, in all.
     pub looked_at: u64,
@@ -164,10 +166,33 @@ impl Sweep {
             .push(id);
     }
 
+    /// The completed entry due to end first (any of its 100 ms bucket), taken
+    /// off the work list: a candidate to end early when the table is full.
+    pub(in crate::router) fn pop_oldest_end(&mut self) -> Option<u64> {
+        let mut e = self.ends.first_entry()?;
+        let id = e.get_mut().pop();
+        if e.get().is_empty() {
+            e.remove();
+        }
+        id
+    }
+
+    /// The next transaction watched since the last round, oldest first
+    /// (most are answered by now), each handed out once per round and left
+    /// on the list: a candidate to end early before the round has moved it
+    /// to the ends (one still in progress is a candidate again once it is
+    /// there).
+    pub(in crate::router) fn next_watched(&mut self) -> Option<u64> {
+        let id = self.trying.get(self.handed_out).copied()?;
+        self.handed_out += 1;
+        Some(id)
+    }
+
     /// What the round at `ms` looks at: every transaction in progress and
     /// every entry due, each once.
     fn take_due(&mut self, ms: u64) -> Vec<u64> {
         let mut due = std::mem::take(&mut self.trying);
+        self.handed_out = 0;
         while let Some(e) = self.ends.first_entry() {
             if *e.key() * END_BUCKET_MS > ms {
                 break;
@@ -234,6 +259,7 @@ pub(super) struct ClientTxn {
     /// non-INVITE): sent again when the UA retransmits its request
     /// (§17.2.1, §17.2.2), which no server must see as a new transaction.
     relayed: Option<Vec<u8>>,
+    /// The UA's ACK of a non-2xx final came.
     acked: bool,
     /// Timer C runs from here (ms): the last forwarding or provisional.
     timer_c_from: u64,
@@ -312,6 +338,34 @@ impl ClientTxn {
         } else {
             self.own_until_ms.max(ms + 1)
         }
+    }
+
+    /// Whether the entry is kept only to absorb retransmissions, so that it
+    /// may end before its time when the table is full: an INVITE answered
+    /// 2xx (Accepted), a non-INVITE answered, an INVITE's non-2xx final that
+    /// the UA has ACKed (ours, or the only server's: a copy of the ACK then
+    /// reaches that server without the entry, by the session table, with
+    /// the same branch); every attempt of an INVITE answered with its final;
+    /// and no CANCEL or BYE of ours waits for an answer.
+    /// Not a transaction in progress, nor a non-2xx final still owed its ACK
+    /// (retransmitted until then, and the ACK goes to its server from here).
+    pub(in crate::router) fn may_end_early(&self) -> bool {
+        let done = match self.phase {
+            Phase::Trying => false,
+            Phase::Accepted => true,
+            Phase::Completed => {
+                !self.invite || self.acked && (self.local_final.is_some() || self.tries.len() == 1)
+            }
+        };
+        // An INVITE attempt given up without its final may still answer 2xx,
+        // to be ACKed and BYEd from here, never passed up as a second dialog.
+        let settled = !self.invite || self.tries.iter().all(|x| x.final_seen);
+        done && settled && !self.tries.iter().any(Try::own_pending)
+    }
+
+    /// When a completed entry may go (ms): where its round looks at it.
+    pub(in crate::router) fn expires_ms(&self) -> u64 {
+        self.expires_ms
     }
 
     /// Whether a completed entry may go at `ms`.
@@ -833,6 +887,7 @@ impl Router {
             }
             return AckOf::Ours;
         }
+        t.acked = true;
         match t.tries.last() {
             Some(x) => AckOf::Server {
                 index: t.current(),
