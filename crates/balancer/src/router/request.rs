@@ -742,7 +742,6 @@ impl Router {
             invite,
             base,
             back.clone(),
-            response_hop(msg, origin, true),
             origin,
             txn::creates_dialog(method),
             route.loop_hash,

@@ -32,30 +32,9 @@ impl Router {
             return self.drop_counted(DropReason::ViaNotOurs, out);
         };
         let method = msg.cseq().method;
-        // A transaction we keep (INVITE, the requests that start a
-        // session) knows where its answers go: the hop its request came
-        // from, sealed in the branch. The Vias below ours in the answer are
-        // then not read, and a server that altered them cannot send the
-        // answer elsewhere (Kamailio's tm relays to the address it kept).
-        let kept = match branch.leg {
-            Leg::Attempt(_) if txn::starts_session(method) => {
-                self.txns.pin().get(&branch.txn).cloned()
-            }
-            _ => None,
-        };
         // Where it would be relayed, and whether our MAC says it may: a
         // response is relayed only to the hop its request came from.
-        let dest = match &kept {
-            Some(t) => {
-                let hop = t
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .hop
-                    .clone();
-                not_ourselves(cfg, &self.me, hop)
-            }
-            None => self.response_dest(cfg, msg),
-        };
+        let dest = self.response_dest(cfg, msg);
         if matches!(branch.leg, Leg::Attempt(_) | Leg::Fork(_)) && method != Method::Cancel {
             // A response to a request that came on a user agent's
             // connection comes from the server it went to: never from
@@ -127,7 +106,9 @@ impl Router {
             return;
         };
         let mut status = code;
-        if let Some(t) = kept {
+        if txn::starts_session(method)
+            && let Some(t) = self.txns.pin().get(&branch.txn).cloned()
+        {
             let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match self.txn_response(cfg, &mut t, branch.txn, index, msg, now, rng, out) {
                 TxnVerdict::Done => return,
@@ -158,7 +139,12 @@ impl Router {
             Some(conn) => Dest::Conn(conn),
             None => next_hop(&msg.vias_below_top().next()?.ok()?)?,
         };
-        not_ourselves(cfg, &self.me, dest)
+        if let Dest::Udp(a) = dest
+            && (cfg.listen.contains(&a) || self.me.ip == Some(a.ip()) && a.port() == self.me.port)
+        {
+            return None;
+        }
+        Some(dest)
     }
 
     /// Sends a response on, our Via removed, with `status` (its own, or
@@ -174,17 +160,6 @@ impl Router {
             }
         });
     }
-}
-
-/// `dest`, unless it is one of our own addresses (a response is never
-/// relayed to ourselves).
-fn not_ourselves(cfg: &Config, me: &super::Me, dest: Dest) -> Option<Dest> {
-    if let Dest::Udp(a) = dest
-        && (cfg.listen.contains(&a) || me.ip == Some(a.ip()) && a.port() == me.port)
-    {
-        return None;
-    }
-    Some(dest)
 }
 
 /// Where a response goes after the hop whose Via is `v`: `received` (else

@@ -237,10 +237,6 @@ pub(super) struct ClientTxn {
     /// decremented, `received`), without our Via.
     request: Vec<u8>,
     reply_to: Dest,
-    /// Where the servers' answers are relayed: the hop sealed in every
-    /// attempt's branch (`response_hop` of the request), read from here
-    /// rather than from the Vias below ours in each answer.
-    pub hop: Dest,
     conn: Option<u64>,
     /// Where the request came from (the user agent's flow).
     from: super::Origin,
@@ -292,12 +288,10 @@ pub(super) enum AckOf {
 }
 
 impl ClientTxn {
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         invite: bool,
         request: Vec<u8>,
         reply_to: Dest,
-        hop: Dest,
         from: super::Origin,
         record_route: bool,
         loop_hash: u32,
@@ -307,7 +301,6 @@ impl ClientTxn {
             invite,
             request,
             reply_to,
-            hop,
             conn: super::request::conn_of(from),
             from,
             record_route,
