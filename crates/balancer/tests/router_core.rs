@@ -191,17 +191,26 @@ fn answered_calls_do_not_fill_the_transaction_table() {
     );
 
     // The oldest went: a late copy of the last call's INVITE is absorbed by
-    // its entry; one of the first call's (its entry gone) still goes to the
-    // server that has the call, which absorbs it as a retransmission.
+    // its entry, and one of the first call's (its entry gone) is absorbed
+    // too: never taken for a new call (which would fail over, the server
+    // absorbing it silently, and ring a second server).
+    let absorbed = |core: &Core| {
+        core.router
+            .stats
+            .drops_of(balancer::stats::DropReason::Absorbed)
+    };
     let sent = core.feed(&invite("linger-15", ua, "UDP"), from, 1_200);
-    assert!(invites_to(&sent).is_empty(), "{sent:?}");
-    let (server, call) = first.unwrap();
+    assert!(sent.is_empty(), "{sent:?}");
+    let (_, call) = first.unwrap();
+    let before = absorbed(&core);
     let sent = core.feed(&invite(&call, ua, "UDP"), from, 1_200);
-    assert_eq!(invites_to(&sent), vec![server], "{sent:?}");
+    assert!(sent.is_empty(), "{sent:?}");
+    assert_eq!(absorbed(&core), before + 1);
+    assert!(core.router.transactions() <= 3);
 
     // Calls in progress are never pushed out: three unanswered INVITEs
-    // (the late copy above is one) fill the table, the next is refused.
-    for i in 0..2u64 {
+    // fill the table, the next is refused.
+    for i in 0..3u64 {
         let sent = core.feed(&invite(&format!("ringing-{i}"), ua, "UDP"), from, 1_300 + i);
         assert_eq!(invites_to(&sent).len(), 1, "{sent:?}");
     }
@@ -218,7 +227,8 @@ fn answered_calls_do_not_fill_the_transaction_table() {
 
 /// A non-2xx final still owed the caller's ACK keeps its entry however full
 /// the table is (it is retransmitted until then, and the ACK goes to its
-/// server from it); once ACKed, it may make room.
+/// server from it); so does one ACKed whose server is on UDP (it repeats
+/// its final if our ACK was lost: Timer D, 64 × T1).
 #[test]
 fn a_final_owed_its_ack_keeps_its_entry_in_a_full_table() {
     let mut core = Core::new("txn-owed-ack", "max_transactions = 1");
@@ -255,16 +265,73 @@ Content-Length: 0
             .any(|(d, t)| *d == Dest::Udp(server) && t.starts_with("ACK ")),
         "the ACK goes to the server: {sent:?}"
     );
-    // The once-a-second round lists it among the ends.
+    // The once-a-second round lists it among the ends; still kept.
     tick(&mut core, 1_000);
     let sent = core.feed(&invite("after-ack", ua, "UDP"), from, 1_010);
-    assert_eq!(invites_to(&sent).len(), 1, "{sent:?}");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(status(&sent[0].1), Some(503), "{}", sent[0].1);
     assert_eq!(
         core.router
             .stats
             .txn_ended_early
             .load(std::sync::atomic::Ordering::Relaxed),
-        1
+        0
+    );
+}
+
+/// Entries that may not end early (calls that failed over: a late 2xx of
+/// the first server may still come, 64 x T1) at the head of the ends do not
+/// hide the answered calls behind them: a full table still makes room.
+#[test]
+fn entries_that_must_stay_do_not_hide_those_that_may_go() {
+    let mut core = Core::new(
+        "txn-held",
+        "max_transactions = 40\noutlier_failures = 1000\nfailover_statuses = [500]",
+    );
+    let ua = addr("192.0.2.10:5070");
+    let from = Origin::Udp { peer: ua };
+    let udp = |a: SocketAddr| Origin::Udp { peer: a };
+    // 20 calls: the first server answers 503, the other 200.
+    for i in 0..20u64 {
+        let sent = core.feed(&invite(&format!("over-{i}"), ua, "UDP"), from, i * 10);
+        let (first, inv) = to_server(&sent);
+        let busy = final_for(&inv, first, 500, "Server Internal Error", "");
+        let sent = core.feed(&busy, udp(first), i * 10 + 1);
+        let (second, inv2) = sent
+            .iter()
+            .find_map(|(d, t)| match d {
+                Dest::Udp(a) if t.starts_with("INVITE ") => Some((*a, t.clone())),
+                _ => None,
+            })
+            .expect("failed over");
+        assert_ne!(first, second, "{sent:?}");
+        core.feed(&ok_for(&inv2, second), udp(second), i * 10 + 2);
+    }
+    for t in 1..=28u64 {
+        tick(&mut core, t * 1_000);
+    }
+    // 20 calls answered at once, then the round lists them among the ends,
+    // after the 20 above (which end at 32 s, these at 33 s).
+    for i in 0..20u64 {
+        let ms = 28_000 + i * 10;
+        let sent = core.feed(&invite(&format!("plain-{i}"), ua, "UDP"), from, ms);
+        let (server, inv) = to_server(&sent);
+        core.feed(&ok_for(&inv, server), udp(server), ms + 1);
+    }
+    tick(&mut core, 29_000);
+    assert_eq!(core.router.transactions(), 40);
+    for i in 0..10u64 {
+        let ms = 29_100 + i * 10;
+        let sent = core.feed(&invite(&format!("new-{i}"), ua, "UDP"), from, ms);
+        assert_eq!(invites_to(&sent).len(), 1, "new call {i}: {sent:?}");
+        let (server, inv) = to_server(&sent);
+        core.feed(&ok_for(&inv, server), udp(server), ms + 1);
+    }
+    assert_eq!(
+        core.router
+            .stats
+            .drops_of(balancer::stats::DropReason::TransactionTableFull),
+        0
     );
 }
 

@@ -115,7 +115,7 @@ impl Router {
                 out,
             );
         }
-        if !self.room_for_transaction(cfg, msg, back.clone(), out) {
+        if !self.room_for_transaction(cfg, msg, back.clone(), self.ms(now), out) {
             return;
         }
         let mut base = Vec::with_capacity(msg.as_bytes().len() + 64);

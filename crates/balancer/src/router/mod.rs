@@ -123,6 +123,9 @@ struct Me {
     held_here: bool,
 }
 
+/// Transactions ended early remembered at once (`Router::ended`): 1 MiB.
+const ENDED_SLOTS: usize = 65_536;
+
 const TRANSPORTS: [Transport; 5] = [
     Transport::Udp,
     Transport::Tcp,
@@ -259,6 +262,11 @@ pub struct Router {
     /// New-session requests refused without a transaction, for 64 × T1:
     /// their copies are refused again.
     refusals: refusals::Refusals,
+    /// Transactions ended early to make room in a full table
+    /// (`end_one_early`), remembered 64 × T1 so that a late copy of the
+    /// request is absorbed as the entry would have absorbed it, not taken
+    /// for a new call ([`ENDED_SLOTS`] at most: 16 bytes each).
+    ended: refusals::Refusals,
     forks: papaya::HashMap<u64, Arc<Mutex<Fork>>, crate::codec::IdHash>,
     /// The balancer clock's zero (every `_ms` value counts from it).
     epoch: Instant,
@@ -338,6 +346,7 @@ impl Router {
             txns: papaya::HashMap::with_hasher(crate::codec::IdHash),
             sweep: Mutex::new(txn::Sweep::default()),
             refusals: refusals::Refusals::default(),
+            ended: refusals::Refusals::with_slots(ENDED_SLOTS),
             forks: papaya::HashMap::with_hasher(crate::codec::IdHash),
             epoch,
             stopping: AtomicBool::new(false),

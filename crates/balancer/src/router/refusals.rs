@@ -27,14 +27,19 @@ pub(super) struct Refusals {
 
 impl Default for Refusals {
     fn default() -> Self {
-        Refusals {
-            slots: Mutex::new(vec![(0, 0); SLOTS].into_boxed_slice()),
-            last_until: AtomicU64::new(0),
-        }
+        Refusals::with_slots(SLOTS)
     }
 }
 
 impl Refusals {
+    /// A table of `n` slots (at least one).
+    pub(super) fn with_slots(n: usize) -> Refusals {
+        Refusals {
+            slots: Mutex::new(vec![(0, 0); n.max(1)].into_boxed_slice()),
+            last_until: AtomicU64::new(0),
+        }
+    }
+
     /// Remembers that transaction `id` was refused at `ms`.
     pub(super) fn note(&self, id: u64, ms: u64) {
         let until = ms + TXN_MS;
@@ -42,7 +47,8 @@ impl Refusals {
             .slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        s[(id as usize) % SLOTS] = (id, until);
+        let n = s.len();
+        s[(id as usize) % n] = (id, until);
         self.last_until.fetch_max(until, Ordering::Relaxed);
     }
 
@@ -55,7 +61,7 @@ impl Refusals {
             .slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (who, until) = s[(id as usize) % SLOTS];
+        let (who, until) = s[(id as usize) % s.len()];
         who == id && ms < until
     }
 }

@@ -22,9 +22,11 @@ use crate::pool::{Pool, Server};
 use crate::sessions::Kind;
 use crate::stats::{DropReason, Limit};
 
-/// Candidates a full table looks at to end one early (`end_one_early`):
-/// bounds the work a new transaction adds when every entry is in progress.
-const EARLY_END_LOOKS: usize = 16;
+/// Candidates a full table looks at to end one early (`end_one_early`), of
+/// the ends and of those watched since the last round each: bounds the
+/// work a new transaction adds when no entry may go. Those that must stay
+/// are set aside until the next round, so the next search reaches others.
+const EARLY_END_LOOKS: usize = 256;
 
 /// What our own Routes on top of a request said (one, or two of a double
 /// Record-Route, RFC 5658; or our Path).
@@ -497,9 +499,10 @@ impl Router {
         cfg: &Config,
         msg: &Message<'_>,
         back: Dest,
+        ms: u64,
         out: &mut Outbox,
     ) -> bool {
-        if self.txns.len() + self.forks.len() < cfg.max_transactions || self.end_one_early() {
+        if self.txns.len() + self.forks.len() < cfg.max_transactions || self.end_one_early(ms) {
             return true;
         }
         self.drop_counted(DropReason::TransactionTableFull, out);
@@ -606,24 +609,24 @@ impl Router {
         back.map_or(configured, |b| configured.max(b.div_ceil(1000)))
     }
 
-    /// Ends the finished entry due to end first that is kept only to absorb
-    /// retransmissions ([`ClientTxn::may_end_early`]): at 3,125 new calls a
-    /// second, 64 × T1 of answered INVITEs (RFC 6026's Accepted state) are
-    /// 100,000 entries, and without this a full table refused new calls
-    /// while nothing was in progress. A late copy of such a call's INVITE
-    /// still reaches the call's server by the session table (the server's
-    /// own transaction absorbs it). The candidates: the entries due to end
-    /// first, then (a table filled within the last round) the oldest still
-    /// on the round's list of those in progress; [`EARLY_END_LOOKS`] of each
-    /// at most, those that may not end yet put back. Whether one ended.
-    fn end_one_early(&self) -> bool {
+    /// Ends the finished entry due to end first that only absorbs what
+    /// crosses its final ([`ClientTxn::may_end_early`]): a call answered at
+    /// once keeps its entry T4 (5 s), so 100,000 entries are 5 s of 20,000
+    /// calls/s, and without this a full table refused new calls while
+    /// nothing was in progress. Its id is remembered 64 × T1 (`ended`) and a
+    /// late copy of its request absorbed, as the entry would have. The
+    /// candidates: the entries due to end first, then (a table filled within
+    /// the last round) the oldest on the round's list of those in progress;
+    /// [`EARLY_END_LOOKS`] of each at most, those that must stay set aside
+    /// until the next round. Whether one ended.
+    fn end_one_early(&self, ms: u64) -> bool {
         let mut kept: SmallVec<[(u64, u64); 4]> = SmallVec::new();
         let mut ended = false;
         for _ in 0..EARLY_END_LOOKS {
             let Some(id) = self.sweep_lock().pop_oldest_end() else {
                 break;
             };
-            match self.end_early(id) {
+            match self.end_early(id, ms) {
                 Ok(true) => {
                     ended = true;
                     break;
@@ -634,8 +637,9 @@ impl Router {
         }
         if !kept.is_empty() {
             let mut sweep = self.sweep_lock();
+            // Out of the next searches' way; the round puts them back.
             for (at, id) in kept {
-                sweep.end_at(at, id);
+                sweep.hold(at, id);
             }
         }
         if ended {
@@ -646,7 +650,7 @@ impl Router {
             let Some(id) = self.sweep_lock().next_watched() else {
                 break;
             };
-            if self.end_early(id) == Ok(true) {
+            if self.end_early(id, ms) == Ok(true) {
                 return true;
             }
         }
@@ -655,7 +659,7 @@ impl Router {
 
     /// Ends entry `id` if it may end early: whether it did, or when it may
     /// go if it may not yet (`Err`).
-    fn end_early(&self, id: u64) -> Result<bool, u64> {
+    fn end_early(&self, id: u64, ms: u64) -> Result<bool, u64> {
         let table = self.txns.pin();
         let Some(t) = table.get(&id).cloned() else {
             return Ok(false);
@@ -668,6 +672,7 @@ impl Router {
             return Ok(false);
         }
         g.release_all();
+        self.ended.note(id, ms);
         self.stats.txn_ended_early.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
@@ -693,12 +698,17 @@ impl Router {
         }
         let ms = self.ms(now);
         let back = origin.reply_dest();
+        if self.ended.refused(id, ms) {
+            // A late copy of a request whose entry made room in a full
+            // table: absorbed, as the entry would have absorbed it.
+            return self.drop_counted(DropReason::Absorbed, out);
+        }
         if self.refusals.refused(id, ms) {
             // A copy of a request refused a moment ago: refused again, even
             // if a server could take it now (its UA was told it failed).
             return self.refuse_new_session(cfg, msg, pool, now, out, back);
         }
-        if !self.room_for_transaction(cfg, msg, back.clone(), out) {
+        if !self.room_for_transaction(cfg, msg, back.clone(), ms, out) {
             return;
         }
         // The server of the session first (a request re-sent with the

@@ -142,6 +142,10 @@ pub(in crate::router) struct Sweep {
     trying: Vec<u64>,
     /// How many of `trying` were handed out by `next_watched`.
     handed_out: usize,
+    /// Completed entries a full table looked at and could not end early,
+    /// (end, id): out of the search's way until the next round puts them
+    /// back among the ends.
+    held: Vec<(u64, u64)>,
     ends: std::collections::BTreeMap<u64, Vec<u64>>,
     /// Entries the rounds have looked at, in all.
     pub looked_at: u64,
@@ -177,6 +181,12 @@ impl Sweep {
         id
     }
 
+    /// Keeps completed entry `id` (ending at `at`) out of the search for an
+    /// early end until the next round.
+    pub(in crate::router) fn hold(&mut self, at: u64, id: u64) {
+        self.held.push((at, id));
+    }
+
     /// The next transaction watched since the last round, oldest first
     /// (most are answered by now), each handed out once per round and left
     /// on the list: a candidate to end early before the round has moved it
@@ -191,6 +201,9 @@ impl Sweep {
     /// What the round at `ms` looks at: every transaction in progress and
     /// every entry due, each once.
     fn take_due(&mut self, ms: u64) -> Vec<u64> {
+        for (at, id) in std::mem::take(&mut self.held) {
+            self.end_at(at, id);
+        }
         let mut due = std::mem::take(&mut self.trying);
         self.handed_out = 0;
         while let Some(e) = self.ends.first_entry() {
@@ -208,7 +221,7 @@ impl Sweep {
     /// How many transactions it holds (the in-progress ones and the
     /// scheduled ends, a transaction perhaps more than once).
     pub(in crate::router) fn len(&self) -> usize {
-        self.trying.len() + self.ends.values().map(Vec::len).sum::<usize>()
+        self.trying.len() + self.held.len() + self.ends.values().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -333,27 +346,31 @@ impl ClientTxn {
         }
     }
 
-    /// Whether the entry is kept only to absorb retransmissions, so that it
-    /// may end before its time when the table is full: an INVITE answered
-    /// 2xx (Accepted), a non-INVITE answered, an INVITE's non-2xx final that
-    /// the UA has ACKed (ours, or the only server's: a copy of the ACK then
-    /// reaches that server without the entry, by the session table, with
-    /// the same branch); every attempt of an INVITE answered with its final;
-    /// and no CANCEL or BYE of ours waits for an answer.
-    /// Not a transaction in progress, nor a non-2xx final still owed its ACK
-    /// (retransmitted until then, and the ACK goes to its server from here).
+    /// Whether the entry may end before its time when the table is full:
+    /// it is one of those that already live only T4 (or less) to absorb what
+    /// crosses the final, and that a copy of the request arriving after it
+    /// is gone cannot hurt (`Router::ended` absorbs the copy): an INVITE
+    /// answered 2xx by the only server tried (no late 2xx of another attempt
+    /// to ACK and BYE), or an INVITE whose non-2xx final the UA has ACKed
+    /// with every attempt answered over a reliable transport (no server
+    /// repeating a final whose ACK was lost: our Timer D); and no CANCEL or
+    /// BYE of ours waits for an answer. Never a transaction in progress, a
+    /// final still owed its ACK, or a non-INVITE (a copy of its request
+    /// would need the final again).
     pub(in crate::router) fn may_end_early(&self) -> bool {
-        let done = match self.phase {
+        let settled = match self.phase {
             Phase::Trying => false,
-            Phase::Accepted => true,
+            Phase::Accepted => self.tries.len() == 1,
             Phase::Completed => {
-                !self.invite || self.acked && (self.local_final.is_some() || self.tries.len() == 1)
+                self.invite
+                    && self.acked
+                    && self
+                        .tries
+                        .iter()
+                        .all(|x| x.final_seen && x.transport != Transport::Udp)
             }
         };
-        // An INVITE attempt given up without its final may still answer 2xx,
-        // to be ACKed and BYEd from here, never passed up as a second dialog.
-        let settled = !self.invite || self.tries.iter().all(|x| x.final_seen);
-        done && settled && !self.tries.iter().any(Try::own_pending)
+        settled && !self.tries.iter().any(Try::own_pending)
     }
 
     /// When a completed entry may go (ms): where its round looks at it.
