@@ -207,7 +207,13 @@ impl Balancer {
             if self.child.try_wait().unwrap().is_some() {
                 return false;
             }
-            if self.req("GET", "/", &[]).is_some() {
+            // Serving SIP, not merely answering HTTP: the admin API is up a
+            // few milliseconds before the start phase ends (even with no
+            // agent to wait for), and /readyz says "starting" until then.
+            if self
+                .req("GET", "/readyz", &[])
+                .is_some_and(|a| a.json()["phase"] != "starting")
+            {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
