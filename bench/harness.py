@@ -1,6 +1,7 @@
 """Pieces the bench scripts share: stopping what they started, by PID, waits
 bounded in time, and reading SIPp's statistics file."""
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -44,6 +45,15 @@ class Deadline:
 
 def log(*a):
     print(*a, flush=True)
+
+
+def leave_work(work, ok, keep=False):
+    """A run's working directory at its end: kept and named when the run
+    failed (or `keep`), else removed."""
+    if keep or not ok:
+        log("logs in %s" % work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def wait_until(pred, until, step=0.05, what="condition"):

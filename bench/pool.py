@@ -53,7 +53,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Deadline, Procs, Timeout, log, sipp_totals, wait_until  # noqa: E402
+from harness import Deadline, Procs, Timeout, leave_work, log, sipp_totals, wait_until  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIPP = os.path.join(ROOT, "bench", "sipp")
@@ -392,10 +392,7 @@ def main():
         run(["ip", "route", "del", VIP + "/32"], check=False)
         for argv in reversed(made):
             run(argv, check=False)
-        if a.keep or not ok:
-            log("logs in %s" % work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, ok, a.keep)
     return 0 if ok else 1
 
 

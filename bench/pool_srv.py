@@ -75,7 +75,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Deadline, Procs, Timeout, log, sipp_totals, wait_until  # noqa: E402
+from harness import Deadline, Procs, Timeout, leave_work, log, sipp_totals, wait_until  # noqa: E402
 from pool import HOST, SIPP, Instance, permitted, run, tail  # noqa: E402
 from phones import Phone, baresip_module_path  # noqa: E402
 
@@ -419,10 +419,7 @@ def main():
         procs.stop_all()
         for argv in reversed(made):
             run(argv, check=False)
-        if a.keep or not ok:
-            log("logs in %s" % work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, ok, a.keep)
     return 0 if ok else 1
 
 

@@ -33,7 +33,7 @@ import tempfile
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Deadline, Procs, Timeout, log, wait_until  # noqa: E402
+from harness import Deadline, Procs, Timeout, leave_work, log, wait_until  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "10.201.0.1"
@@ -208,9 +208,7 @@ address = "%s:5081"
                     log("--- siplb.log\n" + f.read()[-4000:])
             except OSError:
                 pass
-            log("logs in %s" % work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, ok)
     return 0 if ok else 1
 
 
