@@ -1008,6 +1008,25 @@ fn nofile() -> (u64, u64) {
 /// and whose second Via names a bystander. Relayed, the balancer would
 /// reflect the attacker's traffic at the bystander from its own address.
 /// It must send the bystander nothing and count a drop.
+/// The allocator returns memory free for a second to the kernel; with
+/// transparent huge pages each page touched again is a 2 MB zeroing fault
+/// (docs/benchmarks.md). A running balancer has them off.
+#[test]
+fn the_balancer_runs_without_transparent_huge_pages() {
+    let _light = light();
+    let servers = [Peer::new()];
+    let lb = Balancer::start(&ports(&servers), Setup::default());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    // Kernels before 5.0 do not say; there is nothing to check then.
+    if let Some(v) = thp {
+        assert_eq!(v, "0", "THP_enabled in /proc/{}/status", lb.pid());
+    }
+}
+
 #[test]
 fn a_forged_response_is_not_reflected() {
     let _light = light();

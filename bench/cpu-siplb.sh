@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# CPU of siplb alone per 1,000 calls, with SIPp's uac -> siplb -> uas over
+# loopback UDP (policy static, one server: the set-up of callgrind-siplb.sh),
+# from utime + stime in /proc/PID/stat over the whole run, with the minor
+# page faults of the run and whether the process has transparent huge pages
+# (THP_enabled in /proc/PID/status). Quicker than floor.sh (no relay, no
+# Kamailio), for interleaved before/after pairs; compare builds only within
+# one series of runs (this machine's speed moves by +-25 %).
+# With PROFILE=FILE, `perf record -F 2000 -g` of seconds 3 to SECONDS-2 goes
+# to FILE. Environment variables set for this script reach siplb
+# (e.g. MIMALLOC_ALLOW_THP=1).
+# Needs sip-tester (and linux-perf for PROFILE).
+# Usage: bench/cpu-siplb.sh BIN [RATE=3000] [SECONDS=15]
+set -euo pipefail
+bin=${1:?usage: bench/cpu-siplb.sh BIN [RATE] [SECONDS]}
+rate=${2:-3000}
+secs=${3:-15}
+dir=$(mktemp -d)
+uas=
+x=
+cleanup() {
+  [ -n "$x" ] && kill -TERM "$x" 2> /dev/null || true
+  [ -n "$uas" ] && kill "$uas" 2> /dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+echo "cpu-siplb-key-0123456789" > "$dir/key"
+cat > "$dir/siplb.toml" << EOF
+[sip]
+listen = ["127.0.0.1:5360"]
+transports = ["udp"]
+[routing]
+secret = "cpu-siplb-secret-0123456789abcdef"
+policy = "static"
+[perf]
+key_file = "key"
+[admin]
+listen = "127.0.0.1:8360"
+[[servers]]
+id = "s1"
+address = "127.0.0.1:5381"
+capacity = 1000
+EOF
+# -bg returns before the uas is up, with a status of its own: its PID is what counts.
+sipp -sn uas -i 127.0.0.1 -p 5381 -nostdin -bg > "$dir/uas.bg" 2>&1 || true
+uas=$(grep -o 'PID=\[[0-9]*\]' "$dir/uas.bg" | tr -dc 0-9)
+"$bin" balancer --config "$dir/siplb.toml" > "$dir/siplb.log" 2>&1 &
+x=$!
+for _ in $(seq 60); do
+  curl -sf http://127.0.0.1:8360/readyz > /dev/null 2>&1 && break
+  sleep 0.5
+done
+thp=$(awk '/^THP_enabled:/ {print $2}' "/proc/$x/status")
+read -r t0 f0 < <(awk '{print $14 + $15, $10}' "/proc/$x/stat")
+timeout $((secs + 30)) sipp -sn uac 127.0.0.1:5360 -i 127.0.0.1 -p 5370 -r "$rate" \
+  -m $((rate * secs)) -default_behaviors all,-abortunexp -nostdin > "$dir/uac.out" 2>&1 &
+u=$!
+if [ -n "${PROFILE:-}" ]; then
+  sleep 3
+  perf record -F 2000 -g -o "$PROFILE" -p "$x" -- sleep $((secs - 5)) > /dev/null 2>&1 || true
+fi
+wait "$u" || true
+read -r t1 f1 < <(awk '{print $14 + $15, $10}' "/proc/$x/stat")
+ok=$(awk '/Successful call/ {print $NF}' "$dir/uac.out" | tail -1)
+failed=$(awk '/Failed call/ {print $NF}' "$dir/uac.out" | tail -1)
+tck=$(getconf CLK_TCK)
+cpu=$(awk -v a="$t0" -v b="$t1" -v t="$tck" -v n=$((rate * secs)) \
+  'BEGIN {printf "%.1f", (b - a) * 1000 / t * 1000 / n}')
+echo "rate=$rate ok=${ok:-?} failed=${failed:-?} cpu_ms_per_1000_calls=$cpu minor_faults=$((f1 - f0)) thp_enabled=${thp:-?}"
