@@ -18,36 +18,17 @@ if [ -z "$bin" ]; then
 fi
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-echo "callgrind-siplb-key-0123456789" > "$dir/key"
-cat > "$dir/siplb.toml" <<EOF
-[sip]
-listen = ["127.0.0.1:5360"]
-transports = ["udp"]
-[routing]
-secret = "callgrind-siplb-secret-0123456789"
-policy = "static"
-[perf]
-key_file = "key"
-[admin]
-listen = "127.0.0.1:8360"
-[[servers]]
-id = "s1"
-address = "127.0.0.1:5381"
-capacity = 1000
-EOF
+. bench/sipp-bed.sh
+bed_config "$dir" callgrind-siplb 5360 8360 5381
 
 # One run of `calls` calls; prints the process's total instructions.
 run() {
   local calls=$1 uas x
-  sipp -sn uas -i 127.0.0.1 -p 5381 -nostdin -bg > "$dir/uas.bg" 2>&1
-  uas=$(grep -o 'PID=\[[0-9]*\]' "$dir/uas.bg" | tr -dc 0-9)
+  uas=$(bed_uas "$dir" 5381)
   valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
     "$bin" balancer --config "$dir/siplb.toml" > "$dir/siplb.log" 2>&1 &
   x=$!
-  for _ in $(seq 120); do
-    curl -sf http://127.0.0.1:8360/readyz > /dev/null 2>&1 && break
-    sleep 0.5
-  done
+  bed_ready 8360 60 || true
   timeout 300 sipp -sn uac 127.0.0.1:5360 -i 127.0.0.1 -p 5370 -r "$rate" -m "$calls" \
     -default_behaviors all,-abortunexp -nostdin > "$dir/uac.out" 2>&1 || true
   kill -TERM "$x"
@@ -59,8 +40,7 @@ run() {
     sleep 0.1
   done
   local ok failed
-  ok=$(awk '/Successful call/ {print $NF}' "$dir/uac.out" | tail -1)
-  failed=$(awk '/Failed call/ {print $NF}' "$dir/uac.out" | tail -1)
+  read -r ok failed < <(bed_totals "$dir/uac.out")
   if [ "${ok:-0}" != "$calls" ] || [ "${failed:-1}" != 0 ]; then
     echo "run of $calls calls: ok=${ok:-?} failed=${failed:-?} (see $dir)" >&2
     trap - EXIT

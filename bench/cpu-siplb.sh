@@ -24,32 +24,16 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-echo "cpu-siplb-key-0123456789" > "$dir/key"
-cat > "$dir/siplb.toml" << EOF
-[sip]
-listen = ["127.0.0.1:5360"]
-transports = ["udp"]
-[routing]
-secret = "cpu-siplb-secret-0123456789abcdef"
-policy = "static"
-[perf]
-key_file = "key"
-[admin]
-listen = "127.0.0.1:8360"
-[[servers]]
-id = "s1"
-address = "127.0.0.1:5381"
-capacity = 1000
-EOF
-# -bg returns before the uas is up, with a status of its own: its PID is what counts.
-sipp -sn uas -i 127.0.0.1 -p 5381 -nostdin -bg > "$dir/uas.bg" 2>&1 || true
-uas=$(grep -o 'PID=\[[0-9]*\]' "$dir/uas.bg" | tr -dc 0-9)
+. "$(dirname "$0")/sipp-bed.sh"
+bed_config "$dir" cpu-siplb 5360 8360 5381
+uas=$(bed_uas "$dir" 5381)
 "$bin" balancer --config "$dir/siplb.toml" > "$dir/siplb.log" 2>&1 &
 x=$!
-for _ in $(seq 60); do
-  curl -sf http://127.0.0.1:8360/readyz > /dev/null 2>&1 && break
-  sleep 0.5
-done
+bed_ready 8360 || {
+  echo "cpu-siplb: the balancer did not become ready:" >&2
+  cat "$dir/siplb.log" >&2
+  exit 1
+}
 thp=$(awk '/^THP_enabled:/ {print $2}' "/proc/$x/status")
 read -r t0 f0 < <(awk '{print $14 + $15, $10}' "/proc/$x/stat")
 timeout $((secs + 30)) sipp -sn uac 127.0.0.1:5360 -i 127.0.0.1 -p 5370 -r "$rate" \
@@ -61,9 +45,8 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 wait "$u" || true
 read -r t1 f1 < <(awk '{print $14 + $15, $10}' "/proc/$x/stat")
-ok=$(awk '/Successful call/ {print $NF}' "$dir/uac.out" | tail -1)
-failed=$(awk '/Failed call/ {print $NF}' "$dir/uac.out" | tail -1)
+read -r ok failed < <(bed_totals "$dir/uac.out")
 tck=$(getconf CLK_TCK)
 cpu=$(awk -v a="$t0" -v b="$t1" -v t="$tck" -v n=$((rate * secs)) \
   'BEGIN {printf "%.1f", (b - a) * 1000 / t * 1000 / n}')
-echo "rate=$rate ok=${ok:-?} failed=${failed:-?} cpu_ms_per_1000_calls=$cpu minor_faults=$((f1 - f0)) thp_enabled=${thp:-?}"
+echo "rate=$rate ok=$ok failed=$failed cpu_ms_per_1000_calls=$cpu minor_faults=$((f1 - f0)) thp_enabled=${thp:-?}"

@@ -47,35 +47,13 @@ RUSTFLAGS="-Cprofile-generate=$PWD/target/pgo-gen/build-profiles" \
   cargo build -q --release -p siplb --target-dir target/pgo-gen
 
 # 2. Training.
-echo "pgo-build-key-0123456789abcdef" > "$dir/key"
-cat > "$dir/siplb.toml" <<EOF
-[sip]
-listen = ["127.0.0.1:5460"]
-transports = ["udp"]
-[routing]
-secret = "pgo-build-secret-0123456789abcdef"
-policy = "static"
-[perf]
-key_file = "key"
-[admin]
-listen = "127.0.0.1:8460"
-[[servers]]
-id = "s1"
-address = "127.0.0.1:5481"
-capacity = 1000
-EOF
-# `sipp -bg` exits non-zero once the background copy runs; its PID is printed.
-sipp -sn uas -i 127.0.0.1 -p 5481 -nostdin -bg > "$dir/uas.bg" 2>&1 || true
-uas=$(grep -o 'PID=\[[0-9]*\]' "$dir/uas.bg" | tr -dc 0-9)
+. bench/sipp-bed.sh
+bed_config "$dir" pgo-build 5460 8460 5481
+uas=$(bed_uas "$dir" 5481)
 LLVM_PROFILE_FILE="$dir/train/siplb-%p-%m.profraw" \
   target/pgo-gen/release/siplb balancer --config "$dir/siplb.toml" > "$dir/siplb.log" 2>&1 &
 x=$!
-ready=
-for _ in $(seq 60); do
-  curl -sf http://127.0.0.1:8460/readyz > /dev/null 2>&1 && ready=1 && break
-  sleep 0.5
-done
-[ -n "$ready" ] || {
+bed_ready 8460 || {
   echo "pgo-build: the instrumented balancer did not become ready:" >&2
   cat "$dir/siplb.log" >&2
   exit 1
@@ -87,8 +65,7 @@ wait "$x" || true
 x=
 kill "$uas" 2> /dev/null || true
 uas=
-ok=$(awk '/Successful call/ {print $NF}' "$dir/uac.out" | tail -1)
-failed=$(awk '/Failed call/ {print $NF}' "$dir/uac.out" | tail -1)
+read -r ok failed < <(bed_totals "$dir/uac.out")
 if [ "${ok:-0}" != "$calls" ] || [ "${failed:-1}" != 0 ]; then
   echo "pgo-build: training run: ok=${ok:-?} failed=${failed:-?} of $calls" >&2
   exit 1
