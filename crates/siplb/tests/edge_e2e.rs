@@ -1002,12 +1002,6 @@ fn nofile() -> (u64, u64) {
 
 // ------------------------------------------------------------------- tests
 
-/// Reflection: an attacker sends the balancer a response whose top Via
-/// names the balancer (a made-up branch in our format, a real branch of
-/// ours with its transaction digits changed, or a real branch unchanged)
-/// and whose second Via names a bystander. Relayed, the balancer would
-/// reflect the attacker's traffic at the bystander from its own address.
-/// It must send the bystander nothing and count a drop.
 /// The allocator returns memory free for a second to the kernel; with
 /// transparent huge pages each page touched again is a 2 MB zeroing fault
 /// (docs/benchmarks.md). A running balancer has them off.
@@ -1027,6 +1021,12 @@ fn the_balancer_runs_without_transparent_huge_pages() {
     }
 }
 
+/// Reflection: an attacker sends the balancer a response whose top Via
+/// names the balancer (a made-up branch in our format, a real branch of
+/// ours with its transaction digits changed, or a real branch unchanged)
+/// and whose second Via names a bystander. Relayed, the balancer would
+/// reflect the attacker's traffic at the bystander from its own address.
+/// It must send the bystander nothing and count a drop.
 #[test]
 fn a_forged_response_is_not_reflected() {
     let _light = light();
