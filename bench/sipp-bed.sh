@@ -1,6 +1,6 @@
-# The bed of bench/callgrind-siplb.sh and bench/cpu-siplb.sh: one balancer
-# (policy static, one server) between SIPp's uac and SIPp's uas over loopback
-# UDP. Sourced, not run; it defines:
+# The bed of bench/callgrind-siplb.sh, bench/cpu-siplb.sh and bench/pgo-build.sh:
+# one balancer (policy static, one server) between SIPp's uac and SIPp's uas
+# over loopback UDP. Sourced, not run; it defines:
 #   bed_config DIR NAME SIP_PORT ADMIN_PORT SERVER_PORT
 #       writes DIR/key and DIR/siplb.toml (NAME goes into the secrets)
 #   bed_uas DIR SERVER_PORT
