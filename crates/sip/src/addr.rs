@@ -1,7 +1,7 @@
 //! Address headers: From, To, Contact, Route, Record-Route (RFC 3261 §20.10,
 //! §25.1 `name-addr` / `addr-spec`).
 
-use crate::scan::{is_token, is_ws, parse_params, quoted_end, skip_ws};
+use crate::scan::{find_byte, is_token, is_ws, parse_params, quoted_end, skip_ws};
 use crate::uri::{Uri, uri_param};
 
 /// One address value: `[display-name] <uri> *(;param)` or `uri *(;param)`.
@@ -54,7 +54,7 @@ impl<'a> NameAddr<'a> {
                 }
                 display = Some(dn);
             }
-            let gt = memchr::memchr(b'>', &s[lt..]).ok_or("missing '>'")? + lt;
+            let gt = find_byte(b'>', &s[lt..]).ok_or("missing '>'")? + lt;
             uri = Uri::parse(&s[lt + 1..gt]).map_err(|_| "invalid URI in <>")?;
             i = gt + 1;
         } else {
@@ -66,7 +66,7 @@ impl<'a> NameAddr<'a> {
                 .position(|&b| b == b';' || is_ws(b) || b == b',')
                 .unwrap_or(rest.len());
             let spec = &rest[..end];
-            if memchr::memchr(b'?', spec).is_some() {
+            if find_byte(b'?', spec).is_some() {
                 return Err("URI with headers must be enclosed in <>");
             }
             uri = Uri::parse(spec).map_err(|_| "invalid URI")?;

@@ -102,9 +102,10 @@ impl Framer {
         if self.body_start.is_none() {
             // One pass over the lines: find the empty line, reading
             // Content-Length on the way; resume where the last call stopped.
+            let lines = crate::message::LineEnds::new();
             loop {
                 let from = self.seen.max(self.pos);
-                let found = memchr::memchr(b'\n', &buf[from..]).map(|n| n + from);
+                let found = lines.find(&buf[from..]).map(|n| n + from);
                 #[cfg(test)]
                 {
                     self.looked += found.map_or(buf.len(), |nl| nl + 1) - from;

@@ -236,7 +236,8 @@ impl<'a> Message<'a> {
             return Err(Error::Empty);
         }
         let start_at = pos;
-        let nl = memchr::memchr(b'\n', &buf[pos..]).ok_or(Error::Unterminated)? + pos;
+        let lines = LineEnds::new();
+        let nl = lines.find(&buf[pos..]).ok_or(Error::Unterminated)? + pos;
         let line_end = if buf[nl - 1] == b'\r' { nl - 1 } else { nl };
         let start = parse_start_line(&buf[pos..line_end])?;
         pos = nl + 1;
@@ -248,7 +249,7 @@ impl<'a> Message<'a> {
         let mut first_via = None;
         let (headers_end, body_start) = loop {
             line_no += 1;
-            let nl = memchr::memchr(b'\n', &buf[pos..]).ok_or(Error::Unterminated)? + pos;
+            let nl = lines.find(&buf[pos..]).ok_or(Error::Unterminated)? + pos;
             let end = if nl > pos && buf[nl - 1] == b'\r' {
                 nl - 1
             } else {
@@ -705,6 +706,32 @@ pub(crate) struct ValuePos {
     pub(crate) end: u32,
 }
 
+/// Finds the `\n` that ends a line: memchr's AVX2 searcher made once per
+/// message, not dispatched and set up again for each of its short lines.
+pub(crate) struct LineEnds {
+    #[cfg(target_arch = "x86_64")]
+    avx2: Option<memchr::arch::x86_64::avx2::memchr::One>,
+}
+
+impl LineEnds {
+    #[inline]
+    pub(crate) fn new() -> LineEnds {
+        LineEnds {
+            #[cfg(target_arch = "x86_64")]
+            avx2: memchr::arch::x86_64::avx2::memchr::One::new(b'\n'),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn find(&self, hay: &[u8]) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(one) = &self.avx2 {
+            return one.find(hay);
+        }
+        memchr::memchr(b'\n', hay)
+    }
+}
+
 /// `[start, end)` of `buf` without leading and trailing SP/HT; empty at
 /// `end` when it is all whitespace.
 fn trimmed(buf: &[u8], mut start: usize, mut end: usize) -> (usize, usize) {
@@ -822,4 +849,29 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine<'_>> {
         method: Method::from_bytes(method),
         uri,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineEnds;
+
+    proptest::proptest! {
+        /// The searcher made once per message finds what `memchr` does, in
+        /// lines shorter and longer than its vectors.
+        #[test]
+        fn line_ends_agree_with_memchr(
+            hay in proptest::collection::vec(proptest::sample::select(b"a \r\n:".to_vec()), 0..200),
+        ) {
+            let lines = LineEnds::new();
+            let mut pos = 0;
+            loop {
+                let ours = lines.find(&hay[pos..]);
+                proptest::prop_assert_eq!(ours, memchr::memchr(b'\n', &hay[pos..]));
+                match ours {
+                    Some(i) => pos += i + 1,
+                    None => break,
+                }
+            }
+        }
+    }
 }

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::scan::{Param, parse_params};
+use crate::scan::{Param, find_byte, parse_params};
 
 /// URI scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,7 @@ const HOST_CLASS: [u8; 256] = {
 /// its length in bytes.
 pub(crate) fn parse_host(s: &[u8]) -> Result<(Host<'_>, usize), &'static str> {
     if s.first() == Some(&b'[') {
-        let end = memchr::memchr(b']', s).ok_or("unterminated IPv6 reference")?;
+        let end = find_byte(b']', s).ok_or("unterminated IPv6 reference")?;
         let text = std::str::from_utf8(&s[1..end]).map_err(|_| "invalid IPv6 reference")?;
         let addr: Ipv6Addr = text.parse().map_err(|_| "invalid IPv6 reference")?;
         return Ok((Host::V6(addr), end + 1));
@@ -330,7 +330,7 @@ impl<'a> Uri<'a> {
 
     /// [`Uri::parse`] for any scheme.
     fn parse_general(s: &'a [u8]) -> Result<Uri<'a>, &'static str> {
-        let colon = memchr::memchr(b':', s).ok_or("missing scheme")?;
+        let colon = find_byte(b':', s).ok_or("missing scheme")?;
         let scheme_raw = &s[..colon];
         if scheme_raw.is_empty()
             || !scheme_raw[0].is_ascii_alphabetic()
@@ -352,7 +352,7 @@ impl<'a> Uri<'a> {
         match uri.scheme {
             Scheme::Sip | Scheme::Sips => uri.parse_sip(rest)?,
             Scheme::Tel => {
-                let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+                let end = find_byte(b';', rest).unwrap_or(rest.len());
                 let number = &rest[..end];
                 if number.is_empty()
                     || !number.iter().all(|&b| {
@@ -381,9 +381,9 @@ impl<'a> Uri<'a> {
 
     fn parse_sip(&mut self, rest: &'a [u8]) -> Result<(), &'static str> {
         let mut hostpart = rest;
-        if let Some(at) = memchr::memchr(b'@', rest) {
+        if let Some(at) = find_byte(b'@', rest) {
             let userinfo = &rest[..at];
-            let (user, password) = match memchr::memchr(b':', userinfo) {
+            let (user, password) = match find_byte(b':', userinfo) {
                 Some(c) => (&userinfo[..c], Some(&userinfo[c + 1..])),
                 None => (userinfo, None),
             };
@@ -411,13 +411,13 @@ impl<'a> Uri<'a> {
             i += 1 + n;
         }
         let tail = &hostpart[i..];
-        let q = memchr::memchr(b'?', tail).unwrap_or(tail.len());
+        let q = find_byte(b'?', tail).unwrap_or(tail.len());
         self.params = &tail[..q];
         if !self.params.is_empty() && self.params[0] != b';' {
             return Err("unexpected character after host");
         }
         for p in self.params.split(|&b| b == b';').skip(1) {
-            let (name, value) = match memchr::memchr(b'=', p) {
+            let (name, value) = match find_byte(b'=', p) {
                 Some(e) => (&p[..e], Some(&p[e + 1..])),
                 None => (p, None),
             };
@@ -435,7 +435,7 @@ impl<'a> Uri<'a> {
         if q < tail.len() {
             self.headers = &tail[q + 1..];
             for h in self.headers.split(|&b| b == b'&') {
-                let e = memchr::memchr(b'=', h).ok_or("URI header without '='")?;
+                let e = find_byte(b'=', h).ok_or("URI header without '='")?;
                 if e == 0 {
                     return Err("empty URI header name");
                 }
@@ -463,7 +463,7 @@ impl<'a> Uri<'a> {
 /// Looks up `name` in a raw `;a=b;c` parameter list.
 pub(crate) fn uri_param<'a>(params: &'a [u8], name: &[u8]) -> Option<Option<&'a [u8]>> {
     params.split(|&b| b == b';').skip(1).find_map(|p| {
-        let (n, v) = match memchr::memchr(b'=', p) {
+        let (n, v) = match find_byte(b'=', p) {
             Some(e) => (&p[..e], Some(&p[e + 1..])),
             None => (p, None),
         };
@@ -482,7 +482,7 @@ fn check_params(params: &[u8]) -> Result<(), &'static str> {
 /// Replaces `%HH` escapes by their octets; borrows when there are none.
 #[must_use]
 pub fn unescape(s: &[u8]) -> Cow<'_, [u8]> {
-    if memchr::memchr(b'%', s).is_none() {
+    if find_byte(b'%', s).is_none() {
         return Cow::Borrowed(s);
     }
     let mut out = Vec::with_capacity(s.len());
