@@ -9,7 +9,7 @@ cargo build -q --release -p sip --example parse_loop
 bin=target/release/examples/parse_loop
 count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$2" 2>&1 | awk '/refs/ {gsub(",", "", $NF); print $NF}'; }
 printf '%-8s %s\n' mode instructions/message
-for mode in parse forward frame; do
+for mode in parse validate forward frame; do
   base=$(count 1 "$mode")
   total=$(count $((n + 1)) "$mode")
   printf '%-8s %d\n' "$mode" $(((total - base) / n))

@@ -2,7 +2,7 @@
 //! `bench/callgrind-sip.sh`, which counts instructions per message with
 //! valgrind (a figure that does not drift with machine load).
 //!
-//! `cargo run --release -p sip --example parse_loop -- N [parse|forward|frame]`
+//! `cargo run --release -p sip --example parse_loop -- N [parse|validate|forward|frame]`
 
 use sip::{Edits, MaxForwards, Message, Received};
 
@@ -41,6 +41,11 @@ fn main() {
                     &mut out,
                 );
                 out.len()
+            }
+            "validate" => {
+                let m = Message::parse(b).expect("valid");
+                m.validate().expect("valid");
+                m.cseq().seq as usize
             }
             _ => Message::parse(b).expect("valid").cseq().seq as usize,
         };
