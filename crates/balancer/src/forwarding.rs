@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use perf::server::SharedTable;
 use rand::{RngCore, SeedableRng};
+use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -137,9 +138,27 @@ impl Net {
     /// nothing in it waits.
     /// `socket`: the UDP socket (index) the datagram came in on.
     fn handle_now(&self, data: &[u8], origin: Origin, socket: Option<usize>, out: &mut Outbox) {
-        self.with_rng(|rng| self.router.on_message(data, origin, now(), rng, out));
+        let at = now();
+        self.with_rng(|rng| self.router.on_message(data, origin, at, rng, out));
         let came_in = socket.map(|i| (origin.peer(), i));
         self.perform_now(out, came_in);
+        self.fire_due(at, out);
+    }
+
+    /// Fires the timers due at `at` (at most [`TIMERS_PER_MESSAGE`]) on the
+    /// thread that has just handled a message: under load the timers go
+    /// off here, on a thread that is awake anyway, and the timer task only
+    /// backs them up ([`Timers`]). One atomic load when none is due.
+    fn fire_due(&self, at: Now, out: &mut Outbox) {
+        if !self.timers.any_due(at.at) {
+            return;
+        }
+        let mut due: SmallVec<[TimerKey; TIMERS_PER_MESSAGE]> = SmallVec::new();
+        self.timers.take_due(at.at, &mut due);
+        for key in due {
+            self.with_rng(|rng| self.router.on_timer(key, at, rng, out));
+            self.perform_now(out, None);
+        }
     }
 
     /// Performs the outbox in order and empties it.
@@ -1149,19 +1168,49 @@ async fn read_stream<R: tokio::io::AsyncRead + Unpin>(
 }
 
 /// How late a timer may fire so that the timer task wakes at most once per
-/// this long under load (each wake-up is a context switch; the core's
-/// timers are RFC 3261 timers of 100 ms and more, or its own delayed
-/// `100 Trying`): 5 ms.
+/// this long (each wake-up is a context switch; the core's timers are RFC
+/// 3261 timers of 100 ms and more, or its own delayed `100 Trying`): 5 ms.
 const TIMER_SLACK: Duration = Duration::from_millis(5);
 
-/// Every timer the core asks for, in one heap shared by the tasks that arm
-/// them and the one that fires them. Arming a timer wakes the timer task
-/// only when it is due before the task's next wake-up (rare: most timers
-/// are later than one already pending), not once per message.
-#[derive(Default)]
+/// While the threads that handle messages fire the timers (one did within
+/// the last [`TIMER_SLACK`]), the timer task only backs them up: it looks
+/// this often, the latest a timer then fires if the traffic stops at once.
+const TIMER_BACKSTOP: Duration = Duration::from_millis(25);
+
+/// Timers a thread fires after one message at most (bounds the delay the
+/// message's thread adds before its next receive; the rest go with the
+/// next message or the timer task).
+const TIMERS_PER_MESSAGE: usize = 16;
+
+/// Every timer the core asks for, in one heap shared by the threads that
+/// arm them and fire them. Arming a timer wakes the timer task only when it
+/// is due before the task's next wake-up (rare: most timers are later than
+/// one already pending), not once per message. The threads that handle
+/// messages fire what is due after each message ([`Net::fire_due`]): under
+/// load nearly every timer goes off there, on time, and the timer task
+/// wakes every [`TIMER_BACKSTOP`] instead of every [`TIMER_SLACK`].
 struct Timers {
     heap: Mutex<TimerHeap>,
     wake: tokio::sync::Notify,
+    /// The start of the clock of `earliest` and `fired`.
+    base: Instant,
+    /// When the first timer is due (ns from `base`; `u64::MAX`: none): a
+    /// message's thread sees without the lock whether one is.
+    earliest: AtomicU64,
+    /// When a message's thread last fired timers (ns from `base`).
+    fired: AtomicU64,
+}
+
+impl Default for Timers {
+    fn default() -> Timers {
+        Timers {
+            heap: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+            base: Instant::now(),
+            earliest: AtomicU64::new(u64::MAX),
+            fired: AtomicU64::new(0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1172,6 +1221,19 @@ struct TimerHeap {
 }
 
 impl Timers {
+    fn ns(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Publishes the heap's first timer to `earliest` (under the lock).
+    fn publish(&self, h: &TimerHeap) {
+        let first = h
+            .heap
+            .peek()
+            .map_or(u64::MAX, |Reverse((at, _))| self.ns(*at));
+        self.earliest.store(first, Ordering::Release);
+    }
+
     fn arm(&self, timers: &[(Instant, TimerKey)]) {
         if timers.is_empty() {
             return;
@@ -1185,6 +1247,7 @@ impl Timers {
             h.heap.push(Reverse((at, key)));
             sooner |= h.next_wake.is_none_or(|w| at < w);
         }
+        self.publish(&h);
         if sooner {
             // Wake it now; it recomputes its next wake-up.
             h.next_wake = Some(Instant::now());
@@ -1193,7 +1256,38 @@ impl Timers {
         }
     }
 
-    /// Pops every timer due at `now` into `due`; returns the next one's time.
+    /// Whether a timer is due at `now` (no lock).
+    fn any_due(&self, now: Instant) -> bool {
+        self.earliest.load(Ordering::Acquire) <= self.ns(now)
+    }
+
+    /// Pops the timers due at `now`, as many as `due` holds inline, for a
+    /// message's thread to fire.
+    fn take_due(&self, now: Instant, due: &mut SmallVec<[TimerKey; TIMERS_PER_MESSAGE]>) {
+        let mut h = self
+            .heap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while due.len() < TIMERS_PER_MESSAGE {
+            match h.heap.peek() {
+                Some(&Reverse((at, key))) if at <= now => {
+                    h.heap.pop();
+                    due.push(key);
+                }
+                _ => break,
+            }
+        }
+        self.publish(&h);
+        drop(h);
+        if !due.is_empty() {
+            self.fired.store(self.ns(now), Ordering::Relaxed);
+        }
+    }
+
+    /// Pops every timer due at `now` into `due`; returns when the timer
+    /// task looks next: at the next timer, but not sooner than
+    /// [`TIMER_SLACK`] from now, or [`TIMER_BACKSTOP`] while the threads
+    /// that handle messages fire the timers.
     fn due(&self, now: Instant, due: &mut Vec<TimerKey>) -> Option<Instant> {
         let mut h = self
             .heap
@@ -1206,16 +1300,21 @@ impl Timers {
             h.heap.pop();
             due.push(key);
         }
-        let next = h
-            .heap
-            .peek()
-            .map(|Reverse((at, _))| (*at).max(now + TIMER_SLACK));
+        self.publish(&h);
+        let fired = self.fired.load(Ordering::Relaxed);
+        let slack = if self.ns(now).saturating_sub(fired) < TIMER_SLACK.as_nanos() as u64 {
+            TIMER_BACKSTOP
+        } else {
+            TIMER_SLACK
+        };
+        let next = h.heap.peek().map(|Reverse((at, _))| (*at).max(now + slack));
         h.next_wake = next;
         next
     }
 }
 
-/// Fires the core's timers (see [`Timers`]).
+/// Fires the core's timers that the threads handling messages have not
+/// (see [`Timers`]).
 async fn timer_task(net: Arc<Net>) {
     let mut out = Outbox::new();
     let mut due = Vec::new();
@@ -1302,5 +1401,68 @@ async fn resolver_task(net: Arc<Net>, mut rx: mpsc::Receiver<(Box<str>, u16, Byt
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(txn: u64) -> TimerKey {
+        TimerKey::Trying { txn }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn message_threads_take_what_is_due_in_order_and_bounded() {
+        let t = Timers::default();
+        let t0 = t.base;
+        assert!(!t.any_due(t0 + ms(1000)), "nothing armed");
+        let armed: Vec<_> = (0..20u64)
+            .map(|i| (t0 + ms(10 + i), key(i)))
+            .chain([(t0 + ms(500), key(99))])
+            .collect();
+        t.arm(&armed);
+        assert!(!t.any_due(t0 + ms(9)));
+        assert!(t.any_due(t0 + ms(10)));
+        let mut due = SmallVec::new();
+        t.take_due(t0 + ms(100), &mut due);
+        assert_eq!(due.as_slice(), &(0..16).map(key).collect::<Vec<_>>()[..]);
+        // The rest is still due, for the next message or the timer task.
+        assert!(t.any_due(t0 + ms(100)));
+        let mut rest = Vec::new();
+        let next = t.due(t0 + ms(100), &mut rest);
+        assert_eq!(rest, (16..20).map(key).collect::<Vec<_>>());
+        assert_eq!(next, Some(t0 + ms(500)));
+        assert!(!t.any_due(t0 + ms(499)));
+        assert!(t.any_due(t0 + ms(500)));
+        let mut last = SmallVec::new();
+        t.take_due(t0 + ms(600), &mut last);
+        assert_eq!(last.as_slice(), &[key(99)]);
+        assert!(!t.any_due(t0 + ms(1_000_000)), "heap empty again");
+    }
+
+    #[test]
+    fn the_timer_task_backs_up_while_message_threads_fire() {
+        let t = Timers::default();
+        let t0 = t.base + ms(1000);
+        t.arm(&[(t0, key(1)), (t0 + ms(1), key(2))]);
+        // Idle: the task looks again after TIMER_SLACK at the latest.
+        let mut due = Vec::new();
+        assert_eq!(t.due(t0 - ms(10), &mut due), Some(t0));
+        assert!(due.is_empty());
+        // A message's thread has just fired one: the task backs up only.
+        let mut fired = SmallVec::new();
+        t.take_due(t0, &mut fired);
+        assert_eq!(fired.as_slice(), &[key(1)]);
+        assert_eq!(t.due(t0, &mut due), Some(t0 + TIMER_BACKSTOP));
+        // Traffic stopped: the task is back to TIMER_SLACK.
+        let later = t0 + TIMER_SLACK;
+        t.arm(&[(later + ms(1), key(3))]);
+        assert_eq!(t.due(later, &mut due), Some(later + TIMER_SLACK));
+        assert_eq!(due, vec![key(2)]);
     }
 }
