@@ -7,8 +7,8 @@
 //! request that does not validate) is dropped and counted.
 //!
 //! `cargo run --release -p sip --example parse_relay -- LISTEN_PORT SERVER_PORT CLIENT_PORT none|parse|validate`
-//! (all on 127.0.0.1; it runs until killed and prints its counts on stderr
-//! every 10,000 datagrams that it dropped, if any).
+//! (all on 127.0.0.1; it runs until killed, and prints the count of dropped
+//! datagrams on stderr at the first drop and at every 10,000th after it).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
